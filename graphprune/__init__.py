@@ -1,0 +1,30 @@
+"""graphprune: structural channel pruning of PyTorch models through torch.fx graphs."""
+
+from graphprune import errors, zoo
+from graphprune.api import PruneResult, prune
+from graphprune.errors import (
+    GraphPruneError,
+    InputError,
+    PlanError,
+    RewriteError,
+    SerializationError,
+    TraceError,
+    UnsupportedOpError,
+)
+from graphprune.graph import DependencyGraph, Group, Member
+from graphprune.importance import score
+from graphprune.metrics import Counts, count, latency
+from graphprune.plan import Plan, select
+from graphprune.rewrite import apply
+from graphprune.rules import register
+from graphprune.tracing import trace
+from graphprune.verify import masked_model, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Counts", "DependencyGraph", "GraphPruneError", "Group", "InputError", "Member", "Plan",
+    "PlanError", "PruneResult", "RewriteError", "SerializationError", "TraceError",
+    "UnsupportedOpError", "apply", "count", "errors", "latency", "masked_model", "prune",
+    "register", "score", "select", "trace", "verify", "zoo",
+]

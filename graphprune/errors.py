@@ -1,0 +1,31 @@
+"""Typed errors. Every message names the culprit (node, module or group) and says what to do."""
+
+from __future__ import annotations
+
+
+class GraphPruneError(Exception):
+    """Base class of every error graphprune raises on purpose."""
+
+
+class TraceError(GraphPruneError):
+    """The model could not be traced into a graph, or its example inputs do not fit it."""
+
+
+class InputError(GraphPruneError, ValueError):
+    """An argument given by the user is invalid (wrong type, shape, dtype, device or range)."""
+
+
+class UnsupportedOpError(GraphPruneError):
+    """An operation cannot be handled where it was asked to be."""
+
+
+class PlanError(GraphPruneError, ValueError):
+    """A pruning plan does not fit the dependency graph it is applied to."""
+
+
+class RewriteError(GraphPruneError):
+    """The slimmed graph could not be built."""
+
+
+class SerializationError(GraphPruneError):
+    """A slim model could not be saved or loaded."""

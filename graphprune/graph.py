@@ -1,0 +1,515 @@
+"""Dependency graph: channel spaces of a traced model, coupled by op rules, grouped.
+
+Every channel of every layer output is an *element*. Rules (``graphprune.rules``) walk
+the traced graph once, in order, and record which elements must be removed together
+(a residual add couples the two branches channel by channel; a BatchNorm's parameters
+follow its input; a concat places its inputs' channels side by side). Union-find over
+those couplings gives *channel classes*; classes that share a producer (one layer's
+output channels) form a *group*, the unit a plan prunes.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+...                             torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+>>> dg = DependencyGraph.build(model, torch.randn(1, 3, 16, 16))
+>>> [(g.size, g.prunable) for g in dg.groups]
+[(8, True), (4, False)]
+>>> sorted({m.param for m in dg.groups[0].members})
+['0.bias', '0.weight', '1.bias', '1.running_mean', '1.running_var', '1.weight', '3.weight']
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from graphprune import rules as _rules  # noqa: F401  (registers the built-in rules)
+from graphprune.errors import InputError
+from graphprune.rules.base import Multi, as_array, find_rule, op_name
+from graphprune.tracing import normalize_inputs, trace
+
+__all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
+
+PRODUCER, PARAM, PINNED = "producer", "param", "pinned"
+ROLE_OUT, ROLE_IN, ROLE_PASS = "out", "in", "pass"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A slice of one parameter or buffer that a group's channels own.
+
+    ``param`` is the qualified name in the original model, ``dim`` the sliced axis,
+    ``role`` one of ``out`` (a producer's output rows), ``in`` (a consumer's input
+    columns) or ``pass`` (per-channel state such as BatchNorm's).
+    """
+
+    param: str
+    dim: int
+    role: str
+    positions: tuple[int, ...]
+    channels: tuple[int, ...]
+
+    def indices(self, channels: Iterable[int]) -> list[int]:
+        """Positions along ``dim`` that the given group channels occupy, ascending."""
+        wanted = set(int(c) for c in channels)
+        return sorted(p for p, c in zip(self.positions, self.channels) if c in wanted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"param": self.param, "dim": self.dim, "role": self.role,
+                "positions": len(self.positions)}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Channels that must be pruned together, and every tensor slice they own."""
+
+    id: int
+    size: int
+    prunable: bool
+    reason: str
+    members: list[Member] = field(default_factory=list)
+    producers: tuple[str, ...] = ()
+    removable: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "size": self.size, "prunable": self.prunable,
+                "reason": self.reason, "removable": self.removable,
+                "producers": list(self.producers),
+                "members": [m.to_dict() for m in self.members]}
+
+
+@dataclass
+class _Root:
+    kind: str
+    origin: str
+    reason: str
+    start: int
+    size: int
+
+
+class BuildContext:
+    """What rules see: labels of nodes, parameters as labelled axes, and couplings."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.state = dict(gm.named_parameters())
+        self.state.update(dict(gm.named_buffers()))
+        self.roots: list[_Root] = []
+        self.n_elements = 0
+        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.member_labels: dict[tuple[str, int], np.ndarray] = {}
+        self.member_roles: dict[tuple[str, int], str] = {}
+        self.node_labels: dict[str, Any] = {}
+        self.node = None  # the node whose rule is running, for messages
+        self._produced: list[np.ndarray] = []
+
+    # --- elements ---------------------------------------------------------------
+    def _new_root(self, kind: str, size: int, origin: str, reason: str = "") -> np.ndarray:
+        start = self.n_elements
+        self.roots.append(_Root(kind, origin, reason, start, size))
+        self.n_elements += size
+        return np.arange(start, start + size, dtype=np.int64)
+
+    def produce(self, size: int, origin: str | None = None) -> np.ndarray:
+        """Fresh output channels of a layer (a conv's or linear's output rows)."""
+        return self._new_root(PRODUCER, size, origin or self.node.name)
+
+    def mark_produced(self, labels: np.ndarray | None) -> None:
+        """Declare ``labels`` (a weight axis) to be a layer's output channels."""
+        if labels is not None:
+            self._produced.append(labels[labels >= 0])
+
+    def set_role(self, x: Any, dim: int, role: str) -> None:
+        """Record that axis ``dim`` of the parameter behind get_attr node ``x`` is ``role``."""
+        name = self.attr_name(x)
+        if name is not None and (name, dim) in self.member_roles:
+            self.member_roles[(name, dim)] = role
+
+    def pin(self, labels: np.ndarray | None, reason: str) -> None:
+        """Make every element in ``labels`` unprunable, for ``reason``."""
+        if labels is None:
+            return
+        sel = labels[labels >= 0]
+        if sel.size:
+            self._edges.append((sel, self._new_root(PINNED, sel.size, self.node.name, reason)))
+
+    def pin_all(self, labels: Any, reason: str) -> None:
+        """Pin every labelled element in a nested labels structure."""
+        for arr in iter_arrays(labels):
+            self.pin(arr, reason)
+
+    def couple(self, arrays: Sequence[np.ndarray | None], size: int, reason: str) -> np.ndarray | None:
+        """Tie arrays of labels position by position; return the coupled labels.
+
+        A labelled position tied to an unlabelled one (``-1`` or a ``None`` dimension)
+        is pinned with ``reason``: its partner is not a prunable channel.
+        """
+        if all(a is None for a in arrays):
+            return None
+        out = None
+        for a in arrays:
+            a = as_array(a, size)
+            if out is None:
+                out = a.copy()
+                continue
+            both = (out >= 0) & (a >= 0)
+            if both.any():
+                self._edges.append((out[both], a[both]))
+            self.pin(out[(out >= 0) & (a < 0)], reason)
+            self.pin(a[(a >= 0) & (out < 0)], reason)
+            out = np.where(out >= 0, out, a)
+        return out
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Tie two equally long label arrays; unlabelled positions pin their partner."""
+        self.couple([a, b], len(a), f"coupled to a non-channel axis by {self.describe_node()}")
+
+    # --- nodes and parameters -----------------------------------------------------
+    def labels(self, x: Any) -> Any:
+        """Labels of an argument: a Node's labels, or None for constants."""
+        if isinstance(x, torch.fx.Node):
+            return self.node_labels.get(x.name)
+        if isinstance(x, (list, tuple)):
+            return Multi(self.labels(v) for v in x)
+        if isinstance(x, dict):
+            return Multi(self.labels(v) for v in x.values())
+        return None
+
+    def shape(self, x: Any) -> Any:
+        """The recorded output shape of a node (``torch.Size`` for tensors)."""
+        return x.meta.get("shape") if isinstance(x, torch.fx.Node) else None
+
+    def param(self, name: str, dim: int, role: str) -> np.ndarray:
+        """Labels of axis ``dim`` of parameter or buffer ``name``, registered as a member."""
+        key = (name, dim)
+        if key not in self.member_labels:
+            size = self.state[name].shape[dim]
+            self.member_labels[key] = self._new_root(PARAM, size, name)
+            self.member_roles[key] = role
+        elif role != ROLE_PASS:
+            self.member_roles[key] = role
+        if role == ROLE_OUT:
+            self.mark_produced(self.member_labels[key])
+        return self.member_labels[key]
+
+    def module_param(self, module_name: str, attr: str, dim: int, role: str) -> np.ndarray | None:
+        """Like ``param`` for ``module.attr``; None when the module has no such tensor."""
+        name = f"{module_name}.{attr}" if module_name else attr
+        return self.param(name, dim, role) if name in self.state else None
+
+    def attr_name(self, x: Any) -> str | None:
+        """The parameter name behind a ``get_attr`` node, else None."""
+        if isinstance(x, torch.fx.Node) and x.op == "get_attr" and x.target in self.state:
+            return x.target
+        return None
+
+    def describe_node(self) -> str:
+        node = self.node
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        return op_name(node, mod)
+
+    # --- the walk -------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.node = node
+            self.node_labels[node.name] = self._visit(node)
+
+    def _visit(self, node: torch.fx.Node) -> Any:
+        if node.op == "placeholder":
+            shape = self.shape(node)
+            return tuple(None for _ in shape) if isinstance(shape, torch.Size) else None
+        if node.op == "get_attr":
+            return self._get_attr(node)
+        if node.op == "output":
+            self.pin_all(self.labels(node.args[0]), "reaches a model output")
+            return None
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        rule = find_rule(node, module)
+        if rule is None:
+            return self._no_rule(node, module)
+        return rule.build(self, node, module)
+
+    def _get_attr(self, node: torch.fx.Node) -> Any:
+        shape = self.shape(node)
+        if not isinstance(shape, torch.Size):
+            return None
+        if node.target in self.state:
+            return tuple(self.param(node.target, d, ROLE_PASS) for d in range(len(shape)))
+        return tuple(self._new_root(PINNED, n, node.name, f"constant tensor {node.target!r}")
+                     for n in shape)
+
+    def _no_rule(self, node: torch.fx.Node, module: torch.nn.Module | None) -> Any:
+        reason = f"no rule for {op_name(node, module)}"
+        for a in node.all_input_nodes:
+            self.pin_all(self.labels(a), reason)
+        shape = self.shape(node)
+        return unlabelled(shape)
+
+    # --- result ---------------------------------------------------------------------
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """Channel class of every element, and the kind of every element's root."""
+        n = self.n_elements
+        if self._edges:
+            a = np.concatenate([e[0] for e in self._edges])
+            b = np.concatenate([e[1] for e in self._edges])
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+        _, cls = connected_components(adj, directed=False)
+        kinds = np.repeat(np.array([r.kind for r in self.roots], dtype=object),
+                          [r.size for r in self.roots]) if self.roots else np.zeros(0, object)
+        if self._produced:
+            produced = np.concatenate(self._produced)
+            kinds[produced[kinds[produced] == PARAM]] = PRODUCER
+        return cls, kinds
+
+
+def unlabelled(shape: Any) -> Any:
+    """Labels for an output that carries no channels."""
+    if isinstance(shape, torch.Size):
+        return tuple(None for _ in shape)
+    if isinstance(shape, tuple):
+        return Multi(unlabelled(s) for s in shape)
+    return None
+
+
+def iter_arrays(labels: Any):
+    """Every label array inside a nested labels structure."""
+    if isinstance(labels, np.ndarray):
+        yield labels
+    elif isinstance(labels, tuple):
+        for item in labels:
+            yield from iter_arrays(item)
+
+
+class DependencyGraph:
+    """Groups of coupled channels of a model, and the traced graph they live in.
+
+    Build it with ``DependencyGraph.build(model, example_inputs)``. The traced module
+    shares its submodules with ``model``; nothing is copied or changed.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, ctx: BuildContext) -> None:
+        self.gm = gm
+        self.node_labels = ctx.node_labels
+        self.member_labels = ctx.member_labels
+        self.member_roles = ctx.member_roles
+        self.state_shapes = {k: tuple(v.shape) for k, v in ctx.state.items()}
+        self.n_elements = ctx.n_elements
+        self.roots = ctx.roots
+        cls, kinds = ctx.finish()
+        self._group_classes(cls, kinds)
+
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        example_inputs: Any,
+        *,
+        leaf_modules: Iterable[type | str] = (),
+        concrete_args: dict | None = None,
+    ) -> DependencyGraph:
+        """Trace ``model`` on ``example_inputs`` and group its coupled channels."""
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        ctx = BuildContext(gm)
+        ctx.run()
+        dg = cls(gm, ctx)
+        inputs = normalize_inputs(example_inputs)
+        dg.example_shapes = [tuple(x.shape) for x in inputs]
+        dg.example_dtypes = [x.dtype for x in inputs]
+        dg._mark_removable()
+        return dg
+
+    # --- grouping -------------------------------------------------------------------------
+    def _group_classes(self, cls: np.ndarray, kinds: np.ndarray) -> None:
+        n_cls = int(cls.max()) + 1 if cls.size else 0
+        # Classes that share a producer (one layer's outputs) belong to one group.
+        src, dst = [], []
+        for root in self.roots:
+            elems = np.arange(root.start, root.start + root.size)
+            elems = elems[kinds[elems] == PRODUCER]
+            if elems.size > 1:
+                c = cls[elems]
+                src.append(np.full(elems.size, c[0]))
+                dst.append(c)
+        if src:
+            s, d = np.concatenate(src), np.concatenate(dst)
+        else:
+            s = d = np.zeros(0, dtype=np.int64)
+        adj = coo_matrix((np.ones(len(s), dtype=np.int8), (s, d)), shape=(n_cls, n_cls))
+        _, comp = connected_components(adj, directed=False)
+
+        is_producer = kinds == PRODUCER
+        has_producer = np.zeros(n_cls, bool)
+        has_producer[cls[is_producer]] = True
+        first_elem = np.full(n_cls, np.iinfo(np.int64).max)
+        np.minimum.at(first_elem, cls, np.arange(len(cls)))
+        # Order groups and their channels by the first element: a layer's own order.
+        kept = np.flatnonzero(np.isin(comp, comp[has_producer]))
+        order = kept[np.argsort(first_elem[kept], kind="stable")]
+        group_of_cls = np.full(n_cls + 1, -1, dtype=np.int64)  # last slot: unlabelled
+        chan_of_cls = np.full(n_cls + 1, -1, dtype=np.int64)
+        comp_to_gid: dict[int, int] = {}
+        sizes: list[int] = []
+        for c in order:
+            gid = comp_to_gid.setdefault(int(comp[c]), len(comp_to_gid))
+            if gid == len(sizes):
+                sizes.append(0)
+            group_of_cls[c] = gid
+            chan_of_cls[c] = sizes[gid]
+            sizes[gid] += 1
+
+        pinned_reasons: dict[int, list[str]] = {}
+        producers: dict[int, list[str]] = {}
+        for root in self.roots:
+            gids = group_of_cls[cls[root.start:root.start + root.size]]
+            for gid in np.unique(gids[gids >= 0]):
+                if root.kind == PINNED and root.reason not in pinned_reasons.setdefault(int(gid), []):
+                    pinned_reasons[int(gid)].append(root.reason)
+                if (kinds[root.start:root.start + root.size] == PRODUCER).any():
+                    producers.setdefault(int(gid), []).append(root.origin)
+
+        members: dict[int, list[Member]] = {}
+        for (param, dim), labels in self.member_labels.items():
+            c = cls[labels]
+            gids = group_of_cls[c]
+            for gid in np.unique(gids[gids >= 0]):
+                pos = np.flatnonzero(gids == gid)
+                members.setdefault(int(gid), []).append(Member(
+                    param, dim, self.member_roles[(param, dim)],
+                    tuple(int(p) for p in pos), tuple(int(x) for x in chan_of_cls[c[pos]])))
+
+        self.cls = np.append(cls, n_cls)  # element -1 maps to the unlabelled slot
+        self.group_of_cls = group_of_cls
+        self.chan_of_cls = chan_of_cls
+        self.groups: list[Group] = []
+        for gid, size in enumerate(sizes):
+            reasons = pinned_reasons.get(gid, [])
+            self.groups.append(Group(
+                id=gid, size=size, prunable=not reasons,
+                reason="; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""),
+                members=sorted(members.get(gid, []), key=lambda m: (m.param, m.dim)),
+                producers=tuple(dict.fromkeys(producers.get(gid, ())))))
+
+    # --- removal masks ----------------------------------------------------------------------
+    def removed_classes(self, plan: Any) -> np.ndarray:
+        """Boolean mask over channel classes that ``plan`` removes (last slot: unlabelled)."""
+        mask = np.zeros(len(self.group_of_cls), bool)
+        for gid, channels in plan.items():
+            if not channels:
+                continue
+            sel = (self.group_of_cls == gid) & np.isin(self.chan_of_cls, list(channels))
+            mask |= sel
+        return mask
+
+    def keep_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
+        """Which positions of a labelled axis survive the removed classes."""
+        return ~removed[self.cls[labels]]
+
+    def vanish_blockers(self, removed: np.ndarray) -> tuple[set[str], list[str]]:
+        """Nodes whose output loses every channel of an axis, and why that breaks the graph.
+
+        A layer may vanish only if what reads its output is itself vanishing or a
+        ``torch.cat`` that keeps other inputs.
+        """
+        vanished: set[str] = set()
+        for node in self.gm.graph.nodes:
+            labels = self.node_labels.get(node.name)
+            for arr in iter_arrays(labels):
+                if arr.size and not self.keep_mask(arr, removed).any():
+                    vanished.add(node.name)
+                    break
+        problems = []
+        for node in self.gm.graph.nodes:
+            if node.name not in vanished:
+                continue
+            for user in node.users:
+                if user.name in vanished:
+                    continue
+                if user.op == "call_function" and user.target in (torch.cat, torch.concat):
+                    continue
+                problems.append(f"{node.name!r} feeds {user.name!r} ({user.op} {getattr(user.target, '__name__', user.target)})")
+        return vanished, problems
+
+    def _mark_removable(self) -> None:
+        for i, g in enumerate(self.groups):
+            if not g.prunable:
+                continue
+            removed = self.removed_classes({g.id: range(g.size)})
+            _, problems = self.vanish_blockers(removed)
+            if not problems:
+                self.groups[i] = Group(g.id, g.size, g.prunable, g.reason, g.members,
+                                       g.producers, removable=True)
+
+    # --- inspection ------------------------------------------------------------------------
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise if ``model`` no longer has the parameter shapes this graph was built on."""
+        now = {k: tuple(v.shape) for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+        for name, shape in self.state_shapes.items():
+            if now.get(name) != shape:
+                raise InputError(
+                    f"the model changed after its dependency graph was built: {name!r} "
+                    f"was {shape}, now {now.get(name)}; build the DependencyGraph again")
+
+    def describe(self) -> str:
+        """A table of groups: id, channels, prunable or why not, members."""
+        rows = [("group", "channels", "prunable", "members")]
+        for g in self.groups:
+            status = ("yes" + (" (removable)" if g.removable else "")) if g.prunable else f"no: {g.reason}"
+            mem = ", ".join(f"{m.param}[{m.dim}]" for m in g.members)
+            rows.append((str(g.id), str(g.size), status, mem))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = []
+        for r in rows:
+            lines.append("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
+        lines.insert(1, "-" * min(120, len(lines[0]) + 20))
+        n_prunable = sum(g.prunable for g in self.groups)
+        lines.append(f"{len(self.groups)} groups, {n_prunable} prunable, "
+                     f"{sum(g.size for g in self.groups if g.prunable)} prunable channels")
+        return "\n".join(lines)
+
+    def to_networkx(self):
+        """A networkx graph: group nodes linked to the parameter nodes they slice."""
+        import networkx as nx
+
+        graph = nx.Graph()
+        for g in self.groups:
+            graph.add_node(f"group {g.id}", kind="group", size=g.size, prunable=g.prunable,
+                           reason=g.reason, producers=list(g.producers))
+            for m in g.members:
+                graph.add_node(m.param, kind="tensor", shape=self.state_shapes.get(m.param))
+                graph.add_edge(f"group {g.id}", m.param, dim=m.dim, role=m.role,
+                               positions=len(m.positions))
+        return graph
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text of ``to_networkx()``: groups as boxes, tensors as ellipses."""
+        lines = ["graph dependency_groups {", "  rankdir=LR;"]
+        for g in self.groups:
+            color = "palegreen" if g.prunable else "lightgray"
+            label = f"group {g.id}\\n{g.size} ch" + ("" if g.prunable else "\\npinned")
+            lines.append(f'  "group {g.id}" [shape=box, style=filled, fillcolor={color}, label="{label}"];')
+        seen = set()
+        for g in self.groups:
+            for m in g.members:
+                if m.param not in seen:
+                    seen.add(m.param)
+                    lines.append(f'  "{m.param}" [shape=ellipse];')
+                lines.append(f'  "group {g.id}" -- "{m.param}" [label="dim {m.dim} ({m.role})"];')
+        lines.append("}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """The groups as JSON (sizes, reasons, members), for tools and reports."""
+        return json.dumps([g.to_dict() for g in self.groups], indent=1)
+
+    def group(self, gid: int) -> Group:
+        return self.groups[gid]

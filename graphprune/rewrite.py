@@ -1,0 +1,206 @@
+"""Rewrite a model into a slimmed ``torch.fx.GraphModule`` that follows a plan.
+
+``apply`` copies the model, slices every parameter and buffer along the axes the plan's
+groups own, updates width attributes of the modules (``in_channels``, ``groups``,
+``num_features`` ...), rewrites literal widths in the graph (``view`` sizes, ``split``
+sections, slice bounds, functional ``groups=``), drops layers whose every channel went
+(from the ``torch.cat`` that read them), and checks the result runs with the original
+output shapes. The user's model is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from graphprune.errors import PlanError, RewriteError
+from graphprune.graph import DependencyGraph, iter_arrays
+from graphprune.plan import Plan
+from graphprune.rules.base import Multi, find_rule
+from graphprune.tracing import shape_of
+
+__all__ = ["apply"]
+
+
+class RewriteContext:
+    """What rule patches see while rewriting: old and new shapes, labels, node edits."""
+
+    def __init__(self, dg: DependencyGraph, removed: np.ndarray) -> None:
+        self.dg = dg
+        self.removed = removed
+
+    def labels(self, node: torch.fx.Node) -> Any:
+        return self.dg.node_labels.get(node.name)
+
+    def keep(self, labels: np.ndarray) -> np.ndarray:
+        return self.dg.keep_mask(labels, self.removed)
+
+    def old_shape(self, node: torch.fx.Node) -> Any:
+        return node.meta.get("shape")
+
+    def new_shape(self, node: torch.fx.Node) -> Any:
+        return self._new(self.old_shape(node), self.labels(node))
+
+    def _new(self, shape: Any, labels: Any) -> Any:
+        if isinstance(shape, torch.Size):
+            if labels is None:
+                return tuple(shape)
+            return tuple(int(self.keep(lab).sum()) if lab is not None else s
+                         for s, lab in zip(shape, labels))
+        if isinstance(shape, tuple) and isinstance(labels, Multi):
+            return tuple(self._new(s, lab) for s, lab in zip(shape, labels))
+        return shape
+
+    def set_arg(self, node: torch.fx.Node, index: int, name: str, value: Any) -> None:
+        if len(node.args) > index:
+            args = list(node.args)
+            args[index] = value
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, name: value}
+
+    def set_args(self, node: torch.fx.Node, args: tuple) -> None:
+        node.args = args
+
+    def replace(self, node: torch.fx.Node, target: Any, args: tuple, kwargs: dict) -> None:
+        node.op, node.target, node.args, node.kwargs = "call_function", target, args, kwargs
+
+
+def _assign(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        setattr(owner, attr, value)
+
+
+def _slice_state(slim: torch.fx.GraphModule, dg: DependencyGraph, removed: np.ndarray) -> set[str]:
+    """Slice parameters and buffers; return the names of modules that changed."""
+    cuts: dict[str, dict[int, np.ndarray]] = {}
+    for (param, dim), labels in dg.member_labels.items():
+        keep = dg.keep_mask(labels, removed)
+        if not keep.all():
+            cuts.setdefault(param, {})[dim] = np.flatnonzero(keep)
+    state = dict(slim.named_parameters())
+    state.update(dict(slim.named_buffers()))
+    changed = set()
+    with torch.no_grad():
+        for param, dims in cuts.items():
+            if param not in state:
+                continue
+            t = state[param].detach()
+            for dim, idx in dims.items():
+                t = t.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+            _assign(slim, param, t.clone())
+            changed.add(param.rpartition(".")[0])
+    return changed
+
+
+def _drop_vanished(slim: torch.fx.GraphModule, vanished: set[str]) -> None:
+    """Remove layers that lost every channel; the concatenations that read them shrink."""
+    for node in slim.graph.nodes:
+        if node.name in vanished or node.op != "call_function":
+            continue
+        if node.target in (torch.cat, torch.concat) and any(
+                isinstance(t, torch.fx.Node) and t.name in vanished for t in node.args[0]):
+            kept = [t for t in node.args[0] if not (isinstance(t, torch.fx.Node) and t.name in vanished)]
+            node.args = (kept,) + tuple(node.args[1:])
+    for node in reversed(list(slim.graph.nodes)):
+        if node.name in vanished:
+            slim.graph.erase_node(node)
+    if vanished:
+        slim.graph.eliminate_dead_code()
+    slim.delete_all_unused_submodules()
+
+
+def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, check: bool = True) -> torch.fx.GraphModule:
+    """A new GraphModule computing ``model`` with the plan's channels physically removed.
+
+    ``model`` must be the module ``dg`` was built from (or one with the same
+    architecture and parameter shapes); it is not mutated. With ``check`` the slim
+    module is run once on zeros shaped like the example inputs to confirm it keeps the
+    original output shapes.
+    """
+    plan = plan if isinstance(plan, Plan) else Plan(plan)
+    plan.validate(dg)
+    dg.check_model(model)
+    removed = dg.removed_classes(plan)
+    vanished, problems = dg.vanish_blockers(removed)
+    if problems:
+        raise PlanError("the plan empties layers whose outputs are still needed: "
+                        + "; ".join(problems[:5]) + ". Keep at least one channel in those groups")
+
+    graph = copy.deepcopy(dg.gm.graph)
+    slim = torch.fx.GraphModule(copy.deepcopy(model), graph, type(model).__name__ + "Slim")
+    changed = _slice_state(slim, dg, removed)
+    modules = dict(slim.named_modules())
+    rw = RewriteContext(dg, removed)
+    try:
+        for node in list(slim.graph.nodes):
+            if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):
+                continue
+            module = modules.get(node.target) if node.op == "call_module" else None
+            rule = find_rule(node, module)
+            if rule is None:
+                continue
+            if module is not None and rule.resize is not None and node.target in changed:
+                rule.resize(module)
+            if rule.patch is not None:
+                rule.patch(rw, node)
+        _drop_vanished(slim, vanished)
+        slim.graph.lint()
+        slim.recompile()
+    except (PlanError, RewriteError):
+        raise
+    except Exception as exc:  # a rule's patch failed: report the node, not the internals
+        raise RewriteError(f"could not rewrite the graph for this plan: {type(exc).__name__}: {exc}") from exc
+    slim.meta["graphprune"] = {"plan": plan.to_json()}
+    if check:
+        _check_runs(slim, dg)
+    return slim
+
+
+def _check_runs(slim: torch.fx.GraphModule, dg: DependencyGraph) -> None:
+    inputs = [torch.zeros(s, dtype=d) for s, d in zip(dg.example_shapes, dg.example_dtypes)]
+    out_node = next(n for n in dg.gm.graph.nodes if n.op == "output")
+    expected = shape_of_meta(out_node.args[0])
+    was_training = slim.training
+    slim.eval()
+    try:
+        with torch.no_grad():
+            got = shape_of(slim(*inputs))
+    except Exception as exc:
+        raise RewriteError(f"the slimmed model fails to run: {type(exc).__name__}: {exc}") from exc
+    finally:
+        slim.train(was_training)
+    if _flat(got) != _flat(expected):
+        raise RewriteError(f"the slimmed model's output shapes {got} differ from the original's {expected}")
+
+
+def shape_of_meta(arg: Any) -> Any:
+    if isinstance(arg, torch.fx.Node):
+        return arg.meta.get("shape")
+    if isinstance(arg, (tuple, list)):
+        return tuple(shape_of_meta(a) for a in arg)
+    if isinstance(arg, dict):
+        return tuple(shape_of_meta(a) for a in arg.values())
+    return arg
+
+
+def _flat(s: Any) -> list:
+    if isinstance(s, torch.Size):
+        return [tuple(s)]
+    if isinstance(s, (tuple, list)):
+        return [x for item in s for x in _flat(item)]
+    return [s]
+
+
+__all__ += ["RewriteContext", "iter_arrays"]

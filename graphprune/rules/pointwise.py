@@ -1,0 +1,93 @@
+"""Ops that keep every axis: activations, dropout, identity, elementwise arithmetic."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphprune.rules.base import register
+
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Threshold,
+)
+_ACTIVATION_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign,
+    F.logsigmoid, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg,
+    torch.sqrt, torch.square, torch.clamp, torch.clip, torch.sign, torch.log,
+    torch.nn.functional.threshold, operator.neg, operator.pos, torch.clone,
+)
+_ACTIVATION_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt",
+    "square", "clamp", "clamp_", "clip", "sign", "log", "contiguous", "clone", "detach",
+    "float", "double", "to", "type_as", "requires_grad_", "hardswish", "silu",
+)
+
+
+@register(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, *_ACTIVATION_METHODS)
+def pointwise(ctx, node, module):
+    """Output channels are the input's channels, position by position."""
+    return ctx.labels(node.args[0])
+
+
+def _resize_prelu(module: nn.PReLU) -> None:
+    module.num_parameters = module.weight.shape[0]
+
+
+@register(nn.PReLU, resize=_resize_prelu)
+def prelu(ctx, node, module):
+    """PReLU with one slope per channel owns a slice of ``weight`` on axis 0."""
+    labels = ctx.labels(node.args[0])
+    if module.num_parameters > 1 and labels is not None and len(labels) > 1:
+        slope = ctx.module_param(node.target, "weight", 0, "pass")
+        coupled = ctx.couple([labels[1], slope], module.num_parameters, f"PReLU {node.target!r}")
+        return labels[:1] + (coupled,) + labels[2:]
+    return labels
+
+_BINARY = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+    operator.isub, operator.imul, operator.itruediv, operator.floordiv, operator.pow,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div,
+    torch.divide, torch.true_divide, torch.maximum, torch.minimum, torch.where, torch.pow,
+    torch.lerp, torch.addcmul,
+)
+_BINARY_METHODS = (
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum",
+    "minimum", "where", "masked_fill", "lerp", "expand_as",
+)
+
+
+@register(*_BINARY, *_BINARY_METHODS)
+def elementwise(ctx, node, module):
+    """Broadcasting arithmetic: axes of equal size are tied channel by channel.
+
+    An axis of size 1 broadcasts (a squeeze-excitation gate of shape [N, C, 1, 1]
+    ties only its channel axis). Ints from ``x.size()`` pass through untouched.
+    """
+    out_shape = ctx.shape(node)
+    if not isinstance(out_shape, torch.Size):
+        return None
+    tensors = [a for a in (*node.args, *node.kwargs.values())
+               if isinstance(a, torch.fx.Node) and isinstance(ctx.shape(a), torch.Size)]
+    if node.target == "expand_as":
+        tensors = tensors[:1]
+    ndim = len(out_shape)
+    reason = f"combined with a non-channel axis in {ctx.describe_node()}"
+    labels = []
+    for d, size in enumerate(out_shape):
+        arrays = []
+        for t in tensors:
+            shape, tl = ctx.shape(t), ctx.labels(t)
+            k = d - (ndim - len(shape))
+            if k >= 0 and shape[k] == size:
+                arrays.append(tl[k])
+        labels.append(ctx.couple(arrays, size, reason) if arrays else None)
+    return tuple(labels)

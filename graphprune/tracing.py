@@ -1,0 +1,201 @@
+"""Trace a module into a torch.fx graph whose nodes know their output shapes.
+
+``trace`` is the first stage of the pipeline: symbolic tracing with a tracer that
+honours user leaf modules, then one run over the example inputs that records every
+node's output in ``node.meta``:
+
+- ``node.meta["shape"]``: a ``torch.Size`` for a tensor, a nested tuple of them for
+  tuple outputs, the value itself for Python scalars (``x.size(1)``);
+- ``node.meta["tensor_meta"]``: the usual fx ``TensorMetadata`` for tensor outputs.
+
+The user's module is never changed: buffers that a forward pass may update (BatchNorm
+running statistics in training mode) are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from graphprune.errors import InputError, TraceError
+
+__all__ = ["trace", "normalize_inputs", "shape_of", "GraphTracer"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(__file__)
+
+
+class GraphTracer(torch.fx.Tracer):
+    """fx tracer that keeps user leaf modules whole and remembers where tracing is."""
+
+    def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
+        super().__init__()
+        self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
+        self.current_module = ""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx signature
+        outer = self.current_module
+        self.current_module = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.current_module = outer
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Return ``example_inputs`` as a tuple of tensors, or raise ``InputError``."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, Sequence) or not example_inputs:
+        raise InputError(
+            "example_inputs must be a tensor or a non-empty tuple of tensors, "
+            f"got {type(example_inputs).__name__}"
+        )
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"example_inputs[{i}] is a {type(x).__name__}, expected a tensor")
+        if x.device.type == "meta":
+            raise InputError(f"example_inputs[{i}] is on the meta device; pass real tensors")
+    return tuple(example_inputs)
+
+
+def check_model(model: Any) -> None:
+    """Reject what cannot be pruned exactly: non-modules, meta tensors, half precision."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise InputError(
+                f"{name!r} is on the meta device; materialise the model "
+                "(model.to_empty(device='cpu') and load weights) before pruning"
+            )
+        if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
+            raise InputError(
+                f"{name!r} has dtype {t.dtype}; graphprune analyses float32/float64 models. "
+                "Call model.float() first and convert the slim model back afterwards"
+            )
+
+
+def _user_frame(tb: Any) -> str:
+    """The innermost frame of the traceback that is the user's code, as 'file:line'."""
+    where = ""
+    for frame in traceback.extract_tb(tb):
+        if not frame.filename.startswith((_TORCH_DIR, _PACKAGE_DIR)):
+            where = f"{frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})"
+    return where
+
+
+def _symbolic_trace(
+    model: torch.nn.Module, leaf_modules: Iterable[type | str], concrete_args: dict | None
+) -> torch.fx.GraphModule:
+    tracer = GraphTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises many kinds; all mean "not traceable"
+        module = tracer.current_module or type(model).__name__
+        where = _user_frame(exc.__traceback__)
+        raise TraceError(
+            f"cannot trace module {module!r}"
+            + (f" at {where}" if where else "")
+            + f": {type(exc).__name__}: {exc}. Data-dependent control flow and some Python "
+            "constructs cannot be traced symbolically: mark the module as a leaf "
+            f"(leaf_modules=[{type(model.get_submodule(module)).__name__ if module in dict(model.named_modules()) else 'MyModule'}]) "
+            "or fix the branch with concrete_args."
+        ) from exc
+    name = type(model).__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def shape_of(value: Any) -> Any:
+    """The shape structure recorded in ``node.meta['shape']`` for a runtime value."""
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    if isinstance(value, (tuple, list)):
+        return tuple(shape_of(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(shape_of(v) for v in value.values())
+    if isinstance(value, (int, float, bool, str)) or value is None:
+        return value
+    if isinstance(value, torch.Size):
+        return tuple(value)
+    return None
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Run the graph once on real inputs and store each node's output shape."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            culprit = f"module {n.target!r}" if n.op == "call_module" else f"{n.op} {n.target}"
+            raise TraceError(
+                f"running the example inputs through node {n.name!r} ({culprit}) failed: "
+                f"{type(exc).__name__}: {exc}. Check that example_inputs have the shape, "
+                "dtype and device the model expects."
+            ) from exc
+        n.meta["shape"] = shape_of(result)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Annotate ``gm`` in place with output shapes; state buffers are restored afterwards."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) > len(placeholders) or len(inputs) < sum(
+        1 for n in placeholders if not n.args
+    ):
+        names = ", ".join(n.target for n in placeholders)
+        raise TraceError(
+            f"the model's forward takes {len(placeholders)} input(s) ({names}) "
+            f"but {len(inputs)} example input(s) were given"
+        )
+    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    try:
+        with torch.no_grad():
+            return _ShapeRecorder(gm).run(*inputs)
+    finally:
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict | None = None,
+) -> torch.fx.GraphModule:
+    """Trace ``model`` with torch.fx and record every node's output shape.
+
+    ``leaf_modules`` lists module types or qualified names to keep as single nodes.
+    The returned GraphModule shares submodules with ``model``; nothing is copied.
+
+    >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4))
+    >>> [tuple(n.meta["shape"]) for n in gm.graph.nodes if n.op == "call_module"]
+    [(2, 3)]
+    """
+    check_model(model)
+    inputs = normalize_inputs(example_inputs)
+    gm = model if isinstance(model, torch.fx.GraphModule) else None
+    if gm is None:
+        gm = _symbolic_trace(model, leaf_modules, concrete_args)
+    else:
+        gm = torch.fx.GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
+    propagate_shapes(gm, inputs)
+    return gm
