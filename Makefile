@@ -1,0 +1,24 @@
+# Two entry points, each self-contained on a fresh machine:
+#   make demo   trace a zoo ResNet, show its groups, prune 50% by magnitude, measure, save
+#   make test   lint and run the test suite
+# torch==2.13.0 is installed before the package so pip never pulls a CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: demo test lint bench
+demo: $(STAMP)
+	$(BIN)/python -m graphprune demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check graphprune tests benchmarks
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -x --timeout=600 graphprune tests
