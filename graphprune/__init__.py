@@ -13,6 +13,7 @@ from graphprune.errors import (
 )
 from graphprune.graph import DependencyGraph, Group, Member
 from graphprune.importance import score
+from graphprune.io import export, load, save, set_origin
 from graphprune.metrics import Counts, count, latency
 from graphprune.plan import Plan, select
 from graphprune.rewrite import apply
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Counts", "DependencyGraph", "GraphPruneError", "Group", "InputError", "Member", "Plan",
     "PlanError", "PruneResult", "RewriteError", "SerializationError", "TraceError",
-    "UnsupportedOpError", "apply", "count", "errors", "latency", "masked_model", "prune",
-    "register", "score", "select", "trace", "verify", "zoo",
+    "UnsupportedOpError", "apply", "count", "errors", "export", "latency", "load", "masked_model", "prune",
+    "register", "save", "score", "select", "set_origin", "trace", "verify", "zoo",
 ]

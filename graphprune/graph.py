@@ -19,6 +19,7 @@ output channels) form a *group*, the unit a plan prunes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -77,10 +78,13 @@ class Group:
     members: list[Member] = field(default_factory=list)
     producers: tuple[str, ...] = ()
     removable: bool = False
+    exact: bool = True
+    inexact_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "size": self.size, "prunable": self.prunable,
-                "reason": self.reason, "removable": self.removable,
+                "reason": self.reason, "removable": self.removable, "exact": self.exact,
+                "inexact_reason": self.inexact_reason,
                 "producers": list(self.producers),
                 "members": [m.to_dict() for m in self.members]}
 
@@ -97,7 +101,12 @@ class _Root:
 class BuildContext:
     """What rules see: labels of nodes, parameters as labelled axes, and couplings."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, factor: str = "largest") -> None:
+        if factor not in ("largest", "outer"):
+            raise InputError(f"factor must be 'largest' or 'outer', got {factor!r}")
+        self.factor_mode = factor
+        self._relations: list[tuple[np.ndarray, list[np.ndarray], str, int | None]] = []
+        self._inexact: list[tuple[np.ndarray, str]] = []
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.state = dict(gm.named_parameters())
@@ -132,6 +141,32 @@ class BuildContext:
         name = self.attr_name(x)
         if name is not None and (name, dim) in self.member_roles:
             self.member_roles[(name, dim)] = role
+
+    def factorize(self, composite: np.ndarray, free: int | None = None) -> list[np.ndarray]:
+        """Split a multi-axis block of channels into one label array per axis.
+
+        ``composite[i, j, ...]`` is removed exactly when the factor labels of its axes
+        say so. A slimmed reshape needs a product of kept indices, so at the end one
+        factor per block is left free to prune and the others are kept whole: ``free``
+        forces which one; otherwise the build's ``factor`` mode picks it (``largest``
+        prunes the per-head dim of attention and within-group channels of a shuffle,
+        ``outer`` prunes whole heads).
+        """
+        factors = [self._new_root(PARAM, n, self.node.name) for n in composite.shape]
+        self._relations.append((composite, factors, self.node.name, free))
+        return factors
+
+    def compose(self, factors: Sequence[np.ndarray]) -> np.ndarray:
+        """Labels of the axis obtained by merging several labelled axes (their product)."""
+        shape = [len(f) for f in factors]
+        composite = self._new_root(PARAM, int(np.prod(shape)), self.node.name).reshape(shape)
+        self._relations.append((composite, list(factors), self.node.name, None))
+        return composite
+
+    def inexact(self, labels: np.ndarray | None, reason: str) -> None:
+        """Mark channels whose removal changes other channels' values (normalisation)."""
+        if labels is not None and (labels >= 0).any():
+            self._inexact.append((labels[labels >= 0], reason))
 
     def pin(self, labels: np.ndarray | None, reason: str) -> None:
         """Make every element in ``labels`` unprunable, for ``reason``."""
@@ -254,8 +289,7 @@ class BuildContext:
         return unlabelled(shape)
 
     # --- result ---------------------------------------------------------------------
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        """Channel class of every element, and the kind of every element's root."""
+    def _components(self) -> np.ndarray:
         n = self.n_elements
         if self._edges:
             a = np.concatenate([e[0] for e in self._edges])
@@ -263,13 +297,60 @@ class BuildContext:
         else:
             a = b = np.zeros(0, dtype=np.int64)
         adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-        _, cls = connected_components(adj, directed=False)
+        return connected_components(adj, directed=False)[1]
+
+    def _kinds(self) -> np.ndarray:
         kinds = np.repeat(np.array([r.kind for r in self.roots], dtype=object),
                           [r.size for r in self.roots]) if self.roots else np.zeros(0, object)
         if self._produced:
             produced = np.concatenate(self._produced)
             kinds[produced[kinds[produced] == PARAM]] = PRODUCER
-        return cls, kinds
+        return kinds
+
+    def _resolve_factors(self, kinds: np.ndarray) -> None:
+        """Leave one factor of every split block free; keep the others whole."""
+        if not self._relations:
+            return
+        cls = self._components()
+        pinned = np.zeros(int(cls.max()) + 1, bool)
+        pinned[cls[kinds == PINNED]] = True
+        status: dict[int, bool] = {}
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        for composite, factors, origin, forced in self._relations:
+            live = [k for k, f in enumerate(factors) if len(f) > 1]
+            cand = [k for k in live if (factors[k] >= 0).all() and not pinned[cls[factors[k]]].any()
+                    and status.get(int(cls[factors[k][0]])) is not False]
+            if forced is not None:
+                cand = [k for k in cand if k == forced]
+            chosen = next((k for k in cand if status.get(int(cls[factors[k][0]]))), None)
+            if chosen is None and cand:
+                if self.factor_mode == "outer":
+                    chosen = cand[0]
+                else:
+                    chosen = max(cand, key=lambda k: (len(factors[k]), k))
+            reason = (f"kept whole: {origin} splits channels into axes "
+                      f"{list(composite.shape)} and only one of them can be pruned")
+            self.node = nodes[origin]
+            for k in live:
+                if k != chosen:
+                    status[int(cls[factors[k][0]])] = False
+                    self.pin(factors[k], reason)
+            if chosen is None:
+                self.pin(composite.reshape(-1), reason)
+                continue
+            status[int(cls[factors[chosen][0]])] = True
+            moved = np.moveaxis(composite, chosen, 0).reshape(len(factors[chosen]), -1)
+            rep = np.repeat(factors[chosen], moved.shape[1])
+            self.couple([moved.reshape(-1), rep], rep.size, reason)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """Channel class of every element, and the kind of every element's root."""
+        self._resolve_factors(self._kinds())
+        return self._components(), self._kinds()
+
+
+def _join(reasons: list[str]) -> str:
+    return "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
 
 
 def unlabelled(shape: Any) -> Any:
@@ -299,6 +380,7 @@ class DependencyGraph:
 
     def __init__(self, gm: torch.fx.GraphModule, ctx: BuildContext) -> None:
         self.gm = gm
+        self.inexact_marks = ctx._inexact
         self.node_labels = ctx.node_labels
         self.member_labels = ctx.member_labels
         self.member_roles = ctx.member_roles
@@ -316,12 +398,20 @@ class DependencyGraph:
         *,
         leaf_modules: Iterable[type | str] = (),
         concrete_args: dict | None = None,
+        factor: str = "largest",
     ) -> DependencyGraph:
-        """Trace ``model`` on ``example_inputs`` and group its coupled channels."""
+        """Trace ``model`` on ``example_inputs`` and group its coupled channels.
+
+        ``factor`` says what to prune where a reshape splits channels over several
+        axes: ``"largest"`` (per-head dims of attention, within-group channels of a
+        channel shuffle) or ``"outer"`` (whole attention heads).
+        """
         gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        ctx = BuildContext(gm)
+        ctx = BuildContext(gm, factor=factor)
         ctx.run()
         dg = cls(gm, ctx)
+        dg.state_shapes = {k: tuple(v.shape) for k, v in
+                           list(model.named_parameters()) + list(model.named_buffers())}
         inputs = normalize_inputs(example_inputs)
         dg.example_shapes = [tuple(x.shape) for x in inputs]
         dg.example_dtypes = [x.dtype for x in inputs]
@@ -377,6 +467,12 @@ class DependencyGraph:
                 if (kinds[root.start:root.start + root.size] == PRODUCER).any():
                     producers.setdefault(int(gid), []).append(root.origin)
 
+        inexact: dict[int, list[str]] = {}
+        for elems, why in self.inexact_marks:
+            for gid in np.unique(group_of_cls[cls[elems]]):
+                if gid >= 0 and why not in inexact.setdefault(int(gid), []):
+                    inexact[int(gid)].append(why)
+
         members: dict[int, list[Member]] = {}
         for (param, dim), labels in self.member_labels.items():
             c = cls[labels]
@@ -395,9 +491,10 @@ class DependencyGraph:
             reasons = pinned_reasons.get(gid, [])
             self.groups.append(Group(
                 id=gid, size=size, prunable=not reasons,
-                reason="; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""),
+                reason=_join(reasons),
                 members=sorted(members.get(gid, []), key=lambda m: (m.param, m.dim)),
-                producers=tuple(dict.fromkeys(producers.get(gid, ())))))
+                producers=tuple(dict.fromkeys(producers.get(gid, ()))),
+                exact=gid not in inexact, inexact_reason=_join(inexact.get(gid, []))))
 
     # --- removal masks ----------------------------------------------------------------------
     def removed_classes(self, plan: Any) -> np.ndarray:
@@ -446,8 +543,7 @@ class DependencyGraph:
             removed = self.removed_classes({g.id: range(g.size)})
             _, problems = self.vanish_blockers(removed)
             if not problems:
-                self.groups[i] = Group(g.id, g.size, g.prunable, g.reason, g.members,
-                                       g.producers, removable=True)
+                self.groups[i] = dataclasses.replace(g, removable=True)
 
     # --- inspection ------------------------------------------------------------------------
     def check_model(self, model: torch.nn.Module) -> None:
@@ -459,21 +555,31 @@ class DependencyGraph:
                     f"the model changed after its dependency graph was built: {name!r} "
                     f"was {shape}, now {now.get(name)}; build the DependencyGraph again")
 
-    def describe(self) -> str:
-        """A table of groups: id, channels, prunable or why not, members."""
+    def describe(self, width: int = 60) -> str:
+        """A table of groups: id, channels, prunable or why not, members.
+
+        Long reasons and member lists are cut to ``width`` characters; ``to_json()``
+        has everything.
+        """
+        def cut(text: str) -> str:
+            return text if len(text) <= width else text[: width - 3] + "..."
+
         rows = [("group", "channels", "prunable", "members")]
         for g in self.groups:
-            status = ("yes" + (" (removable)" if g.removable else "")) if g.prunable else f"no: {g.reason}"
+            if g.prunable:
+                status = "yes" + (", removable" if g.removable else "")
+                status += "" if g.exact else f", inexact: {g.inexact_reason}"
+            else:
+                status = f"no: {g.reason}"
             mem = ", ".join(f"{m.param}[{m.dim}]" for m in g.members)
-            rows.append((str(g.id), str(g.size), status, mem))
+            rows.append((str(g.id), str(g.size), cut(status), cut(mem)))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = []
-        for r in rows:
-            lines.append("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
-        lines.insert(1, "-" * min(120, len(lines[0]) + 20))
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
         n_prunable = sum(g.prunable for g in self.groups)
         lines.append(f"{len(self.groups)} groups, {n_prunable} prunable, "
-                     f"{sum(g.size for g in self.groups if g.prunable)} prunable channels")
+                     f"{sum(g.size for g in self.groups if g.prunable)} prunable channels, "
+                     f"{sum(1 for g in self.groups if g.prunable and not g.exact)} inexact")
         return "\n".join(lines)
 
     def to_networkx(self):

@@ -29,9 +29,13 @@ __all__ = ["apply"]
 class RewriteContext:
     """What rule patches see while rewriting: old and new shapes, labels, node edits."""
 
-    def __init__(self, dg: DependencyGraph, removed: np.ndarray) -> None:
+    def __init__(self, dg: DependencyGraph, removed: np.ndarray, modules: dict) -> None:
         self.dg = dg
         self.removed = removed
+        self.modules = modules
+
+    def module(self, node: torch.fx.Node) -> torch.nn.Module | None:
+        return self.modules.get(node.target) if node.op == "call_module" else None
 
     def labels(self, node: torch.fx.Node) -> Any:
         return self.dg.node_labels.get(node.name)
@@ -80,6 +84,21 @@ def _assign(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
     else:
         setattr(owner, attr, value)
+
+
+def _get_attr(root: torch.nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_attr(root: torch.nn.Module, target: str) -> bool:
+    try:
+        _get_attr(root, target)
+        return True
+    except AttributeError:
+        return False
 
 
 def _slice_state(slim: torch.fx.GraphModule, dg: DependencyGraph, removed: np.ndarray) -> set[str]:
@@ -139,10 +158,14 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
                         + "; ".join(problems[:5]) + ". Keep at least one channel in those groups")
 
     graph = copy.deepcopy(dg.gm.graph)
-    slim = torch.fx.GraphModule(copy.deepcopy(model), graph, type(model).__name__ + "Slim")
+    root = copy.deepcopy(model)
+    for node in graph.nodes:  # constants that tracing created live on the traced module only
+        if node.op == "get_attr" and not _has_attr(root, node.target):
+            _assign(root, node.target, copy.deepcopy(_get_attr(dg.gm, node.target)))
+    slim = torch.fx.GraphModule(root, graph, type(model).__name__ + "Slim")
     changed = _slice_state(slim, dg, removed)
     modules = dict(slim.named_modules())
-    rw = RewriteContext(dg, removed)
+    rw = RewriteContext(dg, removed, modules)
     try:
         for node in list(slim.graph.nodes):
             if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphprune.importance.base import normalize_scores
+
 
 def magnitude(
     model: torch.nn.Module,
@@ -19,10 +21,13 @@ def magnitude(
     *,
     p: int = 2,
     roles: Iterable[str] = ("out", "in"),
-    normalize: bool = False,
+    normalize: bool | str | None = False,
     **_: Any,
 ) -> dict[int, np.ndarray]:
     """Lp norm of each channel's slices; ``roles`` picks which member kinds count.
+
+    ``normalize`` rescales each group (``"max"``, ``"mean"``, ``"sum"``, ``"std"``; ``True``
+    is ``"max"``) so scores compare across groups in a global ranking.
 
     >>> import torch, graphprune as gp
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
@@ -49,8 +54,5 @@ def magnitude(
             t = t[list(m.positions)].reshape(len(m.positions), -1)
             per_pos = (t.abs().sum(1) if p == 1 else (t * t).sum(1)).numpy()
             np.add.at(total, np.asarray(m.channels), per_pos)
-        total = total if p == 1 else np.sqrt(total)
-        if normalize and total.max() > 0:
-            total = total / total.max()
-        scores[g.id] = total
-    return scores
+        scores[g.id] = total if p == 1 else np.sqrt(total)
+    return normalize_scores(scores, normalize)

@@ -4,7 +4,7 @@ Importing this package registers the built-in rules. Register your own with
 ``graphprune.rules.register`` (see ``docs/extending.md``).
 """
 
-from graphprune.rules import layers, pointwise, shape  # noqa: F401  (registration)
+from graphprune.rules import layers, pointwise, shape, tensor_ops  # noqa: F401  (registration)
 from graphprune.rules.base import Multi, Rule, find_rule, register
 
 __all__ = ["Multi", "Rule", "find_rule", "register"]

@@ -61,7 +61,7 @@ _BINARY = (
 )
 _BINARY_METHODS = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum",
-    "minimum", "where", "masked_fill", "lerp", "expand_as",
+    "minimum", "where", "masked_fill", "lerp",
 )
 
 

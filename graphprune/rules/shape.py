@@ -206,20 +206,9 @@ def getitem(ctx, node, module):
 # --- reshaping ------------------------------------------------------------------------
 
 
-def reshape_labels(ctx, in_shape, labels, out_shape):
-    """Carry labels through a reshape by matching runs of axes with equal products.
-
-    A run of input axes merged into one output axis works when at most one of them
-    carries channels (flatten: a channel becomes a block of features). A run split
-    into several axes works when the labels vary along one output axis only
-    (unflatten); anything else pins the channels involved.
-    """
-    out = [None] * len(out_shape)
-    reason = f"{ctx.describe_node()} mixes channels with other axes"
+def _runs(in_shape, out_shape):
+    """Pair runs of input and output axes (size-1 axes skipped) with equal products."""
     ins = [d for d in range(len(in_shape)) if in_shape[d] != 1]
-    for d in range(len(in_shape)):
-        if in_shape[d] == 1 and labels[d] is not None and len(out_shape) != len(in_shape):
-            ctx.pin(labels[d], reason)
     outs = [d for d in range(len(out_shape)) if out_shape[d] != 1]
     i = j = 0
     while i < len(ins) and j < len(outs):
@@ -227,66 +216,101 @@ def reshape_labels(ctx, in_shape, labels, out_shape):
         p_in, p_out = in_shape[ins[i]], out_shape[outs[j]]
         i, j = i + 1, j + 1
         while p_in != p_out:
-            if p_in < p_out:
+            if p_in < p_out and i < len(ins):
                 run_in.append(ins[i])
                 p_in *= in_shape[ins[i]]
                 i += 1
-            else:
+            elif j < len(outs):
                 run_out.append(outs[j])
                 p_out *= out_shape[outs[j]]
                 j += 1
+            else:
+                return
+        yield run_in, run_out
+
+
+def reshape_labels(ctx, in_shape, labels, out_shape):
+    """Carry labels through a reshape by matching runs of axes with equal products.
+
+    Merging axes where one carries channels repeats each channel over a block
+    (flatten into a Linear); merging several channel axes gives their product
+    (``ctx.compose``). Splitting a channel axis keeps labels on the one output axis
+    they vary along (unflatten), or factorises them over several axes (attention heads,
+    channel shuffle) so that one factor can be pruned and the rest kept whole.
+    """
+    out = [None] * len(out_shape)
+    for d in range(len(in_shape)):
+        if in_shape[d] == 1 and labels[d] is not None and len(out_shape) != len(in_shape):
+            ctx.pin(labels[d], f"{ctx.describe_node()} drops a one-channel axis")
+    for run_in, run_out in _runs(in_shape, out_shape):
         carrying = [d for d in run_in if labels[d] is not None]
         if not carrying:
             continue
-        if len(carrying) > 1:
-            for d in carrying:
-                ctx.pin(labels[d], reason)
+        if len(run_in) == 1 and len(run_out) == 1:
+            out[run_out[0]] = labels[run_in[0]]
             continue
-        c = carrying[0]
-        grid_shape = [in_shape[d] for d in run_in]
-        view = [1] * len(run_in)
-        view[run_in.index(c)] = in_shape[c]
-        grid = np.broadcast_to(labels[c].reshape(view), grid_shape).reshape(
-            [out_shape[d] for d in run_out])
-        varying = []
-        for a in range(grid.ndim):
-            first = np.take(grid, [0], axis=a)
-            if not (grid == first).all():
-                varying.append(a)
-        if len(varying) > 1:
-            ctx.pin(labels[c], reason)
+        sizes = [in_shape[d] for d in run_in]
+        block = labels[carrying[0]] if len(carrying) == 1 else ctx.compose([labels[d] for d in carrying])
+        view = [in_shape[d] if d in carrying else 1 for d in run_in]
+        grid = np.broadcast_to(block.reshape(view), sizes).reshape([out_shape[d] for d in run_out])
+        varying = [a for a in range(grid.ndim) if not (grid == np.take(grid, [0], axis=a)).all()]
+        if len(varying) <= 1:
+            a = varying[0] if varying else 0
+            index = tuple(slice(None) if k == a else 0 for k in range(grid.ndim))
+            out[run_out[a]] = np.ascontiguousarray(grid[index])
             continue
-        a = varying[0] if varying else 0
-        index = [0] * grid.ndim
-        index[a] = slice(None)
-        out[run_out[a]] = np.ascontiguousarray(grid[tuple(index)])
+        index = tuple(slice(None) if k in varying else 0 for k in range(grid.ndim))
+        for a, factor in zip(varying, ctx.factorize(np.ascontiguousarray(grid[index]))):
+            out[run_out[a]] = factor
     return tuple(out)
 
 
+def _shape_args(node):
+    """(index of the first size argument, sizes, packed) of view/reshape/expand calls."""
+    name = getattr(node.target, "__name__", node.target)
+    if name in ("view", "reshape", "expand") and len(node.args) > 1:
+        rest = node.args[1:]
+        packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))
+        return 1, list(rest[0]) if packed else list(rest), packed
+    if name == "unflatten":
+        return 2, list(arg(node, 2, "sizes")), True
+    return None
+
+
 def _reshape_patch(rw, node):
-    """Literal sizes in view/reshape/unflatten follow the surviving channel counts."""
-    out_labels = rw.labels(node)
-    new_shape = rw.new_shape(node)
-    if node.op == "call_method" and node.target in ("view", "reshape"):
-        first, rest = 1, node.args[1:]
-    elif node.target in (torch.reshape,):
-        first, rest = 1, node.args[1:]
+    """Sizes of channel axes in view/reshape/expand/unflatten become the slim widths.
+
+    Literal ints and values computed at run time from other widths (``C // heads``)
+    are both replaced, since either may no longer hold after pruning; ``-1`` stays.
+    """
+    found = _shape_args(node)
+    if found is None:
+        return
+    first, sizes, packed = found
+    out_labels, new_shape = rw.labels(node), rw.new_shape(node)
+    if getattr(node.target, "__name__", node.target) == "unflatten":
+        d0 = _dim(arg(node, 1, "dim"), len(new_shape) - len(sizes) + 1)
+        axes = range(d0, d0 + len(sizes))
     else:
+        if len(sizes) != len(out_labels):
+            return
+        axes = range(len(sizes))
+    changed = False
+    for k, d in enumerate(axes):
+        if out_labels[d] is not None and not (isinstance(sizes[k], int) and sizes[k] == -1):
+            changed |= sizes[k] != new_shape[d]
+            sizes[k] = new_shape[d]
+    if not changed:
         return
-    packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))
-    sizes = list(rest[0]) if packed else list(rest)
-    if len(sizes) != len(out_labels):
-        return
-    for d, s in enumerate(sizes):
-        if isinstance(s, int) and s != -1 and out_labels[d] is not None:
-            sizes[d] = new_shape[d]
-    args = list(node.args[:first]) + ([tuple(sizes)] if packed else sizes)
-    rw.set_args(node, tuple(args))
+    if getattr(node.target, "__name__", node.target) == "unflatten":
+        rw.set_arg(node, 2, "sizes", tuple(sizes))
+    else:
+        rw.set_args(node, tuple(node.args[:first]) + ((tuple(sizes),) if packed else tuple(sizes)))
 
 
 @register(torch.flatten, torch.reshape, nn.Flatten, nn.Unflatten, torch.squeeze, torch.unsqueeze,
-          "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten", "view_as",
-          "reshape_as", patch=_reshape_patch)
+          torch.unflatten, "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten",
+          "view_as", "reshape_as", patch=_reshape_patch)
 def reshape(ctx, node, module):
     """flatten / view / reshape / squeeze / unsqueeze / unflatten, from recorded shapes."""
     x = node.args[0]
@@ -325,29 +349,32 @@ def permute(ctx, node, module):
 # --- reductions and normalisation over an axis --------------------------------------------
 
 
-def _reduced_axes(node, ndim):
-    dims = arg(node, 1, "dim", None)
-    if dims is None:
-        return list(range(ndim))
-    if isinstance(dims, int):
-        dims = [dims]
-    return [_dim(int(d), ndim) for d in dims]
-
-
 @register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
-          "mean", "sum", "amax", "amin", "std", "var", "logsumexp")
+          torch.norm, "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm")
 def reduction(ctx, node, module):
-    """Reducing spatial axes keeps channels; reducing a channel axis pins it."""
+    """Reducing spatial axes keeps channels.
+
+    A sum over channels stays exact (a removed channel adds nothing); a mean, max or
+    variance over channels changes with the channel count, so those channels are
+    marked inexact (hand-written LayerNorm, channel statistics).
+    """
     labels = ctx.labels(node.args[0])
     out_shape = ctx.shape(node)
     if labels is None:
         return None
-    axes = _reduced_axes(node, len(labels))
-    keepdim = bool(arg(node, 2, "keepdim", False))
+    name = getattr(node.target, "__name__", node.target)
+    dim_index = 2 if name == "norm" else 1
+    dims = arg(node, dim_index, "dim", None)
+    if dims is None:
+        axes = list(range(len(labels)))
+    else:
+        axes = [_dim(int(d), len(labels)) for d in ([dims] if isinstance(dims, int) else dims)]
+    keepdim = bool(arg(node, dim_index + 1, "keepdim", False))
     out = []
     for d, lab in enumerate(labels):
         if d in axes:
-            ctx.pin(lab, f"{ctx.describe_node()} reduces over channels")
+            if name != "sum":
+                ctx.inexact(lab, f"{ctx.describe_node()} reduces over channels")
             if keepdim:
                 out.append(None)
         else:
@@ -360,15 +387,15 @@ def reduction(ctx, node, module):
 @register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
           "softmax", "log_softmax")
 def softmax(ctx, node, module):
-    """Softmax over a spatial axis keeps channels; over a channel axis it pins them."""
+    """Softmax keeps every axis; over a channel axis the channels become inexact."""
     labels = ctx.labels(node.args[0])
     dim = module.dim if module is not None else arg(node, 1, "dim", None)
     if dim is None:
         ctx.pin_all(labels, f"{ctx.describe_node()} normalises without a dim")
         return tuple(None for _ in labels)
     d = _dim(dim, len(labels))
-    ctx.pin(labels[d], f"{ctx.describe_node()} normalises over channels")
-    return tuple(None if k == d else lab for k, lab in enumerate(labels))
+    ctx.inexact(labels[d], f"{ctx.describe_node()} normalises over channels")
+    return labels
 
 
 @register("size", "dim", "numel", builtins.getattr, builtins.len)

@@ -128,13 +128,21 @@ def _calibrate_norm_stats(
 
 
 # Family modules register their factories on import.
-from . import (  # noqa: F401
+from . import (  # noqa: E402, F401
+    convnext,
     densenet,
+    efficientnet,
     inception,
     misc,
     mobilenet,
+    mobilenetv3,
     msd,
     resnet,
+    resnext,
+    shufflenet,
+    squeezenet,
+    swin,
     unet,
     vgg,
+    vit,
 )

@@ -1,0 +1,62 @@
+"""Normalisation scale (network slimming, Liu et al. ICCV 2017): ``|gamma|`` per channel.
+
+A channel's score is the mean ``|gamma|`` over the normalisation layers of its group
+(BatchNorm, InstanceNorm, GroupNorm and LayerNorm with per-channel affine weights; a
+residual group holds one per branch). Groups without such a layer are not scored, so
+selection leaves them whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ["bn_scale"]
+
+NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def bn_scale(model: torch.nn.Module, dg: Any, *, reduce: str = "mean", **_: Any) -> dict[int, np.ndarray]:
+    """Mean (or ``reduce="sum"``/``"max"``) ``|gamma|`` of each channel's norm layers.
+
+    >>> import graphprune as gp
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
+    ...                             torch.nn.Conv2d(4, 2, 1))
+    >>> with torch.no_grad():
+    ...     _ = model[1].weight.copy_(torch.tensor([0.5, -2.0, 0.1, 1.0]))
+    >>> bn_scale(model, gp.DependencyGraph.build(model, torch.randn(1, 3, 4, 4)))[0].tolist()
+    [0.5, 2.0, 0.1, 1.0]
+    """
+    if reduce not in ("mean", "sum", "max"):
+        raise ValueError(f"bn_scale reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    scores: dict[int, np.ndarray] = {}
+    for g in dg.groups:
+        if not g.prunable:
+            continue
+        rows = []
+        for m in g.members:
+            owner, _, attr = m.param.rpartition(".")
+            if attr != "weight" or not isinstance(modules.get(owner), NORMS) or m.param not in params:
+                continue
+            w = params[m.param].detach().double()
+            if w.dim() != 1:
+                continue
+            row = np.full(g.size, np.nan)
+            row[np.asarray(m.channels)] = w[list(m.positions)].abs().cpu().numpy()
+            rows.append(row)
+        if rows:
+            stack = np.vstack(rows)
+            fn = {"mean": np.nanmean, "sum": np.nansum, "max": np.nanmax}[reduce]
+            with warnings.catch_warnings():  # channels of the group no norm layer covers
+                warnings.simplefilter("ignore", RuntimeWarning)
+                s = fn(stack, axis=0)
+            scores[g.id] = np.nan_to_num(s, nan=0.0)
+    return scores

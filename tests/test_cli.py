@@ -1,0 +1,213 @@
+"""The `graphprune` command end to end: `python -m graphprune ...` in a subprocess.
+
+The end-to-end runs start together (one process each) to keep the suite fast; bad
+input is checked both through subprocesses (no traceback reaches the user) and
+in-process through ``cli.main`` (exit status and the one message line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = textwrap.dedent("""
+    import torch
+    import torch.nn as nn
+
+    class Tiny(nn.Module):
+        def __init__(self, width=8):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, width, 3, padding=1)
+            self.bn = nn.BatchNorm2d(width)
+            self.c2 = nn.Conv2d(width, 4, 1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.bn(self.c1(x))))
+
+    def make(width=8):
+        torch.manual_seed(0)
+        return Tiny(width).eval()
+
+    def make_with_inputs():
+        return make(), (torch.randn(2, 3, 8, 8),)
+""")
+
+
+def _env(extra: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(extra), str(REPO), env.get("PYTHONPATH", "")])
+    env.pop("GRAPHPRUNE_DEBUG", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start every end-to-end command at once; wait for all; map name -> (rc, out, err, dir)."""
+    work = tmp_path_factory.mktemp("cli")
+    (work / "tinynet_cli.py").write_text(TINY)
+    commands = {
+        "prune": ["prune", "resnet20", "--ratio", "0.5", "--out", "r20.gp", "--report", "rep",
+                  "--repeats", "2"],
+        "import": ["prune", "tinynet_cli:make", "--input-shape", "2,3,8,8", "--kwargs", '{"width": 6}',
+                   "--ratio", "0.5", "--out", "tiny.gp", "--repeats", "1"],
+        "demo": ["demo", "--model", "mlp", "--repeats", "2", "--out-dir", "demo_out"],
+        "bad_model": ["inspect", "nosuchmodel"],
+    }
+    procs = {name: subprocess.Popen([sys.executable, "-m", "graphprune", *argv], cwd=work, env=_env(work),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, argv in commands.items()}
+    results = {}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        results[name] = (p.returncode, out, err)
+    return work, results
+
+
+def _ok(runs, name):
+    work, results = runs
+    rc, out, err = results[name]
+    assert rc == 0, f"{name}: rc={rc}\nstdout:\n{out}\nstderr:\n{err}"
+    return work, out
+
+
+def test_zoo_lists_models(capsys):
+    assert cli.main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    for name in ("resnet20", "resnet56", "mlp"):
+        assert name in out
+
+
+def test_inspect_prints_groups_and_writes_dot(tmp_path, capsys):
+    dot, js = tmp_path / "g.dot", tmp_path / "g.json"
+    assert cli.main(["inspect", "mlp", "--dot", str(dot), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "prunable" in out and "reaches a model output" in out
+    assert dot.read_text().startswith("graph dependency_groups")
+    groups = json.loads(js.read_text())
+    assert [g["size"] for g in groups] == [128, 64, 10]
+
+
+def test_prune_saves_model_and_report(runs):
+    work, out = _ok(runs, "prune")
+    assert "parameters" in out and "MACs" in out and "latency" in out
+    slim = gp.load(work / "r20.gp")
+    model, x = gp.zoo.create("resnet20")
+    assert gp.count(slim, x).params < gp.count(model, x).params
+    report = json.loads((work / "rep" / "report.json").read_text())
+    assert report["method"] == "magnitude" and report["settings"]["ratio"] == 0.5
+    assert report["params"]["after"] == gp.count(slim, x).params
+    assert report["latency_s"]["before"] > 0 and report["latency_s"]["after"] > 0
+    assert sum(g["removed"] for g in report["groups"]) == report["summary"]["removed_channels"] > 0
+    assert all(g["kept"] + g["removed"] == g["channels"] for g in report["groups"])
+    md = (work / "rep" / "report.md").read_text()
+    assert "| parameters |" in md and "## Groups" in md
+    has_mpl = shutil.which("python") and __import__("importlib").util.find_spec("matplotlib") is not None
+    assert (work / "rep" / "widths.png").exists() == bool(has_mpl)
+
+
+def test_prune_import_spec(runs, monkeypatch):
+    work, out = _ok(runs, "import")
+    monkeypatch.syspath_prepend(str(work))
+    slim = gp.load(work / "tiny.gp")
+    assert slim.c1.out_channels == 3
+    assert slim.meta["graphprune"]["origin"] == {"factory": "tinynet_cli:make", "kwargs": {"width": 6}}
+    assert slim(torch.randn(2, 3, 8, 8)).shape == (2, 4, 8, 8)
+
+
+def test_import_spec_with_example_inputs_needs_no_shape(runs, capsys, monkeypatch):
+    work, _ = runs
+    monkeypatch.syspath_prepend(str(work))
+    assert cli.main(["bench", "tinynet_cli:make_with_inputs", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2x3x8x8" in out and "latency" in out
+    assert cli.main(["prune", "tinynet_cli:make", "--repeats", "0"]) == 1
+    assert "needs --input-shape" in capsys.readouterr().err
+
+
+def test_demo_runs_the_main_job(runs):
+    work, out = _ok(runs, "demo")
+    for needle in ("Dependency groups", "gp.prune", "parameters", "MACs", "latency", "gp.verify",
+                   "identical"):
+        assert needle in out
+    assert (work / "demo_out" / "mlp_slim.gp").exists()
+    assert (work / "demo_out" / "mlp_report" / "report.json").exists()
+
+
+def test_bad_input_subprocess_one_line(runs):
+    _, results = runs
+    got_rc, out, err = results["bad_model"]
+    assert got_rc == 1
+    needle = "unknown MODEL 'nosuchmodel'"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("graphprune: error:") and needle in lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, rc, needle", [
+    (["prune", "mlp", "--method", "nosuch"], 1, "unknown method 'nosuch'"),
+    (["prune", "mlp", "--input-shape", "2,x"], 1, "--input-shape '2,x'"),
+    (["prune", "mlp", "--input-shape", "2,3,32,32"], 1, "example inputs"),
+    (["prune", "mlp", "--kwargs", "[1]"], 1, "--kwargs must be a JSON object"),
+    (["prune", "mlp", "-O", "oops"], 1, "name=value"),
+    (["prune", "nosuchpkg_xyz:make", "--input-shape", "1,2"], 1, "cannot import module 'nosuchpkg_xyz'"),
+    (["prune", "os:getcwd", "--input-shape", "1,2"], 1, "must return an nn.Module"),
+    (["inspect", "missing_file.gp"], 1, "no such file"),
+    (["prune", "mlp", "--ratio", "abc"], 2, "--ratio"),
+    (["prune", "mlp", "--ratio", "1.5"], 2, "must be in [0, 1)"),
+    (["prune", "mlp", "--macs", "0.5", "--params", "0.5"], 2, "not allowed with"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["demo", "--model", "nosuch"], 2, "invalid choice"),
+])
+def test_bad_input_in_process(argv, rc, needle, capsys):
+    assert cli.main(argv) == rc
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("graphprune: error:") and needle in lines[0], lines[0]
+
+
+def test_target_flags_pass_through_or_fail_clearly(capsys):
+    rc = cli.main(["prune", "mlp", "--macs", "0.5", "--repeats", "0"])
+    err = capsys.readouterr().err
+    if cli._target_supported():
+        assert rc == 0, err
+    else:
+        assert rc == 1 and "--macs needs target-based selection" in err
+
+
+def test_svg_without_graphviz_is_a_clear_message(capsys, tmp_path):
+    rc = cli.main(["inspect", "mlp", "--svg", str(tmp_path / "g.svg")])
+    err = capsys.readouterr().err
+    if shutil.which("dot"):
+        assert rc == 0 and (tmp_path / "g.svg").exists()
+    else:
+        assert rc == 1 and "Graphviz" in err
+
+
+def test_loaded_file_can_be_pruned_again(tmp_path, capsys):
+    first, second = tmp_path / "a.gp", tmp_path / "b.gp"
+    assert cli.main(["prune", "mlp", "--ratio", "0.5", "--out", str(first), "--repeats", "0"]) == 0
+    assert cli.main(["prune", str(first), "--ratio", "0.5", "--out", str(second), "--repeats", "0"]) == 0
+    capsys.readouterr()
+    _, x = gp.zoo.create("mlp")
+    assert gp.count(gp.load(second), x).params < gp.count(gp.load(first), x).params
+    assert len(gp.load(second).meta["graphprune"]["plans"]) == 2
+
+
+def test_parse_shape():
+    assert cli.parse_shape("1,3,32,32") == ((1, 3, 32, 32), torch.float32)
+    assert cli.parse_shape("4, 16:int64") == ((4, 16), torch.int64)
