@@ -102,8 +102,9 @@ class BuildContext:
     """What rules see: labels of nodes, parameters as labelled axes, and couplings."""
 
     def __init__(self, gm: torch.fx.GraphModule, factor: str = "largest") -> None:
-        if factor not in ("largest", "outer"):
-            raise InputError(f"factor must be 'largest' or 'outer', got {factor!r}")
+        if factor not in ("largest", "heads"):
+            raise InputError(f"factor must be 'largest' or 'heads', got {factor!r}")
+        self._head_axes: list[np.ndarray] = []
         self.factor_mode = factor
         self._relations: list[tuple[np.ndarray, list[np.ndarray], str, int | None]] = []
         self._inexact: list[tuple[np.ndarray, str]] = []
@@ -117,6 +118,7 @@ class BuildContext:
         self.member_labels: dict[tuple[str, int], np.ndarray] = {}
         self.member_roles: dict[tuple[str, int], str] = {}
         self.node_labels: dict[str, Any] = {}
+        self.node_info: dict[str, dict[str, Any]] = {}  # extra per-node facts for patches
         self.node = None  # the node whose rule is running, for messages
         self._produced: list[np.ndarray] = []
 
@@ -162,6 +164,11 @@ class BuildContext:
         composite = self._new_root(PARAM, int(np.prod(shape)), self.node.name).reshape(shape)
         self._relations.append((composite, list(factors), self.node.name, None))
         return composite
+
+    def mark_heads(self, labels: np.ndarray | None) -> None:
+        """Record an axis that attention treats as a batch of heads (for ``factor='heads'``)."""
+        if labels is not None:
+            self._head_axes.append(labels[labels >= 0])
 
     def inexact(self, labels: np.ndarray | None, reason: str) -> None:
         """Mark channels whose removal changes other channels' values (normalisation)."""
@@ -277,7 +284,9 @@ class BuildContext:
         if not isinstance(shape, torch.Size):
             return None
         if node.target in self.state:
-            return tuple(self.param(node.target, d, ROLE_PASS) for d in range(len(shape)))
+            # A size-1 axis broadcasts (class tokens, [C, 1, 1] scales): not a channel axis.
+            return tuple(self.param(node.target, d, ROLE_PASS) if n > 1 else None
+                         for d, n in enumerate(shape))
         return tuple(self._new_root(PINNED, n, node.name, f"constant tensor {node.target!r}")
                      for n in shape)
 
@@ -316,6 +325,9 @@ class BuildContext:
         pinned[cls[kinds == PINNED]] = True
         status: dict[int, bool] = {}
         nodes = {n.name: n for n in self.gm.graph.nodes}
+        heads = np.zeros(len(pinned), bool)
+        if self._head_axes:
+            heads[cls[np.concatenate(self._head_axes)]] = True
         for composite, factors, origin, forced in self._relations:
             live = [k for k, f in enumerate(factors) if len(f) > 1]
             cand = [k for k in live if (factors[k] >= 0).all() and not pinned[cls[factors[k]]].any()
@@ -324,8 +336,9 @@ class BuildContext:
                 cand = [k for k in cand if k == forced]
             chosen = next((k for k in cand if status.get(int(cls[factors[k][0]]))), None)
             if chosen is None and cand:
-                if self.factor_mode == "outer":
-                    chosen = cand[0]
+                head_cand = [k for k in cand if heads[cls[factors[k]]].any()]
+                if self.factor_mode == "heads" and head_cand:
+                    chosen = head_cand[0]
                 else:
                     chosen = max(cand, key=lambda k: (len(factors[k]), k))
             reason = (f"kept whole: {origin} splits channels into axes "
@@ -381,6 +394,7 @@ class DependencyGraph:
     def __init__(self, gm: torch.fx.GraphModule, ctx: BuildContext) -> None:
         self.gm = gm
         self.inexact_marks = ctx._inexact
+        self.node_info = ctx.node_info
         self.node_labels = ctx.node_labels
         self.member_labels = ctx.member_labels
         self.member_roles = ctx.member_roles
@@ -404,7 +418,7 @@ class DependencyGraph:
 
         ``factor`` says what to prune where a reshape splits channels over several
         axes: ``"largest"`` (per-head dims of attention, within-group channels of a
-        channel shuffle) or ``"outer"`` (whole attention heads).
+        channel shuffle) or ``"heads"`` (whole attention heads).
         """
         gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
         ctx = BuildContext(gm, factor=factor)
@@ -619,3 +633,6 @@ class DependencyGraph:
 
     def group(self, gid: int) -> Group:
         return self.groups[gid]
+
+
+from graphprune.rules import attention as _attention  # noqa: E402, F401  (needs this module)

@@ -37,6 +37,16 @@ class RewriteContext:
     def module(self, node: torch.fx.Node) -> torch.nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None
 
+    def info(self, node: torch.fx.Node) -> dict[str, Any]:
+        return self.dg.node_info.get(node.name, {})
+
+    def replace_module(self, node: torch.fx.Node, new: torch.nn.Module) -> None:
+        """Swap the module a ``call_module`` node calls (for layers rebuilt in slim form)."""
+        parent_name, _, attr = node.target.rpartition(".")
+        parent = self.slim.get_submodule(parent_name) if parent_name else self.slim
+        setattr(parent, attr, new)
+        self.modules[node.target] = new
+
     def labels(self, node: torch.fx.Node) -> Any:
         return self.dg.node_labels.get(node.name)
 
@@ -101,6 +111,16 @@ def _has_attr(root: torch.nn.Module, target: str) -> bool:
         return False
 
 
+def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str) -> torch.fx.GraphModule:
+    """A deep copy of ``model`` as a GraphModule running ``dg``'s traced graph."""
+    graph = copy.deepcopy(dg.gm.graph)
+    root = copy.deepcopy(model)
+    for node in graph.nodes:  # constants that tracing created live on the traced module only
+        if node.op == "get_attr" and not _has_attr(root, node.target):
+            _assign(root, node.target, copy.deepcopy(_get_attr(dg.gm, node.target)))
+    return torch.fx.GraphModule(root, graph, name)
+
+
 def _slice_state(slim: torch.fx.GraphModule, dg: DependencyGraph, removed: np.ndarray) -> set[str]:
     """Slice parameters and buffers; return the names of modules that changed."""
     cuts: dict[str, dict[int, np.ndarray]] = {}
@@ -157,15 +177,11 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
         raise PlanError("the plan empties layers whose outputs are still needed: "
                         + "; ".join(problems[:5]) + ". Keep at least one channel in those groups")
 
-    graph = copy.deepcopy(dg.gm.graph)
-    root = copy.deepcopy(model)
-    for node in graph.nodes:  # constants that tracing created live on the traced module only
-        if node.op == "get_attr" and not _has_attr(root, node.target):
-            _assign(root, node.target, copy.deepcopy(_get_attr(dg.gm, node.target)))
-    slim = torch.fx.GraphModule(root, graph, type(model).__name__ + "Slim")
+    slim = copy_as_graph_module(model, dg, type(model).__name__ + "Slim")
     changed = _slice_state(slim, dg, removed)
     modules = dict(slim.named_modules())
     rw = RewriteContext(dg, removed, modules)
+    rw.slim = slim
     try:
         for node in list(slim.graph.nodes):
             if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):
@@ -174,7 +190,9 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
             rule = find_rule(node, module)
             if rule is None:
                 continue
-            if module is not None and rule.resize is not None and node.target in changed:
+            touched = module is not None and any(
+                c == node.target or c.startswith(node.target + ".") for c in changed)
+            if rule.resize is not None and touched:
                 rule.resize(module)
             if rule.patch is not None:
                 rule.patch(rw, node)

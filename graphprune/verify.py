@@ -12,7 +12,7 @@ import torch.fx
 
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
-from graphprune.rewrite import apply
+from graphprune.rewrite import apply, copy_as_graph_module
 from graphprune.rules.base import Multi
 from graphprune.tracing import normalize_inputs
 
@@ -80,16 +80,20 @@ class _MaskedRun(torch.fx.Interpreter):
 
 
 def masked_forward(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, inputs: tuple) -> Any:
-    """Outputs of ``model`` with every removed channel zeroed wherever it is computed."""
+    """Outputs of ``model`` with every removed channel zeroed: in every parameter slice
+    it owns and in every tensor the graph computes (inside leaf modules such as
+    attention, the zeroed weights do the masking)."""
     plan = plan if isinstance(plan, Plan) else Plan(plan)
-    gm = torch.fx.GraphModule(model, copy.deepcopy(dg.gm.graph))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _MaskedRun(gm, dg, dg.removed_classes(plan)).run(*inputs)
-    finally:
-        model.train(was_training)
+    removed = dg.removed_classes(plan)
+    gm = copy_as_graph_module(model, dg, "Masked").eval()
+    state = dict(gm.named_parameters())
+    state.update(dict(gm.named_buffers()))
+    with torch.no_grad():
+        for (param, dim), labels in dg.member_labels.items():
+            drop = np.flatnonzero(~dg.keep_mask(labels, removed))
+            if drop.size and param in state:
+                state[param].index_fill_(dim, torch.as_tensor(drop), 0.0)
+        return _MaskedRun(gm, dg, removed).run(*inputs)
 
 
 def verify(

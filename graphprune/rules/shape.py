@@ -198,8 +198,20 @@ def getitem(ctx, node, module):
             ctx.pin(labels[d][it:it + 1] if labels[d] is not None else None,
                     f"{ctx.describe_node()} picks one channel")
         else:
-            ctx.pin_all(labels, f"{ctx.describe_node()} indexes with a tensor or list")
-            return tuple(None for _ in ctx.shape(node))
+            # Advanced indexing (a gather along axis d): the index's axes replace axis d.
+            # Gathering channels would reorder them, so a channel axis is pinned.
+            ctx.pin(labels[d], f"{ctx.describe_node()} gathers channels with a tensor index")
+            index_shape = ctx.shape(it) if isinstance(it, torch.fx.Node) else np.shape(it)
+            if sum(1 for _, x in _index_items(index, len(shape))
+                   if not isinstance(x, (slice, int)) and x is not None) > 1 \
+                    or not isinstance(index_shape, (torch.Size, tuple)):
+                ctx.pin_all(labels, f"{ctx.describe_node()} indexes with several tensors")
+                return tuple(None for _ in ctx.shape(node))
+            out.extend([None] * len(index_shape))
+    out_shape = ctx.shape(node)
+    if len(out) != len(out_shape):
+        ctx.pin_all(labels, f"{ctx.describe_node()} indexes in a way graphprune does not follow")
+        return tuple(None for _ in out_shape)
     return tuple(out)
 
 

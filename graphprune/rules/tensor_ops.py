@@ -49,6 +49,8 @@ def matmul(ctx, node, module):
             ctx.set_role(x, len(ctx.shape(x)) + free, "out")
             ctx.set_role(x, len(ctx.shape(x)) + (-1 if free == -2 else -2), "in")
     batch = _tie_batch(ctx, [(sa[:-2], la[:-2]), (sb[:-2], lb[:-2])], out_shape[:-2], reason)
+    for lab in batch:
+        ctx.mark_heads(lab)
     return tuple(batch) + (la[-2], lb[-1])
 
 
@@ -70,6 +72,8 @@ def scaled_dot_product_attention(ctx, node, module):
     out_shape = ctx.shape(node)
     batch = _tie_batch(ctx, [(sq[:-2], lq[:-2]), (sk[:-2], lk[:-2]), (sv[:-2], lv[:-2])],
                        out_shape[:-2], reason)
+    for lab in batch:
+        ctx.mark_heads(lab)
     return tuple(batch) + (lq[-2], lv[-1])
 
 
