@@ -111,7 +111,9 @@ def resolve(spec: str, input_shapes: Sequence[str] = (), kwargs: dict[str, Any] 
         if kwargs:
             raise CLIError("--kwargs applies to zoo models and import specs, not to saved files")
         model = gpio.load(path)
-        inputs = given or gpio.make_inputs(model.meta["graphprune"]["inputs"])
+        saved = gpio.make_inputs(model.meta["graphprune"]["inputs"])  # zeros of the saved shapes
+        inputs = given or _make_inputs([",".join(map(str, t.shape)) + ":" + str(t.dtype).removeprefix("torch.")
+                                        for t in saved])
         return Source(path.name, model, inputs, model, "file")
     if ":" in spec:
         origin = {"factory": spec, "kwargs": kwargs}
@@ -168,13 +170,55 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _target_supported() -> bool:
+    """Whether ``gp.prune`` takes ``target=`` itself (else it would reach the criterion unused)."""
     import inspect
 
-    return any("target" in inspect.signature(f).parameters for f in (gp.select, gp.prune))
+    return "target" in inspect.signature(gp.prune).parameters
+
+
+_LOSSES = ("cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss",
+           "binary_cross_entropy_with_logits")
+
+
+def load_data(path: str, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(inputs, targets)`` from a torch file holding {'inputs': T, 'targets': T} or (T, T)."""
+    if not Path(path).is_file():
+        raise CLIError(f"--data {path!r}: no such file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CLIError(f"--data {path!r} cannot be read with torch.load(weights_only=True) "
+                       f"({type(exc).__name__})") from exc
+    if isinstance(blob, dict) and {"inputs", "targets"} <= set(blob):
+        inputs, targets = blob["inputs"], blob["targets"]
+    elif isinstance(blob, (tuple, list)) and len(blob) == 2:
+        inputs, targets = blob
+    else:
+        raise CLIError(f"--data {path!r} must hold {{'inputs': tensor, 'targets': tensor}} or a pair "
+                       "(inputs, targets), saved with torch.save")
+    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)) or len(inputs) != len(targets):
+        raise CLIError(f"--data {path!r}: inputs and targets must be tensors with the same first dimension")
+    return [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
+
+
+def _data_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from graphprune import importance
+
+    needs_data = args.method in getattr(importance, "DATA_DRIVEN", ())
+    if not getattr(args, "data", None):
+        if needs_data:
+            raise CLIError(f"method {args.method!r} scores channels on data: pass --data FILE (a torch file "
+                           "with {'inputs': tensor, 'targets': tensor}) and --loss (default cross_entropy)")
+        return None, {}
+    import torch.nn.functional as F
+
+    return load_data(args.data, args.batch_size), {"loss_fn": getattr(F, args.loss)}
 
 
 def _prune(src: Source, args: argparse.Namespace) -> gp.PruneResult:
     options = _options(args.option)
+    data, extra = _data_options(args)
+    options.update(extra)
     ratio = args.ratio
     for flag in ("macs", "params"):
         value = getattr(args, flag, None)
@@ -183,7 +227,8 @@ def _prune(src: Source, args: argparse.Namespace) -> gp.PruneResult:
                 raise CLIError(f"--{flag} needs target-based selection (gp.prune(..., target={flag!r})), "
                                "which this graphprune version does not support yet; use --ratio")
             options["target"], ratio = flag, value
-    return gp.prune(src.model, src.inputs, method=args.method, ratio=ratio, ignore=args.ignore, **options)
+    return gp.prune(src.model, src.inputs, method=args.method, ratio=ratio, data=data, ignore=args.ignore,
+                    **options)
 
 
 def _latencies(src: Source, slim: torch.nn.Module, args: argparse.Namespace) -> tuple[float, float]:
@@ -276,6 +321,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.report:
             settings = {"ratio": args.ratio, "macs": args.macs, "params": args.params,
                         "ignore": list(args.ignore), "options": _options(args.option),
+                        "data": args.data, "loss": args.loss if args.data else None,
                         "threads": args.threads, "repeats": args.repeats}
             rep = rp.build_report(
                 model=src.name, dg=result.graph, plan=result.plan, before=result.before,
@@ -318,7 +364,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     src = resolve(args.model, (), {})
-    args.option, args.ignore, args.macs, args.params = [], [], None, None
+    args.macs = args.params = None
     width = _terminal_width()
     _out(f"graphprune demo: {src.name} from the zoo, example inputs {src.describe_inputs()}")
     _out()
@@ -387,6 +433,12 @@ def _prune_args(p: argparse.ArgumentParser, ratio_default: float | None = 0.5) -
                    help="option for the criterion, e.g. -O p=1 or -O seed=3 (repeatable)")
     p.add_argument("--ignore", type=int, nargs="*", default=[], metavar="GROUP",
                    help="group ids to leave untouched")
+    p.add_argument("--data", metavar="FILE",
+                   help="data for data-driven methods (taylor, hessian, ...): a torch file holding "
+                        "{'inputs': tensor, 'targets': tensor}")
+    p.add_argument("--loss", default="cross_entropy", choices=_LOSSES,
+                   help="loss for data-driven methods, from torch.nn.functional (default: cross_entropy)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for --data (default: 32)")
 
 
 def _latency_args(p: argparse.ArgumentParser, repeats: int = 30) -> None:
@@ -446,6 +498,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise _UsageError(f"argument --{flag}: must be in [0, 1), got {v}")
     if getattr(args, "threads", 1) < 1:
         raise _UsageError(f"argument --threads: must be at least 1, got {args.threads}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise _UsageError(f"argument --batch-size: must be at least 1, got {args.batch_size}")
     if getattr(args, "repeats", 1) < 0:
         raise _UsageError(f"argument --repeats: must be at least 0, got {args.repeats}")
 

@@ -101,9 +101,12 @@ class _Root:
 class BuildContext:
     """What rules see: labels of nodes, parameters as labelled axes, and couplings."""
 
-    def __init__(self, gm: torch.fx.GraphModule, factor: str = "largest") -> None:
+    def __init__(self, gm: torch.fx.GraphModule, factor: str = "largest", grouped: str = "groups") -> None:
         if factor not in ("largest", "heads"):
             raise InputError(f"factor must be 'largest' or 'heads', got {factor!r}")
+        if grouped not in ("groups", "channels"):
+            raise InputError(f"grouped must be 'groups' or 'channels', got {grouped!r}")
+        self.grouped_mode = grouped
         self._head_axes: list[np.ndarray] = []
         self.factor_mode = factor
         self._relations: list[tuple[np.ndarray, list[np.ndarray], str, int | None]] = []
@@ -121,6 +124,7 @@ class BuildContext:
         self.node_info: dict[str, dict[str, Any]] = {}  # extra per-node facts for patches
         self.node = None  # the node whose rule is running, for messages
         self._produced: list[np.ndarray] = []
+        self._role_marks: list[tuple[np.ndarray, str]] = []
 
     # --- elements ---------------------------------------------------------------
     def _new_root(self, kind: str, size: int, origin: str, reason: str = "") -> np.ndarray:
@@ -139,10 +143,18 @@ class BuildContext:
             self._produced.append(labels[labels >= 0])
 
     def set_role(self, x: Any, dim: int, role: str) -> None:
-        """Record that axis ``dim`` of the parameter behind get_attr node ``x`` is ``role``."""
+        """Record that axis ``dim`` of weight argument ``x`` is a layer's ``role`` axis.
+
+        ``x`` may be a parameter (get_attr) or computed from parameters
+        (``self.w * self.mask``): the parameters whose labels reach that axis get the role.
+        """
         name = self.attr_name(x)
         if name is not None and (name, dim) in self.member_roles:
             self.member_roles[(name, dim)] = role
+            return
+        labels = self.labels(x)
+        if isinstance(labels, tuple) and dim < len(labels) and labels[dim] is not None:
+            self._role_marks.append((labels[dim], role))
 
     def factorize(self, composite: np.ndarray, free: int | None = None) -> list[np.ndarray]:
         """Split a multi-axis block of channels into one label array per axis.
@@ -356,8 +368,16 @@ class BuildContext:
             rep = np.repeat(factors[chosen], moved.shape[1])
             self.couple([moved.reshape(-1), rep], rep.size, reason)
 
+    def _apply_role_marks(self) -> None:
+        for marked, role in self._role_marks:
+            marked = set(marked[marked >= 0].tolist())
+            for key, labels in self.member_labels.items():
+                if self.member_roles[key] == ROLE_PASS and marked.intersection(labels.tolist()):
+                    self.member_roles[key] = role
+
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """Channel class of every element, and the kind of every element's root."""
+        self._apply_role_marks()
         self._resolve_factors(self._kinds())
         return self._components(), self._kinds()
 
@@ -413,17 +433,24 @@ class DependencyGraph:
         leaf_modules: Iterable[type | str] = (),
         concrete_args: dict | None = None,
         factor: str = "largest",
+        grouped: str = "groups",
     ) -> DependencyGraph:
         """Trace ``model`` on ``example_inputs`` and group its coupled channels.
 
         ``factor`` says what to prune where a reshape splits channels over several
         axes: ``"largest"`` (per-head dims of attention, within-group channels of a
-        channel shuffle) or ``"heads"`` (whole attention heads).
+        channel shuffle) or ``"heads"`` (whole attention heads). ``grouped`` says how
+        grouped convolutions shrink: ``"groups"`` removes whole conv groups,
+        ``"channels"`` the same channels from every group (depthwise convs always
+        lose whole groups).
         """
         gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        ctx = BuildContext(gm, factor=factor)
+        ctx = BuildContext(gm, factor=factor, grouped=grouped)
         ctx.run()
         dg = cls(gm, ctx)
+        dg.build_options = {"leaf_modules": [t if isinstance(t, str) else f"{t.__module__}:{t.__qualname__}"
+                                             for t in leaf_modules],
+                            "factor": factor, "grouped": grouped}
         dg.state_shapes = {k: tuple(v.shape) for k, v in
                            list(model.named_parameters()) + list(model.named_buffers())}
         inputs = normalize_inputs(example_inputs)
@@ -597,10 +624,10 @@ class DependencyGraph:
         return "\n".join(lines)
 
     def to_networkx(self):
-        """A networkx graph: group nodes linked to the parameter nodes they slice."""
+        """A networkx MultiGraph: group nodes linked to the tensors they slice, one edge per axis."""
         import networkx as nx
 
-        graph = nx.Graph()
+        graph = nx.MultiGraph()
         for g in self.groups:
             graph.add_node(f"group {g.id}", kind="group", size=g.size, prunable=g.prunable,
                            reason=g.reason, producers=list(g.producers))

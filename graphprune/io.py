@@ -62,7 +62,11 @@ def _type_path(t: type) -> str:
 
 
 def _normalize_origin(origin: Any) -> dict[str, Any]:
-    """An origin as a JSON-ready dict: {'zoo' | 'factory', 'kwargs', 'leaf_modules', 'plans'}."""
+    """An origin as a JSON-ready dict: {'zoo' | 'factory', 'kwargs', 'leaf_modules', 'factor', 'plans'}.
+
+    ``leaf_modules`` and ``factor`` are the ``DependencyGraph.build`` options the plans
+    were made with (group ids depend on them).
+    """
     if isinstance(origin, torch.nn.Module):
         rec = _meta(origin)
         if "origin" not in rec:
@@ -77,10 +81,10 @@ def _normalize_origin(origin: Any) -> dict[str, Any]:
         raise SerializationError(
             f"origin must be a zoo name, an import spec 'package.module:factory' or a dict, "
             f"got {type(origin).__name__}")
-    unknown = set(origin) - {"zoo", "factory", "kwargs", "leaf_modules", "plans"}
+    unknown = set(origin) - {"zoo", "factory", "kwargs", "leaf_modules", "factor", "plans"}
     if unknown:
         raise SerializationError(f"origin has unknown keys {sorted(unknown)}; "
-                                 "use zoo or factory, kwargs, leaf_modules, plans")
+                                 "use zoo or factory, kwargs, leaf_modules, factor, plans")
     if ("zoo" in origin) == ("factory" in origin):
         raise SerializationError("origin needs exactly one of 'zoo' (a zoo model name) or "
                                  "'factory' (an import spec 'package.module:function')")
@@ -106,13 +110,21 @@ def _normalize_origin(origin: Any) -> dict[str, Any]:
         raise SerializationError(f"origin kwargs must be JSON values (numbers, strings, lists, "
                                  f"dicts): {exc}") from exc
     out["kwargs"] = kwargs
-    leaves = []
-    for leaf in origin.get("leaf_modules") or ():
-        leaves.append(_type_path(leaf) if isinstance(leaf, type) else str(leaf))
-    if leaves:
-        out["leaf_modules"] = leaves
+    out.update(_build_options(origin))
     if origin.get("plans"):
         out["plans"] = [p if isinstance(p, str) else _plan_json(p) for p in origin["plans"]]
+    return out
+
+
+def _build_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON form of ``DependencyGraph.build`` options: leaf_modules (types as import paths), factor."""
+    out: dict[str, Any] = {}
+    leaves = [_type_path(leaf) if isinstance(leaf, type) else str(leaf)
+              for leaf in options.get("leaf_modules") or ()]
+    if leaves:
+        out["leaf_modules"] = leaves
+    if options.get("factor") is not None:
+        out["factor"] = str(options["factor"])
     return out
 
 
@@ -268,8 +280,14 @@ def save(slim: torch.nn.Module, path: str | os.PathLike, *, origin: Any = None,
     elif "origin" in rec:
         org, plans = _chain(rec)
     else:
+        org = None
+    if org is None:
         raise SerializationError("cannot save: graphprune does not know how to rebuild the "
                                  "unpruned model this slim model came from; " + _HOW_TO_ORIGIN)
+    build = rec.get("build")  # DependencyGraph.build options, when the rewrite records them
+    if isinstance(build, Mapping):
+        for key, value in _build_options(build).items():
+            org.setdefault(key, value)
     if example_inputs is not None:
         inputs = _inputs_spec(example_inputs)
     else:
@@ -339,10 +357,12 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> torch.fx.Grap
     origin = spec["origin"]
     model, _ = build_origin(origin)
     inputs = make_inputs(spec["inputs"])
-    leaves = _leaf_modules(origin.get("leaf_modules", ()))
+    options: dict[str, Any] = {"leaf_modules": _leaf_modules(origin.get("leaf_modules", ()))}
+    if origin.get("factor") is not None:
+        options["factor"] = origin["factor"]
     try:
         for plan_json in spec["plans"]:
-            dg = DependencyGraph.build(model, inputs, leaf_modules=leaves)
+            dg = DependencyGraph.build(model, inputs, **options)
             model = apply(model, dg, Plan.from_json(plan_json))
     except GraphPruneError as exc:
         raise SerializationError(f"cannot rebuild the slim architecture of {str(path)!r} from "
@@ -352,7 +372,9 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> torch.fx.Grap
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:400]
         raise SerializationError(f"the weights in {str(path)!r} do not fit the rebuilt model ({first}); "
-                                 "has the model's code changed since saving?") from exc
+                                 "has the model's code changed since saving, or were the plans made with "
+                                 "other DependencyGraph.build options (pass them in origin: leaf_modules, "
+                                 "factor)?") from exc
     model.train(bool(spec.get("training", False)))
     model.meta["graphprune"] = {"plan": spec["plans"][-1], "plans": list(spec["plans"]),
                                 "origin": origin, "inputs": spec["inputs"], "path": str(path)}

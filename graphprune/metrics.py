@@ -20,6 +20,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphprune.modules import SlimMultiheadAttention
 from graphprune.tracing import normalize_inputs, trace
 
 __all__ = ["Counts", "count", "latency"]
@@ -51,7 +52,25 @@ def _module_macs(module: nn.Module, node: torch.fx.Node) -> int:
         return out * module.in_features
     if isinstance(module, nn.Bilinear):
         return out * module.in1_features * module.in2_features
+    if isinstance(module, (nn.MultiheadAttention, SlimMultiheadAttention)):
+        return _attention_macs(module, node)
     return 0
+
+
+def _attention_macs(module: nn.Module, node: torch.fx.Node) -> int:
+    """Projections plus q k^T and attn v for (Slim)MultiheadAttention."""
+    q = node.args[0].meta["shape"]
+    k = (node.args[1] if len(node.args) > 1 else node.kwargs["key"]).meta["shape"]
+    if isinstance(module, SlimMultiheadAttention):
+        inner, e_in, e_out = module.num_heads * module.head_dim, module.in_dim, module.out_dim
+    else:
+        inner = e_in = e_out = module.embed_dim
+    batch_first = module.batch_first
+    n_q = q[1] if batch_first else q[0]
+    n_k = k[1] if batch_first else k[0]
+    batch = q[0] if batch_first else q[1]
+    proj = batch * (n_q + 2 * n_k) * e_in * inner + batch * n_q * inner * e_out
+    return proj + 2 * batch * n_q * n_k * inner
 
 
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -67,6 +86,9 @@ def _function_macs(node: torch.fx.Node) -> int:
     if node.target in _CONVT_FUNCTIONS:
         w = node.args[1].meta["shape"]
         return _numel(node.args[0].meta["shape"]) * math.prod(w[1:])
+    if node.target is F.scaled_dot_product_attention:
+        q, v = node.args[0].meta["shape"], node.args[2].meta["shape"]
+        return math.prod(q[:-1]) * v[-2] * (q[-1] + v[-1])
     if node.target in _MATMUL:
         a = node.args[0].meta.get("shape") if isinstance(node.args[0], torch.fx.Node) else None
         return out * (a[-1] if isinstance(a, torch.Size) and len(a) else 1)

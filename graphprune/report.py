@@ -157,7 +157,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# graphprune report: {report['model']}", ""]
     lines.append(f"- method: `{report['method']}`")
     for k, v in report["settings"].items():
-        lines.append(f"- {k}: `{v}`")
+        if v is not None and v != [] and v != {}:
+            lines.append(f"- {k}: `{v}`")
     if report.get("inputs"):
         shapes = ", ".join("x".join(map(str, i["shape"])) + f" {i['dtype']}" for i in report["inputs"])
         lines.append(f"- example inputs: {shapes}")
@@ -170,7 +171,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines.append(f"| parameters | {p['before']:,} | {p['after']:,} | {_ratio(p['before'], p['after'])} |")
     lines.append(f"| MACs | {m['before']:,} | {m['after']:,} | {_ratio(m['before'], m['after'])} |")
     if lat.get("before") is not None and lat.get("after") is not None:
-        lines.append(f"| CPU latency (ms, {lat.get('threads') or 'default'} thread(s), median) | "
+        threads = lat.get("threads")
+        threads = f"{threads} thread{'s' if threads != 1 else ''}" if threads else "default threads"
+        lines.append(f"| CPU latency (ms, {threads}, median) | "
                      f"{lat['before'] * 1e3:.3f} | {lat['after'] * 1e3:.3f} | "
                      f"{_ratio(lat['before'], lat['after'])} |")
     lines += ["", "## Groups", "", "| group | channels | kept | removed | prunable | producers |",

@@ -203,7 +203,7 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
         raise
     except Exception as exc:  # a rule's patch failed: report the node, not the internals
         raise RewriteError(f"could not rewrite the graph for this plan: {type(exc).__name__}: {exc}") from exc
-    slim.meta["graphprune"] = {"plan": plan.to_json()}
+    slim.meta["graphprune"] = {"plan": plan.to_json(), "build": dict(getattr(dg, "build_options", {}))}
     if check:
         _check_runs(slim, dg)
     return slim

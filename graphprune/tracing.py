@@ -24,6 +24,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphprune.errors import InputError, TraceError
+from graphprune.rules.base import has_own_module_rule
 
 __all__ = ["trace", "normalize_inputs", "shape_of", "GraphTracer"]
 
@@ -39,9 +40,12 @@ class GraphTracer(torch.fx.Tracer):
         self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self.current_module = ""
+        self.failed_module: str | None = None
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        if has_own_module_rule(type(m)):  # a user registered a rule for exactly this type
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -50,6 +54,10 @@ class GraphTracer(torch.fx.Tracer):
         self.current_module = self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = self.current_module
+            raise
         finally:
             self.current_module = outer
 
@@ -101,21 +109,25 @@ def _symbolic_trace(
     model: torch.nn.Module, leaf_modules: Iterable[type | str], concrete_args: dict | None
 ) -> torch.fx.GraphModule:
     tracer = GraphTracer(leaf_modules)
+    attrs_before = set(vars(model))
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many kinds; all mean "not traceable"
-        module = tracer.current_module or type(model).__name__
+        path = tracer.failed_module or ""
+        module = model.get_submodule(path) if path else model
         where = _user_frame(exc.__traceback__)
         raise TraceError(
-            f"cannot trace module {module!r}"
+            f"cannot trace module {path or type(model).__name__!r} ({type(module).__name__})"
             + (f" at {where}" if where else "")
             + f": {type(exc).__name__}: {exc}. Data-dependent control flow and some Python "
-            "constructs cannot be traced symbolically: mark the module as a leaf "
-            f"(leaf_modules=[{type(model.get_submodule(module)).__name__ if module in dict(model.named_modules()) else 'MyModule'}]) "
-            "or fix the branch with concrete_args."
+            f"constructs cannot be traced symbolically: mark it as a leaf "
+            f"(leaf_modules=[{type(module).__name__}]) or fix the branch with concrete_args."
         ) from exc
-    name = type(model).__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    finally:
+        # fx stores tensor constants on the traced root; keep the user's module as it was.
+        for name in set(vars(model)) - attrs_before:
+            delattr(model, name)
 
 
 def shape_of(value: Any) -> Any:

@@ -185,17 +185,11 @@ def test_plan_json_round_trip_gives_same_slim_model(name):
         k: v.shape for k, v in slim2.state_dict().items()}
 
 
-KNOWN_PRUNE_BUGS = {
-    ("shufflenet_v2", "magnitude"): (
-        "bug: select() removes a whole chunk piece behind the channel shuffle (group 1, "
-        "channels 12..23); apply() then raises PlanError 'the plan empties layers ...'"),
-}
-PRUNE_CASES = [
-    pytest.param(name, method, marks=[pytest.mark.xfail(strict=True, raises=gp.PlanError,
-                                                        reason=KNOWN_PRUNE_BUGS[name, method])]
-                 if (name, method) in KNOWN_PRUNE_BUGS else [])
-    for name in MODELS for method in ("magnitude", "random")
-]
+# method="random" on a spread of topologies (the random plans above cover every model)
+RANDOM_METHOD_MODELS = {"conv1d", "densenet", "inception", "mobilenet_v2", "msd", "resnet20",
+                        "se_resnet", "shufflenet_v2", "unet", "vit_tiny"}
+PRUNE_CASES = [(n, "magnitude") for n in MODELS] + [(n, "random") for n in MODELS
+                                                     if n in RANDOM_METHOD_MODELS]
 
 
 @pytest.mark.parametrize(("name", "method"), PRUNE_CASES)
@@ -213,9 +207,25 @@ def test_prune_one_call(name, method):
     with torch.no_grad():
         got = _flat(result.model(*x))
     assert [t.shape for t in got] == [t.shape for t in out_before]
-    if all(_exact(g) for g in result.graph.groups if g.id in result.plan):
-        assert _verify_quietly(model, x, result.plan, dg=result.graph, slim=result.model) <= TOL
+    dg = getattr(result, "graph", None) or gp.DependencyGraph.build(model, x)
+    if all(_exact(g) for g in dg.groups if g.id in result.plan):
+        assert _verify_quietly(model, x, result.plan, dg=dg, slim=result.model) <= TOL
     _assert_state(model, snap)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "densenet", "mobilenet_v2", "msd"])
+def test_a_slim_model_can_be_pruned_again(name):
+    _, x, _, _, _ = _built(name)
+    _, slim = _pruned(name)
+    snap = _snapshot(slim)
+    dg2 = gp.DependencyGraph.build(slim, x)
+    plan2 = random_plan(dg2, seed=3)
+    assert len(plan2) > 0
+    slim2 = gp.apply(slim, dg2, plan2)
+    assert _verify_quietly(slim, x, plan2, dg=dg2, slim=slim2) <= TOL
+    assert gp.count(slim2, x).params < gp.count(slim, x).params
+    _check_width_attributes(slim2, slim)
+    _assert_state(slim, snap)
 
 
 # --- negative controls: verify can fail -----------------------------------------------------------
@@ -226,7 +236,7 @@ def test_verify_detects_a_corrupted_slim_model(name):
     model, x, dg, _, _ = _built(name)
     plan, slim = _pruned(name)
     bad = copy.deepcopy(slim)
-    weight = next(p for p in bad.parameters() if p.dim() >= 2)
+    weight = [p for p in bad.parameters() if p.dim() >= 2][-1]  # a kept weight of the last layer
     with torch.no_grad():
         weight.add_(0.1)
     assert gp.verify(model, x, plan, dg=dg, slim=bad) > 1e-3
@@ -257,7 +267,12 @@ def test_verify_detects_a_plan_with_the_wrong_channels(name):
     plan, slim = _pruned(name)
     wrong = _wrong_plan(dg, plan)
     assert wrong != plan
-    assert gp.verify(model, x, wrong, dg=dg, slim=slim) > 1e-3
+    slim.eval()
+    with torch.no_grad():
+        scale = max(t.abs().max().item() for t in _flat(slim(*x)))
+    # some slim zoo models (no normalisation, half the channels gone) have tiny outputs,
+    # so the bar is relative to the output scale there
+    assert gp.verify(model, x, wrong, dg=dg, slim=slim) > min(1e-3, 0.05 * scale)
 
 
 # --- models with groups verify cannot check exactly ----------------------------------------------

@@ -214,3 +214,56 @@ def test_export_onnx_missing_says_what_to_install(mlp, tmp_path):
     _, x, result = mlp
     with pytest.raises(gp.SerializationError, match="pip install"):
         gp.export(result.model, x, tmp_path / "slim.onnx")
+
+
+@pytest.mark.parametrize("name", ["msd", "densenet", "vit_tiny", "shufflenet_v2", "unet"])
+def test_round_trip_across_topologies(name, tmp_path):
+    if name not in gp.zoo.list_models():
+        pytest.skip(f"zoo has no {name}")
+    model, x = gp.zoo.create(name)
+    slim = gp.prune(model, x, ratio=0.5).model
+    gp.save(slim, tmp_path / "m.gp", origin=name)
+    assert _same(gp.load(tmp_path / "m.gp"), slim, x)
+
+
+def test_build_options_in_origin(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+            self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.head = torch.nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.c2(self.block(self.c1(x)))))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    dg = gp.DependencyGraph.build(model, x, leaf_modules=["block"])
+    plan = gp.select(dg, gp.score("magnitude", model, dg), ratio=0.5)
+    slim = gp.apply(model, dg, plan)
+    assert slim.c2.out_channels == 4 and slim.c1.out_channels == 8   # "block" pins c1's channels
+    gp.save(slim, tmp_path / "bad.gp", origin=_Factory.register(model), example_inputs=x)
+    with pytest.raises(gp.SerializationError, match="leaf_modules"):
+        gp.load(tmp_path / "bad.gp")
+    gp.save(slim, tmp_path / "good.gp", example_inputs=x,
+            origin={**_Factory.register(model), "leaf_modules": ["block"]})
+    assert _same(gp.load(tmp_path / "good.gp"), slim, (x,))
+
+
+class _Factory:
+    """A factory importable as tests.test_io:_Factory.make returning a registered model."""
+
+    model = None
+
+    @classmethod
+    def register(cls, model):
+        cls.model = model
+        return {"factory": f"{__name__}:_Factory.make"}
+
+    @classmethod
+    def make(cls):
+        import copy
+
+        return copy.deepcopy(cls.model)

@@ -73,6 +73,11 @@ def register(*keys: Any, resize: Callable | None = None, patch: Callable | None 
     return deco
 
 
+def has_own_module_rule(cls: type) -> bool:
+    """Whether a rule was registered for exactly this module class."""
+    return cls in _MODULE_RULES
+
+
 def find_rule(node: torch.fx.Node, module: torch.nn.Module | None) -> Rule | None:
     """The rule for ``node``, or None when no rule covers its op."""
     if node.op == "call_module":

@@ -37,6 +37,20 @@ def _conv_core(ctx, x, w, b, groups: int, transposed: bool, out_shape, weight_no
         out = w[out_axis]
         ctx.set_role(weight_node, out_axis, "out")
         ctx.mark_produced(out)
+    elif ctx.grouped_mode == "channels" and not transposed and cin // groups > 1 and xin is not None:
+        # The same input and output positions in every conv group: `groups` is kept.
+        ipg, opg = cin // groups, cout // groups
+        _, in_pos = ctx.factorize(xin.reshape(groups, ipg), free=1)
+        ctx.couple([w[1], in_pos], ipg, reason)
+        ctx.set_role(weight_node, 1, "in")
+        out = w[0]
+        ctx.set_role(weight_node, 0, "out")
+        ctx.mark_produced(out)
+        if opg > 1:
+            ctx.factorize(out.reshape(groups, opg), free=1)
+        else:
+            ctx.pin(out, f"{ctx.describe_node()} has one output per group")
+        ctx.node_info[ctx.node.name] = {"grouped": "channels"}
     else:
         ipg, opg = cin // groups, cout // groups
         if not transposed:
@@ -65,6 +79,16 @@ def _module_weights(ctx, node, module, out_axis: int, in_axis: int | None):
     return w, (b,) if b is not None else None
 
 
+def _conv_patch(rw, node) -> None:
+    """Width attributes of a conv module follow its sliced weight."""
+    module = rw.module(node)
+    if module.groups > 1 and rw.info(node).get("grouped") == "channels":
+        module.in_channels = module.weight.shape[1] * module.groups
+        module.out_channels = module.weight.shape[0]
+        return
+    _resize_conv(module)
+
+
 def _resize_conv(module: nn.Module) -> None:
     w = module.weight
     transposed = isinstance(module, _CONV_T)
@@ -79,10 +103,11 @@ def _resize_conv(module: nn.Module) -> None:
     module.groups = groups
 
 
-@register(*_CONV, resize=_resize_conv)
+@register(*_CONV, patch=_conv_patch)
 def conv(ctx, node, module):
     """nn.ConvNd: weight [out, in/groups, *k]."""
-    if module.groups == 1:
+    channels_mode = ctx.grouped_mode == "channels" and module.in_channels // module.groups > 1
+    if module.groups == 1 or channels_mode:
         w, b = _module_weights(ctx, node, module, 0, 1)
     else:
         w, b = _module_weights(ctx, node, module, 0, None)
@@ -105,7 +130,7 @@ def conv_transpose(ctx, node, module):
 def _patch_groups(index: int, transposed: bool):
     def patch(rw, node):
         groups = arg(node, index, "groups", 1)
-        if groups == 1:
+        if groups == 1 or rw.info(node).get("grouped") == "channels":
             return
         x = node.args[0]
         old_in, new_in = rw.old_shape(x)[1], rw.new_shape(x)[1]
@@ -117,6 +142,8 @@ def _functional_conv(transposed: bool):
     def build(ctx, node, module):
         weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
         groups = arg(node, 6, "groups", 1)
+        if groups > 1 and ctx.grouped_mode == "channels":
+            ctx.set_role(weight, 1, "in")
         w = ctx.labels(weight)
         b = ctx.labels(bias) if bias is not None else None
         return _conv_core(ctx, node.args[0], w, b, groups, transposed, ctx.shape(node), weight)

@@ -195,8 +195,9 @@ def getitem(ctx, node, module):
             else:
                 out.append(labels[d][it] if labels[d] is not None else None)
         elif isinstance(it, int):
-            ctx.pin(labels[d][it:it + 1] if labels[d] is not None else None,
-                    f"{ctx.describe_node()} picks one channel")
+            if labels[d] is not None:
+                k = it % shape[d]
+                ctx.pin(labels[d][k:k + 1], f"{ctx.describe_node()} picks one channel")
         else:
             # Advanced indexing (a gather along axis d): the index's axes replace axis d.
             # Gathering channels would reorder them, so a channel axis is pinned.
