@@ -73,20 +73,27 @@ def _attention_macs(module: nn.Module, node: torch.fx.Node) -> int:
     return proj + 2 * batch * n_q * n_k * inner
 
 
-_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
-_CONVT_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-_MATMUL = (torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm")
+_aten = torch.ops.aten
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default, _aten.conv2d.default,
+                   _aten.conv3d.default)
+_CONVT_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                    _aten.conv_transpose1d.default, _aten.conv_transpose2d.input,
+                    _aten.conv_transpose3d.input)
+_LINEAR = (F.linear, _aten.linear.default)
+_MATMUL = (torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm",
+           _aten.matmul.default, _aten.bmm.default, _aten.mm.default)
+_SDPA = (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default)
 
 
 def _function_macs(node: torch.fx.Node) -> int:
     out = _numel(node.meta.get("shape"))
-    if node.target in _CONV_FUNCTIONS or node.target is F.linear:
+    if node.target in _CONV_FUNCTIONS or node.target in _LINEAR:
         w = node.args[1].meta["shape"] if len(node.args) > 1 else node.kwargs["weight"].meta["shape"]
         return out * math.prod(w[1:])
     if node.target in _CONVT_FUNCTIONS:
         w = node.args[1].meta["shape"]
         return _numel(node.args[0].meta["shape"]) * math.prod(w[1:])
-    if node.target is F.scaled_dot_product_attention:
+    if node.target in _SDPA:
         q, v = node.args[0].meta["shape"], node.args[2].meta["shape"]
         return math.prod(q[:-1]) * v[-2] * (q[-1] + v[-1])
     if node.target in _MATMUL:

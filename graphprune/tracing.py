@@ -130,6 +130,31 @@ def _symbolic_trace(
             delattr(model, name)
 
 
+def _export_trace(model: torch.nn.Module, inputs: tuple, fx_error: TraceError) -> torch.fx.GraphModule:
+    """An fx GraphModule from ``torch.export`` (non-strict), with plain calling conventions."""
+    try:
+        program = torch.export.export(model, inputs, strict=False)
+        gm = program.module()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise TraceError(f"{fx_error} torch.export (non-strict) failed as well: "
+                         f"{type(exc).__name__}: {first}") from fx_error
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    out = next(n for n in graph.nodes if n.op == "output")
+    spec = getattr(gm, "_out_spec", None)
+    graph._codegen = torch.fx.graph.CodeGen()
+    leaves = out.args[0]
+    if spec is not None and spec.num_leaves == 1 and spec.is_leaf() and isinstance(leaves, (tuple, list)):
+        out.args = (leaves[0],)
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.meta["graphprune_export"] = True
+    return gm
+
+
 def shape_of(value: Any) -> Any:
     """The shape structure recorded in ``node.meta['shape']`` for a runtime value."""
     if isinstance(value, torch.Tensor):
@@ -192,10 +217,15 @@ def trace(
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict | None = None,
+    export_fallback: bool = True,
 ) -> torch.fx.GraphModule:
     """Trace ``model`` with torch.fx and record every node's output shape.
 
     ``leaf_modules`` lists module types or qualified names to keep as single nodes.
+    When symbolic tracing fails (shape-dependent Python, unsupported constructs) and
+    ``export_fallback`` is on, ``torch.export`` (non-strict) is tried for an ATen graph
+    specialised to the example input shapes; if that fails too, the ``TraceError``
+    names both causes.
     The returned GraphModule shares submodules with ``model``; nothing is copied.
 
     >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4))
@@ -206,7 +236,12 @@ def trace(
     inputs = normalize_inputs(example_inputs)
     gm = model if isinstance(model, torch.fx.GraphModule) else None
     if gm is None:
-        gm = _symbolic_trace(model, leaf_modules, concrete_args)
+        try:
+            gm = _symbolic_trace(model, leaf_modules, concrete_args)
+        except TraceError as fx_error:
+            if not export_fallback:
+                raise
+            gm = _export_trace(model, inputs, fx_error)
     else:
         gm = torch.fx.GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
     propagate_shapes(gm, inputs)

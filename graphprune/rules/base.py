@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx
 
 Labels = tuple  # tuple[np.ndarray | None, ...] for a tensor; Multi for tuples of tensors
@@ -103,6 +104,16 @@ def op_name(node: torch.fx.Node, module: torch.nn.Module | None = None) -> str:
     if node.op == "call_method":
         return f"method Tensor.{node.target} (node {node.name!r})"
     return f"{node.op} {node.target!r}"
+
+
+def target_name(node: torch.fx.Node) -> str:
+    """Short op name of a call: ``view`` for ``x.view``, ``torch.reshape`` or ``aten.view.default``."""
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
+    return getattr(t, "__name__", str(t))
 
 
 def arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:

@@ -138,14 +138,23 @@ def _patch_groups(index: int, transposed: bool):
     return patch
 
 
+def weight_labels(ctx, weight) -> list:
+    """Labels of a weight argument with every axis labelled (size-1 axes included)."""
+    labels = list(ctx.labels(weight) or ())
+    name = ctx.attr_name(weight)
+    if name is not None:
+        labels = [lab if lab is not None else ctx.param(name, d, "pass") for d, lab in enumerate(labels)]
+    return labels
+
+
 def _functional_conv(transposed: bool):
     def build(ctx, node, module):
         weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
         groups = arg(node, 6, "groups", 1)
         if groups > 1 and ctx.grouped_mode == "channels":
             ctx.set_role(weight, 1, "in")
-        w = ctx.labels(weight)
-        b = ctx.labels(bias) if bias is not None else None
+        w = weight_labels(ctx, weight)
+        b = weight_labels(ctx, bias) if bias is not None else None
         return _conv_core(ctx, node.args[0], w, b, groups, transposed, ctx.shape(node), weight)
     build.__name__ = "conv_transpose_function" if transposed else "conv_function"
     return build
@@ -185,8 +194,8 @@ def linear(ctx, node, module):
 @register(F.linear)
 def linear_function(ctx, node, module):
     weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
-    b = ctx.labels(bias) if bias is not None else None
-    return _linear_core(ctx, node.args[0], ctx.labels(weight), b, weight)
+    b = weight_labels(ctx, bias) if bias is not None else None
+    return _linear_core(ctx, node.args[0], weight_labels(ctx, weight), b, weight)
 
 
 def _norm_core(ctx, x, params):

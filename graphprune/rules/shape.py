@@ -12,7 +12,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import Multi, arg, as_array, register
+from graphprune.rules.base import Multi, arg, as_array, register, target_name
 
 # --- pooling and resizing: leading axes pass, spatial axes are new ------------------------
 
@@ -280,7 +280,7 @@ def reshape_labels(ctx, in_shape, labels, out_shape):
 
 def _shape_args(node):
     """(index of the first size argument, sizes, packed) of view/reshape/expand calls."""
-    name = getattr(node.target, "__name__", node.target)
+    name = target_name(node)
     if name in ("view", "reshape", "expand") and len(node.args) > 1:
         rest = node.args[1:]
         packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))
@@ -301,7 +301,7 @@ def _reshape_patch(rw, node):
         return
     first, sizes, packed = found
     out_labels, new_shape = rw.labels(node), rw.new_shape(node)
-    if getattr(node.target, "__name__", node.target) == "unflatten":
+    if target_name(node) == "unflatten":
         d0 = _dim(arg(node, 1, "dim"), len(new_shape) - len(sizes) + 1)
         axes = range(d0, d0 + len(sizes))
     else:
@@ -315,7 +315,7 @@ def _reshape_patch(rw, node):
             sizes[k] = new_shape[d]
     if not changed:
         return
-    if getattr(node.target, "__name__", node.target) == "unflatten":
+    if target_name(node) == "unflatten":
         rw.set_arg(node, 2, "sizes", tuple(sizes))
     else:
         rw.set_args(node, tuple(node.args[:first]) + ((tuple(sizes),) if packed else tuple(sizes)))
@@ -339,7 +339,7 @@ def permute(ctx, node, module):
     """Axes are reordered; labels follow their axis."""
     labels = ctx.labels(node.args[0])
     ndim = len(labels)
-    name = getattr(node.target, "__name__", node.target)
+    name = target_name(node)
     rest = [a for a in node.args[1:]]
     if name == "t":
         order = list(range(ndim))[::-1]
@@ -375,7 +375,7 @@ def reduction(ctx, node, module):
     out_shape = ctx.shape(node)
     if labels is None:
         return None
-    name = getattr(node.target, "__name__", node.target)
+    name = target_name(node)
     dim_index = 2 if name == "norm" else 1
     dims = arg(node, dim_index, "dim", None)
     if dims is None:

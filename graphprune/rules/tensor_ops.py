@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import Multi, arg, register
+from graphprune.rules.base import Multi, arg, register, target_name
 from graphprune.rules.shape import _dim, _reshape_patch
 
 
@@ -105,7 +105,7 @@ def unbind(ctx, node, module):
 def roll(ctx, node, module):
     """Cyclic shifts and flips of spatial axes keep channels; of a channel axis they pin it."""
     labels = ctx.labels(node.args[0])
-    name = getattr(node.target, "__name__", node.target)
+    name = target_name(node)
     dims = arg(node, 2, "dims", None) if name == "roll" else arg(node, 1, "dims", None)
     if dims is None:
         ctx.pin_all(labels, f"{ctx.describe_node()} shifts the flattened tensor")
