@@ -39,6 +39,7 @@ from graphprune.tracing import normalize_inputs, trace
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
 
 PRODUCER, PARAM, PINNED = "producer", "param", "pinned"
+CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
 ROLE_OUT, ROLE_IN, ROLE_PASS = "out", "in", "pass"
 
 
@@ -572,7 +573,7 @@ class DependencyGraph:
             for user in node.users:
                 if user.name in vanished:
                     continue
-                if user.op == "call_function" and user.target in (torch.cat, torch.concat):
+                if user.op == "call_function" and user.target in CAT_TARGETS:
                     continue
                 problems.append(f"{node.name!r} feeds {user.name!r} ({user.op} {getattr(user.target, '__name__', user.target)})")
         return vanished, problems
@@ -662,4 +663,5 @@ class DependencyGraph:
         return self.groups[gid]
 
 
+from graphprune.rules import aten as _aten  # noqa: E402, F401  (needs this module)
 from graphprune.rules import attention as _attention  # noqa: E402, F401  (needs this module)

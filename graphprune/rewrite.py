@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from graphprune.errors import PlanError, RewriteError
-from graphprune.graph import DependencyGraph, iter_arrays
+from graphprune.graph import CAT_TARGETS, DependencyGraph, iter_arrays
 from graphprune.plan import Plan
 from graphprune.rules.base import Multi, find_rule
 from graphprune.tracing import shape_of
@@ -148,7 +148,7 @@ def _drop_vanished(slim: torch.fx.GraphModule, vanished: set[str]) -> None:
     for node in slim.graph.nodes:
         if node.name in vanished or node.op != "call_function":
             continue
-        if node.target in (torch.cat, torch.concat) and any(
+        if node.target in CAT_TARGETS and any(
                 isinstance(t, torch.fx.Node) and t.name in vanished for t in node.args[0]):
             kept = [t for t in node.args[0] if not (isinstance(t, torch.fx.Node) and t.name in vanished)]
             node.args = (kept,) + tuple(node.args[1:])
