@@ -81,7 +81,7 @@ def _normalize_origin(origin: Any) -> dict[str, Any]:
         raise SerializationError(
             f"origin must be a zoo name, an import spec 'package.module:factory' or a dict, "
             f"got {type(origin).__name__}")
-    unknown = set(origin) - {"zoo", "factory", "kwargs", "leaf_modules", "factor", "plans"}
+    unknown = set(origin) - {"zoo", "factory", "kwargs", "leaf_modules", "factor", "grouped", "plans"}
     if unknown:
         raise SerializationError(f"origin has unknown keys {sorted(unknown)}; "
                                  "use zoo or factory, kwargs, leaf_modules, factor, plans")
@@ -117,14 +117,16 @@ def _normalize_origin(origin: Any) -> dict[str, Any]:
 
 
 def _build_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON form of ``DependencyGraph.build`` options: leaf_modules (types as import paths), factor."""
+    """The JSON form of non-default ``DependencyGraph.build`` options (leaf types as import paths)."""
     out: dict[str, Any] = {}
     leaves = [_type_path(leaf) if isinstance(leaf, type) else str(leaf)
               for leaf in options.get("leaf_modules") or ()]
     if leaves:
         out["leaf_modules"] = leaves
-    if options.get("factor") is not None:
-        out["factor"] = str(options["factor"])
+    defaults = {"factor": "largest", "grouped": "groups"}
+    for key, default in defaults.items():
+        if options.get(key) not in (None, default):
+            out[key] = str(options[key])
     return out
 
 
@@ -358,8 +360,9 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> torch.fx.Grap
     model, _ = build_origin(origin)
     inputs = make_inputs(spec["inputs"])
     options: dict[str, Any] = {"leaf_modules": _leaf_modules(origin.get("leaf_modules", ()))}
-    if origin.get("factor") is not None:
-        options["factor"] = origin["factor"]
+    for key in ("factor", "grouped"):
+        if origin.get(key) is not None:
+            options[key] = origin[key]
     try:
         for plan_json in spec["plans"]:
             dg = DependencyGraph.build(model, inputs, **options)

@@ -244,6 +244,11 @@ def test_build_options_in_origin(tmp_path):
     plan = gp.select(dg, gp.score("magnitude", model, dg), ratio=0.5)
     slim = gp.apply(model, dg, plan)
     assert slim.c2.out_channels == 4 and slim.c1.out_channels == 8   # "block" pins c1's channels
+    # the rewrite records the build options, so save needs only the factory ...
+    gp.save(slim, tmp_path / "auto.gp", origin=_Factory.register(model), example_inputs=x)
+    assert _same(gp.load(tmp_path / "auto.gp"), slim, (x,))
+    # ... and an origin that contradicts them cannot rebuild the weights' shapes
+    slim.meta["graphprune"].pop("build")
     gp.save(slim, tmp_path / "bad.gp", origin=_Factory.register(model), example_inputs=x)
     with pytest.raises(gp.SerializationError, match="leaf_modules"):
         gp.load(tmp_path / "bad.gp")
