@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,7 +291,12 @@ class BuildContext:
         rule = find_rule(node, module)
         if rule is None:
             return self._no_rule(node, module)
-        return rule.build(self, node, module)
+        try:
+            return rule.build(self, node, module)
+        except Exception as exc:  # an unusual call the rule does not follow: pin, never guess
+            warnings.warn(f"rule {rule.name!r} could not follow {op_name(node, module)}: "
+                          f"{type(exc).__name__}: {exc}; its channels are kept", stacklevel=2)
+            return self._no_rule(node, module, f"rule {rule.name!r} failed on {op_name(node, module)}")
 
     def _get_attr(self, node: torch.fx.Node) -> Any:
         shape = self.shape(node)
@@ -303,8 +309,8 @@ class BuildContext:
         return tuple(self._new_root(PINNED, n, node.name, f"constant tensor {node.target!r}")
                      for n in shape)
 
-    def _no_rule(self, node: torch.fx.Node, module: torch.nn.Module | None) -> Any:
-        reason = f"no rule for {op_name(node, module)}"
+    def _no_rule(self, node: torch.fx.Node, module: torch.nn.Module | None, reason: str = "") -> Any:
+        reason = reason or f"no rule for {op_name(node, module)}"
         for a in node.all_input_nodes:
             self.pin_all(self.labels(a), reason)
         shape = self.shape(node)
