@@ -1,6 +1,6 @@
 """graphprune: structural channel pruning of PyTorch models through torch.fx graphs."""
 
-from graphprune import errors, zoo
+from graphprune import errors, importance, train, zoo
 from graphprune.api import PruneResult, prune
 from graphprune.errors import (
     GraphPruneError,
@@ -12,7 +12,7 @@ from graphprune.errors import (
     UnsupportedOpError,
 )
 from graphprune.graph import DependencyGraph, Group, Member
-from graphprune.importance import score
+from graphprune.importance import CRITERIA, LossError, score
 from graphprune.io import export, load, save, set_origin
 from graphprune.metrics import Counts, count, latency
 from graphprune.plan import Plan, select
@@ -27,5 +27,6 @@ __all__ = [
     "Counts", "DependencyGraph", "GraphPruneError", "Group", "InputError", "Member", "Plan",
     "PlanError", "PruneResult", "RewriteError", "SerializationError", "TraceError",
     "UnsupportedOpError", "apply", "count", "errors", "export", "latency", "load", "masked_model", "prune",
-    "register", "save", "score", "select", "set_origin", "trace", "verify", "zoo",
+    "register", "save", "score", "select", "set_origin", "trace", "train", "verify", "zoo",
+    "CRITERIA", "LossError", "importance",
 ]

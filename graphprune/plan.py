@@ -11,25 +11,48 @@ round-trips through JSON. ``Plan.validate(dg)`` checks it against a dependency g
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import math
+import operator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
 
 from graphprune.errors import InputError, PlanError
 
-__all__ = ["Plan", "select"]
+__all__ = ["Plan", "select", "resolve_ignore", "CountEstimator"]
+
+
+def _as_index(value: Any) -> int:
+    """An int from an int-like value (digit strings allowed for JSON keys); no floats or bools."""
+    if isinstance(value, bool):
+        raise TypeError("bool is not an index")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise TypeError(f"{value!r} is not an integer index")
 
 
 class Plan(Mapping):
     """Read-only mapping: group id -> removed channel indices (sorted, unique)."""
 
     def __init__(self, removed: Mapping[int, Any] | None = None) -> None:
+        if removed is not None and not isinstance(removed, Mapping):
+            hint = " (for JSON text use gp.Plan.from_json)" if isinstance(removed, str) else ""
+            raise PlanError(f"a plan is a mapping group id -> channel indices, got "
+                            f"{type(removed).__name__}{hint}")
         data: dict[int, tuple[int, ...]] = {}
         for gid, channels in (removed or {}).items():
             try:
-                key = int(gid)
-                chans = sorted({int(c) for c in channels})
+                key = _as_index(gid)
+                chans = sorted({_as_index(c) for c in channels})
             except (TypeError, ValueError) as exc:
                 raise PlanError(f"plan entry {gid!r}: {channels!r} is not group id -> list of ints") from exc
             if any(c < 0 for c in chans):
@@ -91,42 +114,399 @@ class Plan(Mapping):
                     "channel, so keep one or more")
 
 
-def _n_remove(size: int, ratio: float, min_keep: int) -> int:
-    return max(0, min(int(np.floor(size * ratio + 1e-9)), size - min_keep))
+SCOPES = ("local", "global")
+TARGETS = ("channels", "macs", "params")
+
+
+@dataclass
+class _Unit:
+    """Channels of one group removed in one step (one channel, or a ``round_to`` block)."""
+
+    gid: int
+    channels: np.ndarray
+    key: tuple
+
+
+def _floor(size: int, min_keep: int | float) -> int:
+    if isinstance(min_keep, float) and 0 < min_keep < 1:
+        return max(1, int(np.ceil(size * min_keep - 1e-9)))
+    return max(1, int(min_keep))
+
+
+def _allowed_kept(size: int, floor: int, round_to: int | None) -> list[int]:
+    """Channel counts a group may keep, descending from ``size``."""
+    if not round_to or round_to <= 1:
+        return list(range(size, floor - 1, -1))
+    multiples = [m for m in range(round_to * (size // round_to), 0, -round_to) if m >= floor and m < size]
+    return [size] + multiples
+
+
+def resolve_ignore(dg: Any, ignore: Iterable[int | str]) -> set[int]:
+    """Group ids to leave whole: ids as given; names match the groups a layer produces.
+
+    A name (``"layer1.0.conv1"``) selects every group that owns output rows (``out``
+    members) of that module or of modules inside it; unknown names raise ``InputError``.
+    """
+    out: set[int] = set()
+    for item in ignore:
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            if not 0 <= int(item) < len(dg.groups):
+                raise InputError(f"ignore names group {item}, but the graph has groups 0..{len(dg.groups) - 1}")
+            out.add(int(item))
+            continue
+        if not isinstance(item, str):
+            raise InputError(f"ignore entries must be group ids or module names, got {item!r}")
+        hit = {g.id for g in dg.groups for m in g.members
+               if m.role == "out" and (m.param == item or m.param.startswith(item + "."))}
+        hit |= {g.id for g in dg.groups if item in g.producers}
+        if not hit:
+            raise InputError(f"ignore names {item!r}, which produces no group's channels; "
+                             "give a module name (as in model.named_modules()) or a group id")
+        out |= hit
+    return out
+
+
+def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int | float,
+           round_to: int | None) -> tuple[list[_Unit], int]:
+    """Removal units of every group in scope, ordered for ``scope``; and the channels in scope.
+
+    Taking a prefix of the returned list is a valid plan. ``local`` orders units by the
+    fraction of their group removed once they are taken (so a prefix removes the same
+    fraction everywhere); ``global`` by score (mean score for ``round_to`` blocks).
+    """
+    units: list[_Unit] = []
+    whole: list[tuple[float, int]] = []
+    n_channels = 0
+    for gid, s in scores.items():
+        g = dg.groups[gid]
+        n_channels += g.size
+        if g.removable and g.size == 1:
+            whole.append((float(s[0]), gid))
+            continue
+        order = np.argsort(s, kind="stable")
+        kept = _allowed_kept(g.size, min(_floor(g.size, min_keep), g.size), round_to)
+        for j, (a, b) in enumerate(zip(kept, kept[1:])):
+            chans = order[g.size - a:g.size - b]
+            mean = float(s[chans].mean())
+            if scope == "global":
+                key = (mean, gid, j)
+            elif len(chans) == 1:  # floor(size * ratio) channels, as without rounding
+                key = ((g.size - b) / g.size, mean, gid, j)
+            else:  # nearest allowed count (ties keep more): take the block past its middle
+                key = ((2 * g.size - a - b) / (2 * g.size) + 1e-6, mean, gid, j)
+            units.append(_Unit(gid, chans, key))
+    # Width-1 layers that may vanish are removed whole, ranked among themselves.
+    for rank, (sc, gid) in enumerate(sorted(whole)):
+        key = (sc, gid, 0) if scope == "global" else ((rank + 1) / len(whole), sc, gid, 0)
+        units.append(_Unit(gid, np.array([0]), key))
+    units.sort(key=lambda u: u.key)
+    return units, n_channels
+
+
+def _plan_of(units: Iterable[_Unit]) -> Plan:
+    removed: dict[int, list[int]] = {}
+    for u in units:
+        removed.setdefault(u.gid, []).extend(int(c) for c in u.channels)
+    return Plan(removed)
+
+
+class _AxisIndex:
+    """Every labelled axis of every node, flattened, to find emptied axes in one pass."""
+
+    def __init__(self, dg: Any) -> None:
+        from graphprune.graph import iter_arrays
+
+        arrays = [a for n in dg.gm.graph.nodes for a in iter_arrays(dg.node_labels.get(n.name)) if a.size]
+        self.dg = dg
+        self.labels = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+        self.segment = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])
+        self.n = len(arrays)
+
+    def any_empty(self, removed: np.ndarray) -> bool:
+        kept = np.bincount(self.segment, weights=self.dg.keep_mask(self.labels, removed), minlength=self.n)
+        return bool((kept == 0).any())
+
+
+def _repair(dg: Any, plan: Plan, scores: Mapping[int, np.ndarray], axes: _AxisIndex | None = None) -> Plan:
+    """Give back the best-scored channels of any tensor axis the plan would empty.
+
+    A group that keeps channels can still empty an axis where it is split (a
+    ``chunk`` of a channel-shuffled tensor); such a plan cannot be rewritten unless the
+    emptied layer only feeds concatenations.
+    """
+    from graphprune.graph import iter_arrays
+
+    if axes is not None and not axes.any_empty(dg.removed_classes(plan)):
+        return plan
+    removed_sets = {gid: set(ch) for gid, ch in plan.items()}
+    nodes = {n.name: n for n in dg.gm.graph.nodes}
+    for _ in range(10_000):
+        removed = dg.removed_classes({g: sorted(c) for g, c in removed_sets.items()})
+        vanished, problems = dg.vanish_blockers(removed)
+        if not problems:
+            break
+        restored = False
+        for name in vanished:
+            node = nodes[name]
+            if all(u.name in vanished or (u.op == "call_function" and u.target in (torch.cat, torch.concat))
+                   for u in node.users):
+                continue
+            for arr in iter_arrays(dg.node_labels.get(name)):
+                if not arr.size or dg.keep_mask(arr, removed).any():
+                    continue
+                cls = dg.cls[arr]
+                best = max(((float(scores[g][c]) if g in scores else 0.0, int(g), int(c))
+                            for g, c in zip(dg.group_of_cls[cls], dg.chan_of_cls[cls])
+                            if g >= 0 and int(c) in removed_sets.get(int(g), ())), default=None)
+                if best is not None:
+                    removed_sets[best[1]].discard(best[2])
+                    restored = True
+                    break
+            if restored:
+                break
+        if not restored:
+            break
+    return Plan({g: sorted(c) for g, c in removed_sets.items()})
+
+
+class CountEstimator:
+    """Parameters and MACs of the slim model a plan would give, without building it.
+
+    Mirrors ``graphprune.metrics.count`` on the shapes the rewrite produces: every
+    labelled axis of a node output or parameter shrinks by the removed channels. It
+    is exact for the built-in layers; ``select`` checks its final answer with
+    ``apply`` + ``count`` when given the model.
+    """
+
+    def __init__(self, dg: Any) -> None:
+        self.dg = dg
+        gm = dg.gm
+        modules = dict(gm.named_modules())
+        self.params = [n for n, _ in gm.named_parameters()]
+        shapes = {n: tuple(p.shape) for n, p in gm.named_parameters()}
+        self.param_shapes = shapes
+        self.terms: list[tuple[str, Any]] = []
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                mod = modules.get(node.target)
+                w = f"{node.target}.weight"
+                if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                    self.terms.append(("in_w1+", (node.args[0], w)))
+                elif isinstance(mod, nn.modules.conv._ConvNd):
+                    self.terms.append(("out_w1+", (node, w)))
+                elif isinstance(mod, nn.Linear):
+                    self.terms.append(("out_w1", (node, w)))
+                elif isinstance(mod, nn.Bilinear):
+                    self.terms.append(("out_w1+", (node, w)))
+            elif node.op in ("call_function", "call_method"):
+                t = node.target
+                if t in (F.conv1d, F.conv2d, F.conv3d) or t is F.linear:
+                    wn = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                    self.terms.append(("out_n1+", (node, wn)))
+                elif t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+                    self.terms.append(("in_n1+", (node.args[0], node.args[1])))
+                elif t in (torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm"):
+                    self.terms.append(("matmul", (node, node.args[0])))
+
+    def _removed(self, plan: Mapping[int, Iterable[int]]) -> np.ndarray:
+        return self.dg.removed_classes(plan)
+
+    def _node_shape(self, node: Any, removed: np.ndarray) -> tuple[int, ...] | None:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        shape = node.meta.get("shape")
+        if not isinstance(shape, torch.Size):
+            return None
+        labels = self.dg.node_labels.get(node.name)
+        if type(labels) is not tuple:
+            return tuple(shape)
+        return tuple(int(self.dg.keep_mask(lab, removed).sum()) if isinstance(lab, np.ndarray) else s
+                     for s, lab in zip(shape, labels + (None,) * (len(shape) - len(labels))))
+
+    def _param_shape(self, name: str, removed: np.ndarray) -> tuple[int, ...] | None:
+        shape = self.param_shapes.get(name) or self.dg.state_shapes.get(name)
+        if shape is None:
+            return None
+        return tuple(int(self.dg.keep_mask(self.dg.member_labels[(name, d)], removed).sum())
+                     if (name, d) in self.dg.member_labels else s for d, s in enumerate(shape))
+
+    def counts(self, plan: Mapping[int, Iterable[int]]) -> tuple[int, int]:
+        """``(params, macs)`` of the model ``plan`` would give."""
+        removed = self._removed(plan)
+        params = sum(math.prod(self._param_shape(n, removed) or ()) for n in self.params)
+        macs = 0
+        for kind, (a, b) in self.terms:
+            x = self._node_shape(a, removed)
+            w = self._param_shape(b, removed) if isinstance(b, str) else self._node_shape(b, removed)
+            if x is None or w is None:
+                continue
+            if kind == "matmul":
+                macs += math.prod(x) * (w[-1] if w else 1)
+            elif kind == "out_w1":
+                macs += math.prod(x) * w[1]
+            else:
+                macs += math.prod(x) * math.prod(w[1:])
+        return int(params), int(macs)
+
+
+def _search(units: list[_Unit], measure: Callable[[list[_Unit]], float], goal: float,
+            tol: float) -> list[_Unit]:
+    """Units to take so that ``measure`` (remaining size) lands on ``goal``, within ``tol``.
+
+    Bisection over prefixes of ``units`` (measure decreases along them), then, if the
+    step at the crossing is too coarse, a greedy pass over the following units that
+    takes each one that does not overshoot (a group's later units follow its first
+    skipped one out).
+    """
+    def at(k: int) -> float:
+        return measure(units[:k])
+
+    lo, hi = 0, len(units)
+    if at(hi) >= goal:
+        return units
+    while hi - lo > 1:  # invariant: at(lo) >= goal > at(hi)
+        mid = (lo + hi) // 2
+        if at(mid) >= goal:
+            lo = mid
+        else:
+            hi = mid
+    taken, cur = list(units[:lo]), at(lo)
+    over = at(hi)
+    if goal - over <= cur - goal and goal - over <= tol:
+        return list(units[:hi])
+    if cur - goal <= tol / 4:
+        return taken
+    blocked: set[int] = set()
+    for u in units[lo:]:
+        if u.gid in blocked:
+            continue
+        value = measure(taken + [u])
+        if value >= goal:
+            taken.append(u)
+            cur = value
+            if cur - goal <= tol / 4:
+                break
+        else:
+            blocked.add(u.gid)
+    return taken
 
 
 def select(
     dg: Any,
     scores: Mapping[int, np.ndarray],
-    ratio: float,
+    ratio: float | None = None,
     *,
-    ignore: set[int] | frozenset[int] = frozenset(),
-    min_keep: int = 1,
+    scope: str = "local",
+    min_keep: int | float = 1,
+    round_to: int | None = None,
+    ignore: Iterable[int | str] = (),
+    target: str = "channels",
+    model: torch.nn.Module | None = None,
+    example_inputs: Any = None,
+    normalize: str | bool | None = None,
+    tolerance: float = 0.01,
 ) -> Plan:
-    """Remove the lowest-scored ``ratio`` of channels in every prunable group (local scope).
+    """Choose the channels to remove: lowest scores first, under a target.
 
-    Groups of one channel that may vanish entirely (a width-1 layer whose output only
-    reaches concatenations) are ranked among themselves and removed whole, lowest
-    score first, to the same ratio.
+    - ``target="channels"``: remove ``ratio`` of the channels; ``"macs"``/``"params"``:
+      remove ``ratio`` of the model's MACs or parameters, hit within ``tolerance``
+      (a fraction of the original count) by search where the structure allows.
+    - ``scope="local"``: the same fraction of every group; ``"global"``: one ranking
+      of all channels, so scores must compare across groups (``normalize`` rescales
+      each group's scores first: ``"max"``, ``"mean"``, ``"sum"``, ``"std"``).
+    - Every group keeps at least ``min_keep`` channels (an int, or a fraction of the
+      group in (0, 1)), and never fewer than one; with ``round_to`` every group keeps
+      a multiple of it (or all its channels).
+    - Groups of one channel that may vanish entirely (a width-1 layer whose output only
+      reaches concatenations) are ranked among themselves and removed whole.
+    - ``ignore`` lists group ids or module names to leave whole; groups without scores
+      (a criterion may skip some, as ``bn_scale`` skips groups with no norm layer) and
+      unprunable groups are left whole too.
+
+    For MACs/params targets the counts of candidate plans are computed from the graph
+    (``CountEstimator``); with ``model`` and ``example_inputs`` the result is checked
+    with ``apply`` + ``count`` and the search repeats on exact counts if they differ.
+
+    >>> import torch, graphprune as gp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> dg = gp.DependencyGraph.build(model, torch.randn(1, 4))
+    >>> select(dg, {0: np.arange(8.0)}, 0.5)[0]
+    (0, 1, 2, 3)
     """
-    if not 0 <= ratio < 1:
-        raise InputError(f"ratio must be in [0, 1), got {ratio}")
-    removed: dict[int, list[int]] = {}
-    whole: list[tuple[float, int]] = []
+    if ratio is None or isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if scope not in SCOPES:
+        raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if target not in TARGETS:
+        raise InputError(f"target must be one of {TARGETS}, got {target!r}")
+    if round_to is not None and (not isinstance(round_to, (int, np.integer)) or round_to < 1):
+        raise InputError(f"round_to must be a positive integer or None, got {round_to!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or min_keep <= 0 or (
+            isinstance(min_keep, float) and min_keep >= 1 and not min_keep.is_integer()):
+        raise InputError(f"min_keep must be an int >= 1 or a fraction in (0, 1), got {min_keep!r}")
+    if isinstance(min_keep, float) and min_keep >= 1:
+        min_keep = int(min_keep)
+    if (model is None) != (example_inputs is None):
+        raise InputError("give both model and example_inputs (for exact counts), or neither")
+    skip = resolve_ignore(dg, ignore)
+    from graphprune.importance.base import normalize_scores  # scores helpers live with the criteria
+
+    scoped: dict[int, np.ndarray] = {}
     for g in dg.groups:
-        if not g.prunable or g.id in ignore:
+        if not g.prunable or g.id in skip or g.id not in scores:
             continue
         s = np.asarray(scores[g.id], dtype=np.float64)
         if s.shape != (g.size,):
             raise PlanError(f"scores for group {g.id} have shape {s.shape}, expected ({g.size},)")
         if not np.isfinite(s).all():
             raise PlanError(f"scores for group {g.id} contain NaN or inf; check the criterion's inputs")
-        if g.removable and g.size == 1:
-            whole.append((float(s[0]), g.id))
-            continue
-        k = _n_remove(g.size, ratio, min_keep)
-        if k:
-            removed[g.id] = np.argsort(s, kind="stable")[:k].tolist()
-    for _, gid in sorted(whole)[: int(np.floor(len(whole) * ratio + 1e-9))]:
-        removed[gid] = [0]
-    return Plan(removed)
+        scoped[g.id] = s
+    scoped = normalize_scores(scoped, normalize)
+    units, n_channels = _units(dg, scoped, scope, min_keep, round_to)
+
+    axes = _AxisIndex(dg)
+
+    def valid(taken: Iterable[_Unit]) -> Plan:
+        return _repair(dg, _plan_of(taken), scoped, axes)
+
+    if target == "channels" or ratio == 0:
+        if scope == "local":
+            return valid(u for u in units if u.key[0] <= ratio + 1e-9)
+        goal, taken, removed = ratio * n_channels, [], 0
+        for u in units:
+            if removed + len(u.channels) / 2 > goal + 1e-9:
+                break
+            taken.append(u)
+            removed += len(u.channels)
+        return valid(taken)
+
+    which = 0 if target == "params" else 1
+    est = CountEstimator(dg)
+    base_est = est.counts({})[which]
+    exact = None
+    if model is not None:
+        from graphprune.metrics import count  # late imports: rewrite depends on this module
+        from graphprune.rewrite import apply
+
+        def exact(plan: Plan) -> int:
+            c = count(apply(model, dg, plan, check=False), example_inputs)
+            return c.params if which == 0 else c.macs
+
+        base = exact(Plan())
+    else:
+        base = base_est
+    goal = (1 - ratio) * base
+    tol = tolerance * base
+    offset = base - base_est  # parameters the graph does not reach (unused modules)
+    plan = valid(_search(units, lambda t: est.counts(valid(t))[which] + offset, goal, tol))
+    got = est.counts(plan)[which] + offset
+    if exact is not None:
+        got = exact(plan)
+        if abs(got - (est.counts(plan)[which] + offset)) > tol / 4:
+            plan = valid(_search(units, lambda t: exact(valid(t)), goal, tol))
+            got = exact(plan)
+    if abs(got - goal) > tol:
+        warnings.warn(f"select: asked to remove {ratio:.1%} of the {target}, the closest plan removes "
+                      f"{1 - got / base:.1%} (floors, round_to, ignored or unscored groups limit it)",
+                      RuntimeWarning, stacklevel=2)
+    return plan

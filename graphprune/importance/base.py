@@ -1,27 +1,28 @@
 """What the criteria share: data handling, member slices, score normalisation, ablations.
 
-**Removing a channel, exactly.** A group's channel is removed by zeroing its ``in``
-member slices (the input columns of every layer that reads it); that is what
-``graphprune.verify.masked_model`` does and, for channel-separable models, it computes
-exactly what the slim model computes. Groups without ``in`` members (channels read
-only by parameter-free ops, such as the query/key channels of an attention score) are
-removed by zeroing their ``out`` and ``pass`` parameter slices instead. Every
-data-driven criterion measures or approximates the loss change of this ablation.
+**Removing a channel, exactly.** A group's channel is removed by zeroing it in every
+tensor the traced graph computes that carries it (producer outputs, norm outputs,
+residual sums, concatenations, flattened features). That is the reference
+``graphprune.verify`` checks the slim model against, so for exact groups the loss of
+an ablation equals the loss of ``gp.apply(model, dg, plan)``. For channel-separable
+models it is also what zeroing the group's ``in`` member slices (the input columns of
+the layers that read the channel) computes; the gradient criteria (``taylor``,
+``hessian``) differentiate along those slices.
 
 **Running many ablations cheaply** (:class:`Ablator`). The traced graph (``dg.gm``,
-nodes in topological order) is cut just before the first node that reads a masked
-parameter: the *prefix* runs once per batch and its live outputs are cached; the
-*suffix* GraphModule runs once per ablation with masked parameters substituted through
-``torch.func.functional_call``. Several ablations run in one call, vectorised with
-``torch.func.vmap`` over stacked masked parameters (layers whose weights are not
-masked see one wide batch); if an op has no vmap rule, the ablations run one by one.
-Neither the model nor its parameters are modified.
+nodes in topological order) is cut just before the first node whose output carries
+the group: the *prefix* runs once per batch and its live outputs are cached; the
+*suffix* GraphModule, with a mask multiplication after every node that carries the
+group, runs once per chunk of ablations, vectorised with ``torch.func.vmap`` over the
+stacked masks (everything upstream of the first mask stays one ordinary batch); if an
+op has no batching rule the ablations run one by one. The model is never modified.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -35,7 +36,7 @@ from graphprune.errors import GraphPruneError, InputError
 
 __all__ = [
     "LossError", "Ablator", "Batch", "normalize_scores", "prepare_data", "iterate_data",
-    "require_loss_fn", "removal_members", "eval_mode", "state_of", "check_loss",
+    "require_loss_fn", "group_axes", "eval_mode", "state_of", "check_loss",
 ]
 
 
@@ -143,14 +144,6 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --- members ---------------------------------------------------------------------------------------
-def removal_members(group: Any, params: Mapping[str, Any]) -> list[Any]:
-    """The members whose zeroing removes the group's channels (see the module docstring)."""
-    found = [m for m in group.members if m.role == "in" and m.param in params]
-    if not found:
-        found = [m for m in group.members if m.role in ("out", "pass") and m.param in params]
-    return found
-
-
 def members_with_roles(group: Any, roles: Iterable[str], params: Mapping[str, Any]) -> list[Any]:
     """Members of ``roles`` that are parameters; all parameter members if there are none."""
     roles = set(roles)
@@ -201,62 +194,52 @@ def normalize_scores(scores: Mapping[int, np.ndarray], how: str | bool | None) -
 
 
 # --- ablations ---------------------------------------------------------------------------------------
-def _node_params(node: torch.fx.Node, modules: Mapping[str, torch.nn.Module]) -> set[str]:
-    if node.op == "get_attr":
-        return {str(node.target)}
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _inplace(node: torch.fx.Node, modules: Mapping[str, torch.nn.Module]) -> bool:
     if node.op == "call_module":
-        mod = modules.get(str(node.target))
-        if mod is None:
-            return set()
-        prefix = f"{node.target}."
-        names = {prefix + n for n, _ in mod.named_parameters()}
-        return names | {prefix + n for n, _ in mod.named_buffers()}
-    return set()
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace")) or (
+            name.endswith("_") and not name.startswith("_"))
+    return False
 
 
-def _split(gm: torch.fx.GraphModule, params: set[str]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, int]:
-    """Prefix and suffix GraphModules around the first node that reads ``params``."""
-    nodes = list(gm.graph.nodes)
-    modules = dict(gm.named_modules())
-    cut = next((i for i, n in enumerate(nodes) if _node_params(n, modules) & params), None)
-    if cut is None:
-        raise GraphPruneError(f"no node of the traced graph reads {sorted(params)[:3]}")
-    before = set(nodes[:cut])
-    live = [n for n in nodes[:cut] if any(u not in before for u in n.users)]
-
-    prefix = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for n in nodes[:cut]:
-        env[n] = prefix.node_copy(n, lambda a: env[a])
-    prefix.output(tuple(env[n] for n in live))
-
-    suffix = torch.fx.Graph()
-    env = {n: suffix.placeholder(f"live_{n.name}") for n in live}
-    for n in nodes[cut:]:
-        env[n] = suffix.node_copy(n, lambda a: env[a])
-    return torch.fx.GraphModule(gm, prefix), torch.fx.GraphModule(gm, suffix), cut
-
-
-def _output_elems_per_sample(gm: torch.fx.GraphModule, start: int, batch: int) -> int:
-    biggest = 1
-    for i, n in enumerate(gm.graph.nodes):
-        shape = n.meta.get("shape")
-        if i >= start and isinstance(shape, torch.Size):
-            biggest = max(biggest, math.prod(shape))
-    return max(1, biggest // max(1, batch))
+def group_axes(dg: Any, gid: int, labels: Any, shape: Any) -> list[tuple[int, np.ndarray]]:
+    """``(dim, channel per position or -1)`` for each axis of a tensor carrying group ``gid``."""
+    if not isinstance(shape, torch.Size) or not isinstance(labels, tuple) or type(labels) is not tuple:
+        return []
+    axes = []
+    for d, lab in enumerate(labels):
+        if lab is None or d >= len(shape) or not isinstance(lab, np.ndarray):
+            continue
+        cls = dg.cls[lab]
+        chan = np.where(dg.group_of_cls[cls] == gid, dg.chan_of_cls[cls], -1)
+        if (chan >= 0).any():
+            axes.append((d, chan))
+    return axes
 
 
 class Ablator:
-    """Loss of the model with chosen channel sets of one group removed, batch by batch.
+    """Loss of the model with chosen channel sets of one group removed, over fixed batches.
+
+    Removal zeroes the group's channels in every tensor the graph computes (the
+    reference that ``graphprune.verify`` checks the slim model against). The graph is
+    cut before the first node that carries the group's channels; the prefix runs once
+    per batch (cached), the suffix once per chunk of ablations, vectorised by
+    ``torch.func.vmap`` over the stacked masks.
 
     >>> import torch, torch.nn.functional as F, graphprune as gp
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
     >>> dg = gp.DependencyGraph.build(model, x)
     >>> ab = Ablator(model, dg, dg.groups[0], [((x,), y, 8)], F.cross_entropy)
-    >>> removed = np.array([[False] * 4, [True] * 4])
-    >>> losses = ab.losses(removed)
-    >>> bool(abs(losses[1] - F.cross_entropy(model[2].bias.expand(8, 2), y).item()) < 1e-5)
+    >>> none, every = ab.losses(np.array([[False] * 4, [True] * 4]))
+    >>> bool(abs(every - F.cross_entropy(model[2].bias.expand(8, 2), y).item()) < 1e-5)
     True
     """
 
@@ -264,67 +247,99 @@ class Ablator:
                  loss_fn: Callable, *, name: str = "ablation", chunk: int | None = None,
                  memory_mb: float = 512.0) -> None:
         self.model, self.group, self.loss_fn, self.name = model, group, loss_fn, name
-        state = state_of(model)
-        self.members = removal_members(group, state)
-        if not self.members:
-            raise GraphPruneError(f"group {group.id} owns no parameter slices to zero; cannot ablate it")
-        self.params = {m.param: state[m.param].detach() for m in self.members}
-        self.prefix, self.suffix, cut = _split(dg.gm, set(self.params))
+        gm = dg.gm
+        nodes = list(gm.graph.nodes)
+        modules = dict(gm.named_modules())
+        axes = {n: group_axes(dg, group.id, dg.node_labels.get(n.name), n.meta.get("shape"))
+                for n in nodes if n.op != "output"}
+        cut = next((i for i, n in enumerate(nodes) if axes.get(n)), None)
+        if cut is None:
+            raise GraphPruneError(f"{name}: no tensor of the traced graph carries group {group.id}")
+        before = set(nodes[:cut])
+        live = [n for n in nodes[:cut] if any(u not in before for u in n.users)]
+
+        prefix = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for n in nodes[:cut]:
+            env[n] = prefix.node_copy(n, lambda a: env[a])
+        prefix.output(tuple(env[n] for n in live))
+
+        suffix = torch.fx.Graph()
+        env = {n: suffix.placeholder(f"live_{i}") for i, n in enumerate(live)}
+        specs: dict[tuple, int] = {}  # (ndim, dim, channels) -> mask placeholder index
+        for n in nodes[cut:]:
+            for d, chan in axes.get(n, ()):
+                specs.setdefault((len(n.meta["shape"]), d, chan.tobytes(), len(chan)), len(specs))
+        masks = [suffix.placeholder(f"mask_{i}") for i in range(len(specs))]
+        self._specs = []
+        for ndim, d, raw, size in specs:
+            self._specs.append((ndim, d, np.frombuffer(raw, dtype=np.int64, count=size)))
+        for n in nodes[cut:]:
+            out = suffix.node_copy(n, lambda a: env[a])
+            for d, chan in axes.get(n, ()):
+                key = (len(n.meta["shape"]), d, chan.tobytes(), len(chan))
+                out = suffix.call_function(operator.mul, (out, masks[specs[key]]))
+            env[n] = out
+        self.prefix = torch.fx.GraphModule(gm, prefix)
+        self.suffix = torch.fx.GraphModule(gm, suffix)
+        self.copy_live = any(_inplace(n, modules) for n in nodes[cut:])
+
         self.batches = batches
         self.total = float(sum(b[2] for b in batches))
         with torch.no_grad(), eval_mode(model):
-            self.cache = [self.prefix(*inputs) for inputs, _, _ in batches]
+            self.cache = [tuple(self.prefix(*inputs)) for inputs, _, _ in batches]
         if chunk is None:
             example_batch = dg.example_shapes[0][0] if dg.example_shapes and dg.example_shapes[0] else 1
-            per = _output_elems_per_sample(dg.gm, cut, example_batch)
+            per = max(1, max((math.prod(n.meta["shape"]) for n in nodes[cut:]
+                              if isinstance(n.meta.get("shape"), torch.Size)), default=1)
+                      // max(1, example_batch))
             biggest = max(b[2] for b in batches)
             chunk = int(memory_mb * 2**20 / (4 * 4 * per * biggest))
         self.chunk = max(1, min(int(chunk), 256))
         self.level = 2
-        # positions along each (param, dim) and the group channel each one carries
-        self.slices = [(m.param, m.dim, torch.as_tensor(m.positions), np.asarray(m.channels))
-                       for m in self.members]
+        self.dtype = next((t.dtype for t in model.parameters()), torch.float32)
+        self.device = model_device(model)
 
-    def _masked(self, removed: np.ndarray) -> dict[str, torch.Tensor]:
-        """Stacked parameters, one copy per row of ``removed`` (K x group size, bool)."""
+    def _masks(self, removed: np.ndarray) -> list[torch.Tensor]:
+        """One stacked mask per spec: row k zeroes the channels ``removed[k]`` marks."""
         k = removed.shape[0]
-        out: dict[str, torch.Tensor] = {}
-        for param, dim, pos, chans in self.slices:
-            base = out.get(param, self.params[param].unsqueeze(0).expand(k, *self.params[param].shape))
-            size = base.shape[dim + 1]
-            keep = torch.ones(k, size, dtype=base.dtype, device=base.device)
-            keep[:, pos] = torch.as_tensor(~removed[:, chans], dtype=base.dtype, device=base.device)
-            view = [k] + [1] * (base.dim() - 1)
-            view[dim + 1] = size
-            out[param] = base * keep.reshape(view)
+        out = []
+        for ndim, d, chan in self._specs:
+            keep = np.ones((k, len(chan)))
+            inside = chan >= 0
+            keep[:, inside] = ~removed[:, chan[inside]]
+            shape = [k] + [1] * ndim
+            shape[d + 1] = len(chan)
+            out.append(torch.as_tensor(keep, dtype=self.dtype, device=self.device).reshape(shape))
         return out
 
-    def _run(self, stacked: dict[str, torch.Tensor], live: tuple, targets: Any) -> list[Any]:
+    def _run(self, masks: list[torch.Tensor], live: tuple, targets: Any) -> list[Any]:
         """Losses of the stacked ablations on one batch: vectorised where possible.
 
         ``self.level``: 2 = model and loss under one vmap, 1 = model vmapped and the
         loss looped, 0 = everything looped (an op or the loss without a batching rule).
         """
-        k = next(iter(stacked.values())).shape[0]
+        k = masks[0].shape[0] if masks else 1
 
-        def call(p: dict[str, torch.Tensor]) -> Any:
-            return torch.func.functional_call(self.suffix, p, live)
+        def call(*m: torch.Tensor) -> Any:
+            args = tuple(t.clone() for t in live) if self.copy_live else live
+            return self.suffix(*args, *m)
 
         while self.level > 0 and k > 1:
             try:
                 if self.level == 2:
-                    losses = torch.func.vmap(lambda p: self.loss_fn(call(p), targets))(stacked)
+                    losses = torch.func.vmap(lambda *m: self.loss_fn(call(*m), targets))(*masks)
                     if not isinstance(losses, torch.Tensor) or losses.shape != (k,):
                         raise TypeError("loss_fn did not return a scalar per ablation")
                     return list(losses)
-                out = torch.func.vmap(call)(stacked)
+                out = torch.func.vmap(call)(*masks)
                 return [self.loss_fn(pytree.tree_map(lambda t, j=j: t[j], out), targets) for j in range(k)]
             except Exception as exc:  # no batching rule somewhere: vectorise less
                 self.level -= 1
                 if self.level == 0:
                     warnings.warn(f"{self.name}: vectorised ablations failed ({type(exc).__name__}: "
                                   f"{exc}); running them one at a time", RuntimeWarning, stacklevel=4)
-        return [self.loss_fn(call({n: t[j] for n, t in stacked.items()}), targets) for j in range(k)]
+        return [self.loss_fn(call(*(m[j] for m in masks)), targets) for j in range(k)]
 
     def losses(self, removed: np.ndarray) -> np.ndarray:
         """Mean loss over the data (weighted by batch size) for each row of ``removed``."""
@@ -333,10 +348,9 @@ class Ablator:
         with torch.no_grad(), eval_mode(self.model):
             for start in range(0, removed.shape[0], self.chunk):
                 rows = removed[start:start + self.chunk]
-                stacked = self._masked(rows)
+                masks = self._masks(rows)
                 for (_, targets, n), live in zip(self.batches, self.cache):
-                    values = self._run(stacked, live, targets)
-                    for j, loss in enumerate(values):
+                    for j, loss in enumerate(self._run(masks, live, targets)):
                         r = rows[j]
                         where = (f"with channels {np.flatnonzero(r).tolist()[:8]} of group "
                                  f"{self.group.id} removed") if r.any() else "on the unpruned model"

@@ -8,14 +8,15 @@ selection leaves them whole.
 
 from __future__ import annotations
 
-from typing import Any
-
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+
+from graphprune.errors import InputError
 
 __all__ = ["bn_scale"]
 
@@ -29,12 +30,12 @@ def bn_scale(model: torch.nn.Module, dg: Any, *, reduce: str = "mean", **_: Any)
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
     ...                             torch.nn.Conv2d(4, 2, 1))
     >>> with torch.no_grad():
-    ...     _ = model[1].weight.copy_(torch.tensor([0.5, -2.0, 0.1, 1.0]))
+    ...     _ = model[1].weight.copy_(torch.tensor([0.5, -2.0, 0.25, 1.0]))
     >>> bn_scale(model, gp.DependencyGraph.build(model, torch.randn(1, 3, 4, 4)))[0].tolist()
-    [0.5, 2.0, 0.1, 1.0]
+    [0.5, 2.0, 0.25, 1.0]
     """
     if reduce not in ("mean", "sum", "max"):
-        raise ValueError(f"bn_scale reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
+        raise InputError(f"bn_scale: reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     scores: dict[int, np.ndarray] = {}

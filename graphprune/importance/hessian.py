@@ -55,7 +55,7 @@ def _per_sample_sq_grads(model: torch.nn.Module, names: list[str], inputs: tuple
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     for start in range(0, n, chunk):
         xs = tuple(v[start:start + chunk] for v in inputs)
-        ts = pytree.tree_map(lambda v: v[start:start + chunk] if isinstance(v, torch.Tensor) else v, targets)
+        ts = pytree.tree_map(lambda v, s=start: v[s:s + chunk] if isinstance(v, torch.Tensor) else v, targets)
         grads = None
         if state.get("vmap", True):
             try:

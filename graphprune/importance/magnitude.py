@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphprune.errors import InputError
 from graphprune.importance.base import normalize_scores
 
 
@@ -38,7 +39,7 @@ def magnitude(
     1
     """
     if p not in (1, 2):
-        raise ValueError(f"magnitude p must be 1 or 2, got {p}")
+        raise InputError(f"magnitude p must be 1 or 2, got {p!r}")
     roles = set(roles)
     state = dict(model.named_parameters())
     state.update(dict(model.named_buffers()))

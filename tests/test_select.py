@@ -1,0 +1,200 @@
+"""Plan selection: scopes, floors, rounding, targets, ignore lists, iterative pruning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graphprune as gp
+from graphprune.plan import CountEstimator
+
+
+def _two_layer() -> tuple[nn.Module, torch.Tensor, gp.DependencyGraph]:
+    """Two prunable groups: 8 and 16 channels."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 2, 1))
+    x = torch.randn(1, 3, 12, 12)
+    return model, x, gp.DependencyGraph.build(model, x)
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model, x = gp.zoo.create("resnet20", width=8)
+    return model, x, gp.DependencyGraph.build(model, x)
+
+
+def test_local_removes_the_same_fraction_of_every_group() -> None:
+    _, _, dg = _two_layer()
+    scores = {0: np.arange(8.0)[::-1], 1: np.arange(16.0)}
+    plan = gp.select(dg, scores, 0.5)
+    assert plan[0] == (4, 5, 6, 7) and plan[1] == tuple(range(8))
+    assert gp.select(dg, scores, 0.3) == {0: [6, 7], 1: [0, 1, 2, 3]}  # floor(size * ratio)
+
+
+def test_global_ranks_channels_across_groups() -> None:
+    _, _, dg = _two_layer()
+    scores = {0: np.full(8, 1.0) + np.arange(8) * 1e-3, 1: np.full(16, 5.0) + np.arange(16) * 1e-3}
+    local = gp.select(dg, scores, 0.25)
+    assert len(local[0]) == 2 and len(local[1]) == 4
+    glob = gp.select(dg, scores, 0.25, scope="global")  # 6 of 24 channels, all from the low group
+    assert glob == {0: [0, 1, 2, 3, 4, 5]}
+    # the floor holds: group 0 keeps one channel, the rest comes from group 1
+    glob = gp.select(dg, scores, 0.5, scope="global")
+    assert glob[0] == tuple(range(7)) and glob[1] == (0, 1, 2, 3, 4)
+    # normalising each group makes the groups comparable again
+    norm = gp.select(dg, scores, 0.25, scope="global", normalize="std")
+    assert 0 < len(norm[0]) < 6 and len(norm[1]) > 0
+
+
+def test_min_keep_and_round_to() -> None:
+    model = nn.Sequential(nn.Linear(4, 40), nn.ReLU(), nn.Linear(40, 2))
+    dg = gp.DependencyGraph.build(model, torch.randn(1, 4))
+    s = {0: np.arange(40.0)}
+    assert len(gp.select(dg, s, 0.9)[0]) == 36
+    assert len(gp.select(dg, s, 0.9, min_keep=10)[0]) == 30
+    assert len(gp.select(dg, s, 0.9, min_keep=0.5)[0]) == 20
+    assert len(gp.select(dg, s, 0.99999, scope="global")[0]) == 39  # never below one channel
+    for ratio in (0.1, 0.3, 0.45, 0.6, 0.8, 0.95):
+        for scope in ("local", "global"):
+            kept = 40 - len(gp.select(dg, s, ratio, round_to=8, scope=scope).get(0, ()))
+            assert kept % 8 == 0 and kept >= 8
+            assert abs(kept - max(8, 40 * (1 - ratio))) <= 4  # the nearest multiple
+    assert gp.select(dg, s, 0.5, round_to=8)[0] == tuple(range(16))  # lowest scores go
+
+
+def test_width_one_layers_are_removed_whole() -> None:
+    class Cat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 1, 1), nn.Conv2d(3, 1, 1), nn.Conv2d(3, 4, 1)
+            self.head = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.cat([self.a(x), self.b(x), self.c(x)], 1))
+
+    model = Cat()
+    x = torch.randn(1, 3, 4, 4)
+    dg = gp.DependencyGraph.build(model, x)
+    whole = [g.id for g in dg.groups if g.prunable and g.removable and g.size == 1]
+    assert len(whole) == 2
+    scores = gp.score("magnitude", model, dg)
+    scores[whole[0]], scores[whole[1]] = np.array([5.0]), np.array([1.0])
+    plan = gp.select(dg, scores, 0.5)
+    assert plan.get(whole[1]) == (0,) and whole[0] not in plan
+    assert gp.verify(model, x, plan) < 1e-6
+
+
+def test_ignore_by_group_id_and_module_name(resnet20) -> None:
+    model, _, dg = resnet20
+    scores = gp.score("l1", model, dg)
+    gid = next(g.id for g in dg.groups for m in g.members if m.param == "layer1.1.conv1.weight" and m.dim == 0)
+    plan = gp.select(dg, scores, 0.5, ignore=[0, "layer1.1.conv1"])
+    assert 0 not in plan and gid not in plan and len(plan) > 3
+    with pytest.raises(gp.InputError, match="no_such_layer"):
+        gp.select(dg, scores, 0.5, ignore=["no_such_layer"])
+
+
+def test_bad_arguments_and_scores(resnet20) -> None:
+    model, _, dg = resnet20
+    scores = gp.score("l1", model, dg)
+    for kwargs in ({"scope": "everywhere"}, {"target": "flops"}, {"round_to": 0}, {"min_keep": 0}):
+        with pytest.raises(gp.InputError):
+            gp.select(dg, scores, 0.5, **kwargs)
+    with pytest.raises(gp.InputError, match="ratio"):
+        gp.select(dg, scores, 1.0)
+    bad = dict(scores)
+    bad[0] = np.full_like(bad[0], np.nan)
+    with pytest.raises(gp.PlanError, match="NaN"):
+        gp.select(dg, bad, 0.5)
+    partial = {k: v for k, v in scores.items() if k != 0}  # unscored groups stay whole
+    assert 0 not in gp.select(dg, partial, 0.5)
+
+
+def test_count_estimator_matches_exact_counts(resnet20) -> None:
+    for model, x, dg in (resnet20, (*gp.zoo.create("densenet"), None)):
+        dg = dg or gp.DependencyGraph.build(model, x)
+        est = CountEstimator(dg)
+        before = gp.count(model, x)
+        assert est.counts({}) == (before.params, before.macs)
+        plan = gp.select(dg, gp.score("random", model, dg, seed=1), 0.6)
+        after = gp.count(gp.apply(model, dg, plan), x)
+        assert est.counts(plan) == (after.params, after.macs)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "inception"])
+def test_macs_and_params_targets_are_hit_within_one_percent(name: str) -> None:
+    model, x = gp.zoo.create(name)
+    dg = gp.DependencyGraph.build(model, x)
+    scores = gp.score("l2", model, dg)
+    before = gp.count(model, x)
+    for target, ratio, scope in (("macs", 0.3, "local"), ("macs", 0.7, "global"), ("params", 0.5, "global")):
+        plan = gp.select(dg, scores, ratio, target=target, scope=scope, normalize="mean",
+                         model=model, example_inputs=x)
+        after = gp.count(gp.apply(model, dg, plan), x)
+        got = 1 - (after.macs / before.macs if target == "macs" else after.params / before.params)
+        assert abs(got - ratio) <= 0.01, (name, target, scope, got)
+
+
+def test_macs_target_keeps_split_channels_valid() -> None:
+    model, x = gp.zoo.create("shufflenet_v2")  # chunks split groups: a plan must not empty a half
+    dg = gp.DependencyGraph.build(model, x)
+    plan = gp.select(dg, gp.score("l2", model, dg), 0.7, target="macs", scope="global", normalize="mean")
+    slim = gp.apply(model, dg, plan)
+    assert abs(1 - gp.count(slim, x).macs / gp.count(model, x).macs - 0.7) <= 0.01
+
+
+def test_prune_with_targets_rounding_and_scope(resnet20) -> None:
+    model, x, _ = resnet20
+    r = gp.prune(model, x, "l1", 0.5, target="macs", scope="global", normalize="mean")
+    assert abs(1 - r.after.macs / r.before.macs - 0.5) <= 0.01
+    r = gp.prune(model, x, "l1", 0.5, round_to=4)
+    for g in r.graph.groups:
+        if g.id in r.plan:
+            assert (g.size - len(r.plan[g.id])) % 4 == 0
+
+
+def test_iterative_pruning_rescores_and_calls_back(resnet20) -> None:
+    model, x, _ = resnet20
+    seen = []
+
+    def callback(slim, step):
+        seen.append((step, gp.count(slim, x).macs))
+
+    r = gp.prune(model, x, "l2", 0.6, target="macs", scope="global", steps=3, callback=callback)
+    assert [s for s, _ in seen] == [1, 2, 3]
+    macs = [m for _, m in seen]
+    assert macs[0] > macs[1] > macs[2] == r.after.macs
+    for i, m in enumerate(macs, 1):  # each step removes its share of the original MACs
+        assert abs(1 - m / r.before.macs - 0.6 * i / 3) <= 0.01
+    assert len(r.history) == 3
+    # the composed plan, applied in one go to the original model, gives the same network
+    again = gp.apply(model, r.graph, r.plan)
+    assert gp.count(again, x) == r.after
+    with torch.no_grad():
+        assert torch.allclose(again(*x), r.model(*x), atol=1e-5)
+
+
+def test_iterative_channel_ratio_and_replacing_callback(resnet20) -> None:
+    model, x, dg = resnet20
+    marker = []
+
+    def finetune(slim, step):
+        with torch.no_grad():
+            slim.fc.bias.add_(1.0)  # stands in for training
+        marker.append(step)
+        return slim
+
+    r = gp.prune(model, x, "l1", 0.5, steps=2, callback=finetune, ignore=["conv1"])
+    assert marker == [1, 2]
+    assert torch.allclose(r.model.fc.bias, model.fc.bias + 2.0)
+    one = gp.prune(model, x, "l1", 0.5, ignore=["conv1"])
+    assert abs(one.after.params - r.after.params) <= 0.05 * one.after.params
+    group0 = next(g.id for g in dg.groups if any(m.param == "conv1.weight" for m in g.members))
+    assert group0 not in r.plan
+
+
+def test_unreachable_target_warns(resnet20) -> None:
+    model, _, dg = resnet20
+    with pytest.warns(RuntimeWarning, match="closest plan removes"):
+        gp.select(dg, gp.score("l1", model, dg), 0.9, target="macs", min_keep=0.5)
