@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -495,25 +495,33 @@ class DependencyGraph:
         order = kept[np.argsort(first_elem[kept], kind="stable")]
         group_of_cls = np.full(n_cls + 1, -1, dtype=np.int64)  # last slot: unlabelled
         chan_of_cls = np.full(n_cls + 1, -1, dtype=np.int64)
-        comp_to_gid: dict[int, int] = {}
-        sizes: list[int] = []
-        for c in order:
-            gid = comp_to_gid.setdefault(int(comp[c]), len(comp_to_gid))
-            if gid == len(sizes):
-                sizes.append(0)
-            group_of_cls[c] = gid
-            chan_of_cls[c] = sizes[gid]
-            sizes[gid] += 1
+        # Group ids in order of first appearance along ``order``; channels numbered within.
+        _, first, inverse = np.unique(comp[order], return_index=True, return_inverse=True)
+        gid_of_comp = np.empty(len(first), dtype=np.int64)
+        gid_of_comp[np.argsort(first, kind="stable")] = np.arange(len(first))
+        gids = gid_of_comp[inverse.reshape(-1)]
+        counts = np.bincount(gids, minlength=len(first))
+        within = np.empty(len(order), dtype=np.int64)
+        within[np.argsort(gids, kind="stable")] = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+        group_of_cls[order] = gids
+        chan_of_cls[order] = within
+        sizes = [int(n) for n in counts]
 
         pinned_reasons: dict[int, list[str]] = {}
         producers: dict[int, list[str]] = {}
-        for root in self.roots:
-            gids = group_of_cls[cls[root.start:root.start + root.size]]
-            for gid in np.unique(gids[gids >= 0]):
-                if root.kind == PINNED and root.reason not in pinned_reasons.setdefault(int(gid), []):
-                    pinned_reasons[int(gid)].append(root.reason)
-                if (kinds[root.start:root.start + root.size] == PRODUCER).any():
-                    producers.setdefault(int(gid), []).append(root.origin)
+        # Every (root, group) pair once, in root order then group id.
+        root_of = np.repeat(np.arange(len(self.roots)), [r.size for r in self.roots])
+        elem_gid = group_of_cls[cls]
+        root_has_producer = np.zeros(len(self.roots), bool)
+        root_has_producer[root_of[is_producer]] = True
+        hit = elem_gid >= 0
+        pairs = np.unique(root_of[hit] * (len(sizes) + 1) + elem_gid[hit])
+        for r, gid in zip((pairs // (len(sizes) + 1)).tolist(), (pairs % (len(sizes) + 1)).tolist()):
+            root = self.roots[r]
+            if root.kind == PINNED and root.reason not in pinned_reasons.setdefault(gid, []):
+                pinned_reasons[gid].append(root.reason)
+            if root_has_producer[r]:
+                producers.setdefault(gid, []).append(root.origin)
 
         inexact: dict[int, list[str]] = {}
         for elems, why in self.inexact_marks:
@@ -525,11 +533,16 @@ class DependencyGraph:
         for (param, dim), labels in self.member_labels.items():
             c = cls[labels]
             gids = group_of_cls[c]
-            for gid in np.unique(gids[gids >= 0]):
-                pos = np.flatnonzero(gids == gid)
-                members.setdefault(int(gid), []).append(Member(
-                    param, dim, self.member_roles[(param, dim)],
-                    tuple(int(p) for p in pos), tuple(int(x) for x in chan_of_cls[c[pos]])))
+            pos = np.flatnonzero(gids >= 0)
+            if not pos.size:
+                continue
+            pos = pos[np.argsort(gids[pos], kind="stable")]  # by group, ascending within
+            cuts = [0, *(np.flatnonzero(np.diff(gids[pos])) + 1).tolist(), len(pos)]
+            gid_list, chans, pos_list = gids[pos].tolist(), chan_of_cls[c[pos]].tolist(), pos.tolist()
+            role = self.member_roles[(param, dim)]
+            for a, b in zip(cuts, cuts[1:]):
+                members.setdefault(gid_list[a], []).append(Member(
+                    param, dim, role, tuple(pos_list[a:b]), tuple(chans[a:b])))
 
         self.cls = np.append(cls, n_cls)  # element -1 maps to the unlabelled slot
         self.group_of_cls = group_of_cls
@@ -572,25 +585,34 @@ class DependencyGraph:
                 if arr.size and not self.keep_mask(arr, removed).any():
                     vanished.add(node.name)
                     break
-        problems = []
-        for node in self.gm.graph.nodes:
-            if node.name not in vanished:
-                continue
-            for user in node.users:
-                if user.name in vanished:
-                    continue
-                if user.op == "call_function" and user.target in CAT_TARGETS:
-                    continue
-                problems.append(f"{node.name!r} feeds {user.name!r} ({user.op} {getattr(user.target, '__name__', user.target)})")
+        problems = [p for node in self.gm.graph.nodes if node.name in vanished
+                    for p in self._vanish_problems(node, vanished)]
         return vanished, problems
 
+    @staticmethod
+    def _vanish_problems(node: torch.fx.Node, vanished: Container[str]) -> list[str]:
+        """Users of a vanished ``node`` that cannot do without it."""
+        return [f"{node.name!r} feeds {user.name!r} ({user.op} {getattr(user.target, '__name__', user.target)})"
+                for user in node.users
+                if user.name not in vanished and not (user.op == "call_function" and user.target in CAT_TARGETS)]
+
     def _mark_removable(self) -> None:
+        # Removing a group whole empties exactly the axes whose every element is one of its
+        # channels: one pass over the axes instead of ``vanish_blockers`` per group.
+        vanishing: dict[int, dict[str, torch.fx.Node]] = {}
+        for node in self.gm.graph.nodes:
+            for arr in iter_arrays(self.node_labels.get(node.name)):
+                if arr.size:
+                    gids = self.group_of_cls[self.cls[arr]]
+                    if gids[0] >= 0 and (gids == gids[0]).all():
+                        vanishing.setdefault(int(gids[0]), {})[node.name] = node
         for i, g in enumerate(self.groups):
             if not g.prunable:
                 continue
-            removed = self.removed_classes({g.id: range(g.size)})
-            _, problems = self.vanish_blockers(removed)
-            if not problems:
+            vanished = vanishing.get(g.id, {})
+            # no vanishing axis at all: the channels live inside a layer (attention's inner
+            # dims), which cannot become zero-width
+            if vanished and not any(self._vanish_problems(node, vanished) for node in vanished.values()):
                 self.groups[i] = dataclasses.replace(g, removable=True)
 
     # --- inspection ------------------------------------------------------------------------

@@ -11,6 +11,8 @@ output shapes. The user's model is never touched.
 from __future__ import annotations
 
 import copy
+import operator
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -111,35 +113,80 @@ def _has_attr(root: torch.nn.Module, target: str) -> bool:
         return False
 
 
-def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str) -> torch.fx.GraphModule:
-    """A deep copy of ``model`` as a GraphModule running ``dg``'s traced graph."""
+def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str,
+                         replace: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule:
+    """A deep copy of ``model`` as a GraphModule running ``dg``'s traced graph.
+
+    ``replace`` maps names of parameters and buffers to the tensors the copy holds
+    instead of copies of the originals (so sliced weights are copied once, at their
+    new size).
+    """
     graph = copy.deepcopy(dg.gm.graph)
-    root = copy.deepcopy(model)
+    memo: dict[int, Any] = {}
+    if replace:
+        state = dict(model.named_parameters())
+        state.update(dict(model.named_buffers()))
+        for key, new in replace.items():
+            old = state[key]
+            if isinstance(old, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+            if old.__dict__:
+                new.__dict__.update(copy.deepcopy(old.__dict__, memo))
+            memo[id(old)] = new
+    root = copy.deepcopy(model, memo)
     for node in graph.nodes:  # constants that tracing created live on the traced module only
         if node.op == "get_attr" and not _has_attr(root, node.target):
             _assign(root, node.target, copy.deepcopy(_get_attr(dg.gm, node.target)))
     return torch.fx.GraphModule(root, graph, name)
 
 
-def _slice_state(slim: torch.fx.GraphModule, dg: DependencyGraph, removed: np.ndarray) -> set[str]:
-    """Slice parameters and buffers; return the names of modules that changed."""
+def _cuts(dg: DependencyGraph, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
+    """Kept positions of every parameter/buffer axis that loses channels."""
     cuts: dict[str, dict[int, np.ndarray]] = {}
     for (param, dim), labels in dg.member_labels.items():
         keep = dg.keep_mask(labels, removed)
         if not keep.all():
             cuts.setdefault(param, {})[dim] = np.flatnonzero(keep)
+    return cuts
+
+
+def _sliced(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
+    """A new tensor holding the kept positions of ``t`` (never a view of it)."""
+    with torch.no_grad():
+        t = t.detach()
+        for dim, idx in dims.items():
+            t = t.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+    return t
+
+
+def _presliced(model: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Sliced copies of the cut tensors that ``model`` holds under one name only.
+
+    The model copy takes these instead of full copies; a tensor shared under several
+    names (tied weights) is copied whole and sliced afterwards, as before.
+    """
+    uses: dict[int, int] = {}
+    for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        uses[id(t)] = uses.get(id(t), 0) + 1
+    state = dict(model.named_parameters())
+    state.update(dict(model.named_buffers()))
+    return {name: _sliced(state[name], dims) for name, dims in cuts.items()
+            if name in state and type(state[name]) in (torch.Tensor, torch.nn.Parameter)
+            and uses.get(id(state[name])) == 1}
+
+
+def _slice_state(slim: torch.fx.GraphModule, cuts: dict[str, dict[int, np.ndarray]],
+                 done: Container[str] = ()) -> set[str]:
+    """Slice parameters and buffers (those in ``done`` already are); return the changed modules."""
     state = dict(slim.named_parameters())
     state.update(dict(slim.named_buffers()))
     changed = set()
-    with torch.no_grad():
-        for param, dims in cuts.items():
-            if param not in state:
-                continue
-            t = state[param].detach()
-            for dim, idx in dims.items():
-                t = t.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device))
-            _assign(slim, param, t.clone())
-            changed.add(param.rpartition(".")[0])
+    for param, dims in cuts.items():
+        if param not in state:
+            continue
+        if param not in done:
+            _assign(slim, param, _sliced(state[param], dims))
+        changed.add(param.rpartition(".")[0])
     return changed
 
 
@@ -156,8 +203,28 @@ def _drop_vanished(slim: torch.fx.GraphModule, vanished: set[str]) -> None:
         if node.name in vanished:
             slim.graph.erase_node(node)
     if vanished:
-        slim.graph.eliminate_dead_code()
+        slim.graph.eliminate_dead_code(is_impure_node=_has_effect)
     slim.delete_all_unused_submodules()
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul}
+
+
+def _has_effect(node: torch.fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node`` although nothing reads its output:
+    fx's impure nodes, and in-place operations (``nn.ReLU(inplace=True)``, ``x.relu_()``,
+    ``torch.relu_``, ``x += y``), which change a tensor that other nodes read."""
+    if node.is_impure() or node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False) is True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return True
+    return node.op in ("call_method", "call_function") and isinstance(name, str) \
+        and name.endswith("_") and not name.endswith("__")
 
 
 def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, check: bool = True) -> torch.fx.GraphModule:
@@ -177,8 +244,12 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
         raise PlanError("the plan empties layers whose outputs are still needed: "
                         + "; ".join(problems[:5]) + ". Keep at least one channel in those groups")
 
-    slim = copy_as_graph_module(model, dg, type(model).__name__ + "Slim")
-    changed = _slice_state(slim, dg, removed)
+    cuts = _cuts(dg, removed)
+    presliced = _presliced(model, cuts)
+    slim = copy_as_graph_module(model, dg, type(model).__name__ + "Slim", replace=presliced)
+    changed = _slice_state(slim, cuts, done=presliced)
+    # a module is touched when it or a submodule of it holds a sliced tensor
+    touched_modules = {".".join(c.split(".")[:i]) for c in changed for i in range(1, c.count(".") + 2)}
     modules = dict(slim.named_modules())
     rw = RewriteContext(dg, removed, modules)
     rw.slim = slim
@@ -190,8 +261,7 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
             rule = find_rule(node, module)
             if rule is None:
                 continue
-            touched = module is not None and any(
-                c == node.target or c.startswith(node.target + ".") for c in changed)
+            touched = module is not None and node.target in touched_modules
             if rule.resize is not None and touched:
                 rule.resize(module)
             if rule.patch is not None:

@@ -318,3 +318,76 @@ def test_apply_to_a_model_modified_after_build():
     # the model it was built from still works
     slim = gp.apply(model, dg, {inner.id: [0]})
     assert slim.conv1.out_channels == 7
+
+
+def test_parameter_replaced_in_place_after_build():
+    model = net()
+    dg = gp.DependencyGraph.build(model, X)
+    inner = next(g for g in dg.groups if g.prunable)
+    changed = copy.deepcopy(model)
+    changed.bn.weight = nn.Parameter(torch.ones(12))  # same module, new parameter shape
+    with untouched(changed), pytest.raises(gp.InputError) as info:
+        gp.apply(changed, dg, {inner.id: [0]})
+    assert "bn.weight" in str(info.value) and "(8,)" in str(info.value) and "(12,)" in str(info.value)
+
+
+# --- example inputs of the wrong dtype -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.bool])
+def test_example_input_of_the_wrong_dtype_names_the_node_and_dtypes(dtype):
+    model = net()
+    with untouched(model), pytest.raises(gp.TraceError) as info:
+        gp.DependencyGraph.build(model, X.to(dtype))
+    msg = str(info.value)
+    assert "conv1" in msg and "dtype" in msg
+    assert re.search(r"double|half|long|bool", msg, re.IGNORECASE)
+
+
+# --- ratios and scores given to select() directly ----------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, float("nan"), None, True])
+def test_select_ratio_out_of_range(built, ratio):
+    _, dg, inner, _ = built
+    with pytest.raises(gp.InputError, match="ratio"):
+        gp.select(dg, {inner.id: [1.0] * inner.size}, ratio)
+
+
+def test_nan_weights_give_a_clear_error_not_a_silent_plan():
+    model = net()
+    with torch.no_grad():
+        model.conv1.weight[2, 0, 0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(gp.PlanError, match="NaN"):
+        gp.prune(model, X, method="magnitude", ratio=0.5)
+    for k, v in model.state_dict().items():  # untouched() cannot compare NaN with NaN
+        assert torch.equal(v.isnan(), before[k].isnan()) and torch.equal(v.nan_to_num(), before[k].nan_to_num())
+
+
+# --- a failure midway leaves nothing half-pruned -----------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["rule patch", "dropping layers", "check run"])
+def test_a_failure_midway_through_apply_leaves_the_model_whole(built, monkeypatch, stage):
+    model, dg, inner, _ = built
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    if stage == "rule patch":  # the BatchNorm rule fails after the weights were sliced
+        import dataclasses
+
+        from graphprune.rules import base
+
+        rule = dataclasses.replace(base._MODULE_RULES[nn.BatchNorm2d], patch=boom)
+        monkeypatch.setitem(base._MODULE_RULES, nn.BatchNorm2d, rule)
+    elif stage == "dropping layers":
+        monkeypatch.setattr("graphprune.rewrite._drop_vanished", boom)
+    else:  # the slim model fails its check run
+        monkeypatch.setattr(torch.fx.GraphModule, "__call__", boom)
+    with untouched(model), pytest.raises(gp.RewriteError, match="injected failure"):
+        gp.apply(model, dg, {inner.id: [0, 3]})
+    monkeypatch.undo()
+    # the same graph and model still prune exactly afterwards
+    assert gp.verify(model, X, {inner.id: [0, 3]}, dg=dg) <= 1e-5

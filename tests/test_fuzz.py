@@ -1,0 +1,238 @@
+"""Fuzzing: random architectures and random plans.
+
+Property: for any architecture the strategy draws and any plan, either the slim model
+is exact (``gp.verify`` <= 1e-4, so the outputs keep their shapes) or graphprune raises
+a typed ``gp.GraphPruneError``; never another exception. The user's model is never
+changed, whatever happens.
+
+CI runs 200 derandomised examples per property (float64, so 1e-4 measures structure,
+not rounding). ``GRAPHPRUNE_FUZZ_LONG=1`` runs thousands with fresh randomness
+(``GRAPHPRUNE_FUZZ_EXAMPLES=N`` sets how many) and prints a tally of outcomes::
+
+    GRAPHPRUNE_FUZZ_LONG=1 python -m pytest -q -s tests/test_fuzz.py
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+from strategies import Arch, FuzzNet, Op, architectures, build, plans
+
+import graphprune as gp
+from graphprune import tracing
+
+LONG = os.environ.get("GRAPHPRUNE_FUZZ_LONG", "") not in ("", "0")
+EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "2000" if LONG else "200"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not LONG,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+TOLERANCE = 1e-4
+REPORT = LONG or os.environ.get("GRAPHPRUNE_FUZZ_REPORT", "") not in ("", "0")
+TALLY: collections.Counter = collections.Counter()
+FIRST: dict[str, str] = {}  # outcome -> first error message, for the report
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model: torch.nn.Module, snap: dict, params: dict, training: bool) -> None:
+    now = model.state_dict()
+    assert now.keys() == snap.keys(), "the user's model gained or lost state"
+    for k, v in snap.items():
+        assert now[k].shape == v.shape and torch.equal(now[k], v), f"the user's model changed: {k}"
+    assert {k: id(v) for k, v in model.named_parameters()} == params, "parameters were replaced"
+    assert model.training == training
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def check_prune(model: torch.nn.Module, x: torch.Tensor, data: st.DataObject) -> str:
+    """Build, draw a plan, apply, verify. Returns the outcome for the tally."""
+    snap, training = _snapshot(model), model.training
+    params = {k: id(v) for k, v in model.named_parameters()}
+    try:
+        dg = gp.DependencyGraph.build(model, x)
+        mode, plan = data.draw(plans(dg), label="plan")
+        note(f"{mode} plan: {dict(plan.items())}")
+        slim = gp.apply(model, dg, plan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # inexact groups: verify warns and checks shapes only
+            err = gp.verify(model, x, plan, dg=dg, slim=slim)
+        assert err <= TOLERANCE, f"slim differs from the masked original by {err}"
+        inputs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+        with torch.no_grad():
+            want = [o.shape for o in _outputs(model(*inputs))]
+            got = [o.shape for o in _outputs(slim(*inputs))]
+        assert want == got, f"output shapes changed: {want} -> {got}"
+        outcome = f"exact ({mode}, {'empty' if not plan else 'pruned'})"
+        assert mode != "broken", "a broken plan was accepted"
+    except gp.GraphPruneError as exc:
+        outcome = f"{type(exc).__name__} ({mode if 'mode' in locals() else 'build'})"
+        FIRST.setdefault(outcome, str(exc)[:300])
+    finally:
+        _assert_unchanged(model, snap, params, training)
+    event(outcome)
+    TALLY[outcome] += 1
+    return outcome
+
+
+@FUZZ
+@given(arch=architectures(), data=st.data())
+def test_random_architectures_prune_exactly_or_raise_typed_errors(arch, data):
+    model, x = build(arch)
+    check_prune(model, x, data)
+
+
+SMALL_ZOO = ["resnet20", "densenet", "mobilenet_v2", "vgg11", "shufflenet_v2", "vit_tiny", "unet",
+             "squeezenet", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_small", "resnext",
+             "inception", "msd", "swin_tiny", "vit_mha"]
+
+
+class _Zoo(dict):
+    def __repr__(self) -> str:  # hypothesis prints the fixture in a falsifying example
+        return f"<zoo models {sorted(self)}>"
+
+
+@pytest.fixture(scope="module")
+def zoo_models():
+    return _Zoo({n: gp.zoo.create(n) for n in SMALL_ZOO if n in gp.zoo.list_models()})
+
+
+@settings(FUZZ, max_examples=max(20, EXAMPLES // 5))
+@given(data=st.data())
+def test_random_plans_on_zoo_models(zoo_models, data):
+    name = data.draw(st.sampled_from(sorted(zoo_models)), label="model")
+    model, x = zoo_models[name]
+    check_prune(model, x, data)
+
+
+@settings(FUZZ, max_examples=max(20, EXAMPLES // 4))
+@given(arch=architectures())
+def test_recorded_shapes_match_the_model_outputs(arch):
+    """The output shapes recorded in node.meta are those the model computes (a guard for
+    any faster shape propagation)."""
+    model, x = build(arch)
+    gm = tracing.trace(model, x)
+    with torch.no_grad():
+        outs = _outputs(model(x))
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    args = out_node.args[0]
+    recorded = [args.meta["shape"]] if isinstance(args, torch.fx.Node) else [a.meta["shape"] for a in args]
+    assert recorded == [o.shape for o in outs]
+
+
+def test_strategy_covers_the_listed_operations():
+    """The strategy can draw every operation family the issue lists."""
+    kinds = collections.Counter()
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(arch=architectures())
+    def collect(arch):
+        for op in arch.ops:
+            kind = op.kind
+            if kind == "conv":
+                c_in = arch.shapes[op.inputs[0]][0]
+                groups = op.args[3]
+                kind = "depthwise" if groups == c_in and groups > 1 else "grouped" if groups > 1 else "conv"
+            kinds[kind] += 1
+
+    collect()
+    for kind in ("conv", "depthwise", "grouped", "fconv", "bn", "act", "add", "mul", "cat", "split",
+                 "pool", "up", "flatten", "linear", "gap", "se"):
+        assert kinds[kind] > 0, f"the strategy never drew {kind}: {dict(kinds)}"
+
+
+def test_fuzznet_is_traceable_and_runs():
+    arch = Arch(c_in=3, hw=8, shapes=[(3, 8, 8)])
+    arch.ops += [Op("conv", (0,), (6, 3, 1, 1, True)), Op("split", (1,), ((2, 4),)),
+                 Op("cat", (2, 3)), Op("gap", (4,), ("mean",)), Op("linear", (5,), (2, True))]
+    arch.shapes += [(6, 8, 8), (2, 8, 8), (4, 8, 8), (6, 8, 8), (6,), (2,)]
+    arch.outputs = (6,)
+    model, x = build(arch)
+    assert isinstance(model, FuzzNet)
+    assert model(x).shape == (1, 2)
+    dg = gp.DependencyGraph.build(model, x)
+    assert any(g.prunable for g in dg.groups)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_tally():
+    yield
+    if REPORT and TALLY:
+        print(f"\nfuzz outcomes over {sum(TALLY.values())} examples:")
+        for outcome, n in sorted(TALLY.items()):
+            print(f"  {n:6d}  {outcome}" + (f"\n          e.g. {FIRST[outcome]}" if outcome in FIRST else ""))
+
+
+# --- regressions the fuzzer found ------------------------------------------------------------
+
+
+class _InplaceUnused(torch.nn.Module):
+    """An in-place op whose result is not used, and a layer that a plan removes whole."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.dead = torch.nn.Conv2d(3, 2, 1)  # nothing reads it: removable whole
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        self.dead(x)
+        y = self.conv(x)
+        if self.how == "module":
+            self.act(y)
+        elif self.how == "method":
+            y.relu_()
+        elif self.how == "function":
+            torch.relu_(y)
+        else:
+            y += 1.0
+        return self.head(y)
+
+
+@pytest.mark.parametrize("how", ["module", "method", "function", "iadd"])
+def test_dropping_a_vanished_layer_keeps_unused_inplace_ops(how):
+    """Found by fuzzing: removing a layer whole ran fx's dead-code elimination, which took
+    in-place ops with unused results (nn.ReLU(inplace=True)(y), y.relu_()) for dead code."""
+    model = _InplaceUnused(how).eval()
+    x = torch.randn(1, 3, 4, 4)
+    dg = gp.DependencyGraph.build(model, x)
+    dead = next(g for g in dg.groups if any(m.param == "dead.weight" for m in g.members))
+    assert dead.removable
+    plan = {dead.id: list(range(dead.size))}
+    slim = gp.apply(model, dg, plan)
+    assert not hasattr(slim, "dead")
+    with torch.no_grad():
+        assert torch.allclose(slim(x), model(x), atol=1e-6)
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= TOLERANCE
+
+
+@pytest.mark.parametrize("factor", ["largest", "heads"])
+def test_attention_inner_groups_cannot_be_emptied(factor):
+    """Found by fuzzing: nn.MultiheadAttention's inner dims were marked removable, so a plan
+    emptying them passed validation and the rewrite failed; now the plan is refused."""
+    model, x = gp.zoo.create("vit_mha")
+    dg = gp.DependencyGraph.build(model, x, factor=factor)
+    inner = [g for g in dg.groups if g.prunable and any(p.endswith("in_proj_weight") for p in g.producers)]
+    assert inner and not any(g.removable for g in inner)
+    with pytest.raises(gp.PlanError, match="keep one or more"):
+        gp.apply(model, dg, {inner[0].id: list(range(inner[0].size))})
+    keep_one = {inner[0].id: list(range(1, inner[0].size))}
+    assert gp.verify(model, x, keep_one, dg=dg) <= TOLERANCE
