@@ -117,6 +117,7 @@ def kernel_counts(model: torch.nn.Module, example: torch.Tensor) -> tuple[int, i
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
     xtr, ytr = generate(args.train, args.size, rng, noise=args.noise)
@@ -139,8 +140,9 @@ def run(args: argparse.Namespace) -> dict:
         lr = args.lr or {"msd": 1e-2, "unet": 3e-3}[name]
         retrain_lr = args.retrain_lr or lr / 5
         fit = finetune(base, train, epochs=args.epochs, lr=lr, optimizer="adam", schedule="cosine",
-                       eval_data=val, restore_best=True, progress=False)
-        base_acc = evaluate(base, test)
+                       eval_data=val, restore_best=True, progress=False, device=dev)
+        base_acc = evaluate(base, test, device=dev)
+        base.cpu()
         kernels0, channels0 = kernel_counts(base, example[0])
         counts0 = gp.count(base, example)
         print(f"[{name}] trained {args.epochs} epochs in {time.time() - t1:.0f}s: test acc {base_acc:.4f}, "
@@ -154,8 +156,8 @@ def run(args: argparse.Namespace) -> dict:
             rows = []
             for keep in keeps:
                 finetune(dense, train, epochs=args.retrain_epochs, lr=retrain_lr, optimizer="adam",
-                         schedule=None, progress=False)
-                rows.append({"keep": keep, "test_acc": evaluate(dense, test)})
+                         schedule=None, progress=False, device=dev)
+                rows.append({"keep": keep, "test_acc": evaluate(dense, test, device=dev)})
             entry["control"] = {"steps": rows, "seconds": time.time() - t2}
             print(f"[{name}] control (retraining, no pruning): acc {rows[-1]['test_acc']:.4f}", flush=True)
         for method in args.methods:
@@ -163,11 +165,11 @@ def run(args: argparse.Namespace) -> dict:
             rows: list[dict] = []
 
             def retrain(slim, step, rows=rows, retrain_lr=retrain_lr):
-                pruned_acc = evaluate(slim, test)
+                pruned_acc = evaluate(slim.to(dev), test, device=dev)
                 finetune(slim, train, epochs=args.retrain_epochs, lr=retrain_lr, optimizer="adam",
-                         schedule=None, progress=False)
-                rows.append({"pruned_acc": pruned_acc, "test_acc": evaluate(slim, test)})
-                return slim
+                         schedule=None, progress=False, device=dev)
+                rows.append({"pruned_acc": pruned_acc, "test_acc": evaluate(slim, test, device=dev)})
+                return slim.cpu()  # graphs are traced on the CPU
 
             result = gp.prune(copy.deepcopy(base), example, method="lean", criterion=method, schedule=keeps,
                               callback=retrain, n=args.n)
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip the control run (the same retraining epochs without pruning)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where to train (cuda for --paper); graphs are traced on cpu")
     p.add_argument("--paper", action="store_true",
                    help="the published setting: 256x256, 500/100/50 images, depth 50, 50 epochs, 15 steps "
                         "to 5%%, 3 retraining epochs (GPU-sized)")

@@ -10,8 +10,9 @@ Per model (the engine-speed sizes) and a 50% L1-magnitude plan:
   the one shape-propagation run, not weights;
 - ``apply alloc``: bytes created by ``apply(check=False)`` next to the slim model's own
   size: each kept tensor is copied once, at its new size (no full copy first);
-- ``RSS``: peak resident set size of a fresh process after loading the model, after
-  ``build`` and after ``apply`` (each phase in its own subprocess; ``ru_maxrss``).
+- ``peak``/``kept``: growth of the resident set size during ``build`` and during ``apply``
+  (peak, and what stays), each phase in a fresh subprocess whose glibc returns freed
+  large blocks to the OS at once (``MALLOC_MMAP_THRESHOLD_``), so RSS follows live memory.
 
     python benchmarks/memory.py                 # resnet50 densenet201 vit_b16
     python benchmarks/memory.py resnet101
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,7 +123,10 @@ def phase_rss(name: str, phase: str) -> dict[str, float]:
 def _phase_in_subprocess(name: str, phase: str) -> dict[str, float]:
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import memory; "
             f"print(json.dumps(memory.phase_rss({name!r}, {phase!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # a fixed mmap threshold: every large tensor is mapped on its own and returned to the OS
+    # when freed, so RSS follows live memory instead of what glibc keeps for reuse
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,6 +1,6 @@
 """graphprune: structural channel pruning of PyTorch models through torch.fx graphs."""
 
-from graphprune import errors, importance, train, zoo
+from graphprune import errors, importance, lean, train, zoo
 from graphprune.api import PruneResult, prune
 from graphprune.errors import (
     GraphPruneError,
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Counts", "DependencyGraph", "GraphPruneError", "Group", "InputError", "Member", "Plan",
     "PlanError", "PruneResult", "RewriteError", "SerializationError", "TraceError",
-    "UnsupportedOpError", "apply", "count", "errors", "export", "latency", "load", "masked_model", "prune",
+    "UnsupportedOpError", "apply", "count", "errors", "export", "latency", "lean", "load", "masked_model", "prune",
     "register", "save", "score", "select", "set_origin", "trace", "train", "verify", "zoo",
     "CRITERIA", "LossError", "importance",
 ]

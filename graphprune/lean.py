@@ -1137,7 +1137,7 @@ class KernelMasker:
             if w is None or tuple(w.shape[:2]) != tuple(m.shape):
                 continue
             full = m.to(w.device, w.dtype).reshape(tuple(m.shape) + (1,) * (w.dim() - 2))
-            handles.append(w.register_hook(lambda g, full=full: g * full))
+            handles.append(w.register_hook(lambda g, full=full: g * full.to(g.device)))
         return handles
 
 

@@ -72,7 +72,11 @@ class _MaskedRun(torch.fx.Interpreter):
                 if not keep.all():
                     shape = [1] * value.dim()
                     shape[d] = -1
-                    value = value * torch.as_tensor(keep, dtype=value.dtype).view(shape)
+                    mask = torch.as_tensor(keep, dtype=value.dtype).view(shape)
+                    try:  # in place, so tensors aliasing this one (views, in-place ops) see it too
+                        value.mul_(mask)
+                    except RuntimeError:  # expanded or otherwise unwritable tensors
+                        value = value * mask
             return value
         if isinstance(value, (tuple, list)) and isinstance(labels, Multi):
             return type(value)(self._mask(v, lab) for v, lab in zip(value, labels))
