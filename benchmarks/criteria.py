@@ -18,8 +18,8 @@ With ``torch-pruning`` installed, its ``GroupMagnitudeImportance`` and
 ``GroupTaylorImportance`` (with its own pruner, ratio searched to the same MACs)
 run side by side.
 
-    python benchmarks/criteria.py            # full: width 16, 5 Shapley permutations
-    python benchmarks/criteria.py --quick    # a few minutes: width 8, local scope only
+    python benchmarks/criteria.py            # ~1 h on 2 busy cores (15 min of it training, cached)
+    python benchmarks/criteria.py --quick    # ~10 min on 2 busy cores: width 8, local scope only
 
 Writes ``benchmarks/results/criteria.json`` (``criteria_quick.json`` with ``--quick``).
 """
