@@ -187,7 +187,7 @@ def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int 
         kept = _allowed_kept(g.size, min(_floor(g.size, min_keep), g.size), round_to)
         for j, (a, b) in enumerate(zip(kept, kept[1:])):
             chans = order[g.size - a:g.size - b]
-            mean = float(s[chans].mean())
+            mean = float(s[chans[0]]) if len(chans) == 1 else float(s[chans].mean())
             if scope == "global":
                 key = (mean, gid, j)
             elif len(chans) == 1:  # floor(size * ratio) channels, as without rounding

@@ -43,6 +43,19 @@ def magnitude(
     roles = set(roles)
     state = dict(model.named_parameters())
     state.update(dict(model.named_buffers()))
+    per_axis: dict[tuple[str, int], np.ndarray] = {}  # a tensor axis can serve several groups
+
+    def axis_norms(param: str, dim: int) -> np.ndarray:
+        if (param, dim) not in per_axis:
+            t = state[param].detach()
+            other = [d for d in range(t.dim()) if d != dim]
+            if p == 1:
+                v = t.abs().sum(other, dtype=torch.float64) if other else t.abs().double()
+            else:
+                v = t.double().square().sum(other) if other else t.double().square()
+            per_axis[(param, dim)] = v.numpy()
+        return per_axis[(param, dim)]
+
     scores: dict[int, np.ndarray] = {}
     for g in dg.groups:
         if not g.prunable:
@@ -51,9 +64,6 @@ def magnitude(
         for m in g.members:
             if m.role not in roles or m.param not in state:
                 continue
-            t = state[m.param].detach().double().movedim(m.dim, 0)
-            t = t[list(m.positions)].reshape(len(m.positions), -1)
-            per_pos = (t.abs().sum(1) if p == 1 else (t * t).sum(1)).numpy()
-            np.add.at(total, np.asarray(m.channels), per_pos)
+            np.add.at(total, np.asarray(m.channels), axis_norms(m.param, m.dim)[list(m.positions)])
         scores[g.id] = total if p == 1 else np.sqrt(total)
     return normalize_scores(scores, normalize)
