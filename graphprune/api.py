@@ -6,14 +6,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.importance import score
 from graphprune.metrics import Counts, count
-from graphprune.plan import Plan, resolve_ignore, select
+from graphprune.plan import Plan, StepPlans, check_schedule, select
 from graphprune.rewrite import apply
 
 __all__ = ["PruneResult", "prune"]
@@ -29,34 +28,6 @@ class PruneResult:
     after: Counts
     graph: DependencyGraph
     history: list[Plan] = field(default_factory=list)  # each step's plan, on that step's graph
-
-
-def _removal_map(dg: DependencyGraph, plan: Plan) -> dict[tuple[str, int], list[int]]:
-    """Positions each (parameter, axis) loses under ``plan``, in the current model's indexing."""
-    out: dict[tuple[str, int], list[int]] = {}
-    for gid, channels in plan.items():
-        for m in dg.groups[gid].members:
-            out.setdefault((m.param, m.dim), []).extend(m.indices(channels))
-    return out
-
-
-def _compose(dg0: DependencyGraph, kept: dict[tuple[str, int], np.ndarray]) -> Plan:
-    """The plan on the original graph that removes what the steps removed together."""
-    removed: dict[int, list[int]] = {}
-    for g in dg0.groups:
-        gone = set()
-        for m in g.members:
-            alive = kept.get((m.param, m.dim))
-            if alive is None:
-                continue
-            alive = set(alive.tolist())
-            by_channel: dict[int, bool] = {}
-            for p, c in zip(m.positions, m.channels):
-                by_channel[c] = by_channel.get(c, True) and p not in alive
-            gone |= {c for c, dead in by_channel.items() if dead}
-        if gone:
-            removed[g.id] = sorted(gone)
-    return Plan(removed)
 
 
 def prune(
@@ -101,12 +72,7 @@ def prune(
     (``result.graph``): applying it to ``model`` gives the architecture of
     ``result.model``.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be a positive integer, got {steps!r}")
-    if callback is not None and not callable(callback):
-        raise InputError(f"callback must be callable(model, step), got {type(callback).__name__}")
+    check_schedule(ratio, steps, callback)
     if method == "lean":  # LEAN keeps kernels along chains, then channels: see graphprune.lean.prune
         from graphprune.lean import prune as lean_prune
 
@@ -116,20 +82,13 @@ def prune(
         data = list(data)  # a one-shot iterator: every step scores on the same batches
     dg0 = DependencyGraph.build(model, example_inputs, leaf_modules=leaf_modules)
     before = count(model, example_inputs)
-    ignore = list(ignore)
-    names = [i for i in ignore if isinstance(i, str)]
-    ids = resolve_ignore(dg0, [i for i in ignore if not isinstance(i, str)])
-    # Group ids change when a slim model is traced again: follow the groups by their slices.
-    pinned = {(m.param, m.dim) for gid in ids for m in dg0.groups[gid].members}
-    kept = {(param, dim): np.arange(dg0.state_shapes[param][dim])
-            for (param, dim) in dg0.member_labels if param in dg0.state_shapes}
+    steps_done = StepPlans(dg0, ignore)
     current, dg = model, dg0
     base = before.macs if target == "macs" else before.params
-    history = []
     for step in range(1, steps + 1):
         if step > 1:
             dg = DependencyGraph.build(current, example_inputs, leaf_modules=leaf_modules)
-        skip = [g.id for g in dg.groups if any((m.param, m.dim) in pinned for m in g.members)] + names
+        skip = steps_done.skip(dg)
         scores = score(method, current, dg, data=data, **options)
         done, goal = ratio * (step - 1) / steps, ratio * step / steps
         if target == "channels":
@@ -146,14 +105,11 @@ def prune(
         else:
             raise InputError(f"target must be 'channels', 'macs' or 'params', got {target!r}")
         slim = apply(current, dg, plan)
-        for key, positions in _removal_map(dg, plan).items():
-            if key in kept:
-                kept[key] = np.delete(kept[key], sorted(set(positions)))
-        history.append(plan)
+        steps_done.record(dg, plan)
         if callback is not None:
             returned = callback(slim, step)
             if isinstance(returned, torch.nn.Module):
                 slim = returned
         current = slim
-    plan = history[0] if steps == 1 else _compose(dg0, kept)
-    return PruneResult(current, plan, before, count(current, example_inputs), dg0, history)
+    return PruneResult(current, steps_done.composed(), before, count(current, example_inputs), dg0,
+                       steps_done.history)

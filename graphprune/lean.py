@@ -57,7 +57,7 @@ from torch import nn
 
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
-from graphprune.plan import Plan
+from graphprune.plan import Plan, StepPlans, check_schedule
 
 if TYPE_CHECKING:
     from graphprune.api import PruneResult
@@ -1175,29 +1175,6 @@ def lean_plan(
     return plan_from_kernels(dg, cg, ext, ignore=ignore), cg, ext
 
 
-def _member_keys(dg: DependencyGraph) -> dict[tuple[str, int], int]:
-    return {(p, d): dg.state_shapes[p][d] for (p, d) in dg.member_labels if p in dg.state_shapes}
-
-
-def _compose(dg0: DependencyGraph, alive: Mapping[tuple[str, int], np.ndarray]) -> Plan:
-    """The plan on the original graph removing what the steps removed together."""
-    removed: dict[int, list[int]] = {}
-    for g in dg0.groups:
-        gone = set()
-        for m in g.members:
-            keep = alive.get((m.param, m.dim))
-            if keep is None:
-                continue
-            keep = set(keep.tolist())
-            by_channel: dict[int, bool] = {}
-            for p, c in zip(m.positions, m.channels):
-                by_channel[c] = by_channel.get(c, True) and p not in keep
-            gone |= {c for c, dead in by_channel.items() if dead}
-        if gone:
-            removed[g.id] = sorted(gone)
-    return Plan(removed)
-
-
 def prune(
     model: nn.Module,
     example_inputs: Any,
@@ -1237,12 +1214,7 @@ def prune(
     from graphprune.metrics import count
     from graphprune.rewrite import apply
 
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be a positive integer, got {steps!r}")
-    if callback is not None and not callable(callback):
-        raise InputError(f"callback must be callable(model, step), got {type(callback).__name__}")
+    check_schedule(ratio, steps, callback)
     if criterion not in CRITERIA:
         raise InputError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if schedule is not None:
@@ -1255,22 +1227,16 @@ def prune(
     ignore, leaf_modules = list(ignore), list(leaf_modules)
     dg0 = DependencyGraph.build(model, example_inputs, leaf_modules=leaf_modules)
     before = count(model, example_inputs)
-    ign_ids = [i for i in ignore if not isinstance(i, str)]
-    ign_names = [i for i in ignore if isinstance(i, str)]
-    from graphprune.plan import resolve_ignore
-
-    pinned = {(m.param, m.dim) for gid in resolve_ignore(dg0, ign_ids) for m in dg0.groups[gid].members}
-    alive = {k: np.arange(v) for k, v in _member_keys(dg0).items()}
+    steps_done = StepPlans(dg0, ignore)
     current, dg = model, dg0
     total0 = None
-    history: list[Plan] = []
     stats: list[dict[str, Any]] = []
     keeps = schedule or (geometric_keep(1 - ratio, steps) if ratio > 0 else [1.0] * steps)
     for step, keep in enumerate(keeps, start=1):
         t0 = time.perf_counter()
         if step > 1:
             dg = DependencyGraph.build(current, example_inputs, leaf_modules=leaf_modules)
-        skip = [g.id for g in dg.groups if any((m.param, m.dim) in pinned for m in g.members)] + ign_names
+        skip = steps_done.skip(dg)
         cg = ChannelGraph.build(current, dg, criterion=criterion, n=n, exclude=exclude)
         if total0 is None:
             total0 = cg.n_kernels
@@ -1285,14 +1251,7 @@ def prune(
             masker = KernelMasker(slim_kernel_masks(dg, lp.plan, lp.kernel_masks))
             apply_kernel_masks(slim, masker.masks)
             handles = masker.hook(slim)
-        gone: dict[tuple[str, int], set[int]] = {}
-        for g, chans in lp.plan.items():
-            for m in dg.groups[g].members:
-                gone.setdefault((m.param, m.dim), set()).update(m.indices(chans))
-        for key, positions in gone.items():
-            if key in alive:
-                alive[key] = np.delete(alive[key], sorted(positions))
-        history.append(lp.plan)
+        steps_done.record(dg, lp.plan)
         row = {"step": step, "keep": keep, "original_kernels": total0, "budget": budget, "paths": ext.n_paths,
                "path_kernels": ext.path_kernels, "seconds": time.perf_counter() - t0,
                **lp.summary(), "masked": mask}
@@ -1306,8 +1265,8 @@ def prune(
             apply_kernel_masks(slim, masker.masks)
         stats.append(row)
         current = slim
-    plan = history[0] if steps == 1 else _compose(dg0, alive)
-    result = PruneResult(current, plan, before, count(current, example_inputs), dg0, history)
+    result = PruneResult(current, steps_done.composed(), before, count(current, example_inputs), dg0,
+                         steps_done.history)
     result.lean = stats
     return result
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from graphprune.errors import InputError, PlanError
 
-__all__ = ["Plan", "select", "resolve_ignore", "CountEstimator"]
+__all__ = ["Plan", "select", "resolve_ignore", "CountEstimator", "StepPlans", "check_schedule"]
 
 
 def _as_index(value: Any) -> int:
@@ -510,3 +510,66 @@ def select(
                       f"{1 - got / base:.1%} (floors, round_to, ignored or unscored groups limit it)",
                       RuntimeWarning, stacklevel=2)
     return plan
+
+
+class StepPlans:
+    """Bookkeeping of iterative pruning: each step's plan is on that step's (re-traced)
+    graph; this follows the original graph's tensor slices through the steps.
+
+    - ``skip(dg)``: group ids of ``dg`` to leave alone (the ignored groups of the
+      original graph, found by the slices they own, plus ignored module names);
+    - ``record(dg, plan)``: note what a step removed;
+    - ``composed()``: one plan on the original graph that removes what all steps did.
+    """
+
+    def __init__(self, dg0: Any, ignore: Any = ()) -> None:
+        ignore = list(ignore)
+        self.dg0 = dg0
+        self.names = [i for i in ignore if isinstance(i, str)]
+        ids = resolve_ignore(dg0, [i for i in ignore if not isinstance(i, str)])
+        self.pinned = {(m.param, m.dim) for gid in ids for m in dg0.groups[gid].members}
+        self.kept = {(param, dim): np.arange(dg0.state_shapes[param][dim])
+                     for (param, dim) in dg0.member_labels if param in dg0.state_shapes}
+        self.history: list[Plan] = []
+
+    def skip(self, dg: Any) -> list[int | str]:
+        return [g.id for g in dg.groups if any((m.param, m.dim) in self.pinned for m in g.members)] + self.names
+
+    def record(self, dg: Any, plan: Plan) -> None:
+        gone: dict[tuple[str, int], set[int]] = {}
+        for gid, channels in plan.items():
+            for m in dg.groups[gid].members:
+                gone.setdefault((m.param, m.dim), set()).update(m.indices(channels))
+        for key, positions in gone.items():
+            if key in self.kept:
+                self.kept[key] = np.delete(self.kept[key], sorted(positions))
+        self.history.append(plan)
+
+    def composed(self) -> Plan:
+        if len(self.history) == 1:
+            return self.history[0]
+        removed: dict[int, list[int]] = {}
+        for g in self.dg0.groups:
+            gone: set[int] = set()
+            for m in g.members:
+                alive = self.kept.get((m.param, m.dim))
+                if alive is None:
+                    continue
+                alive = set(alive.tolist())
+                dead: dict[int, bool] = {}
+                for p, c in zip(m.positions, m.channels):
+                    dead[c] = dead.get(c, True) and p not in alive
+                gone |= {c for c, is_dead in dead.items() if is_dead}
+            if gone:
+                removed[g.id] = sorted(gone)
+        return Plan(removed)
+
+
+def check_schedule(ratio: Any, steps: Any, callback: Any) -> None:
+    """Raise ``InputError`` for a ratio outside [0, 1), a bad step count or callback."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback must be callable(model, step), got {type(callback).__name__}")
