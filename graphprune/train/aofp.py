@@ -28,8 +28,7 @@ import torch.fx
 from torch import nn
 
 from graphprune.plan import CountEstimator, Plan
-from graphprune.train.finetune import finetune
-from graphprune.train.masking import ChannelMasker
+from graphprune.train.masking import ChannelMasker, train_then_slim
 
 __all__ = ["AOFP", "aofp", "AOFPResult"]
 
@@ -184,6 +183,12 @@ class AOFP:
             self.pruned_in_sweep = False
             self.exhausted.clear()
 
+    def close(self) -> None:
+        """Remove the hooks that record next-layer damage."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
     def finish(self) -> Plan:
         """Reach the MACs target if training ended first (lowest mean damage, then random, first)."""
         while not self.stop:
@@ -200,9 +205,7 @@ class AOFP:
             if best is None:
                 break
             self.masker.prune(best[1], [best[2]])
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self.close()
         self.masker.refresh()
         return self.masker.plan()
 
@@ -228,16 +231,6 @@ def aofp(model: nn.Module, dg, data: Iterable, ratio: float, *, epochs: int = 5,
     the graph's example inputs) are gone, slim it, optionally fine-tune. ``train`` goes to ``finetune``."""
     plugin = AOFP(model, dg, ratio, groups=groups, rounds=rounds, threshold=threshold, growth=growth,
                   min_keep=min_keep, ceilings=ceilings, seed=seed)
-    try:
-        res = finetune(model, data, epochs=epochs, plugins=[plugin], **train)
-        reached = plugin.stop
-        plan = plugin.finish()
-        slim = plugin.masker.slim()
-    finally:
-        plugin.masker.remove()
-        for h in plugin._hooks:
-            h.remove()
-    history = res.history
-    if finetune_epochs:
-        history = history + finetune(slim, data, epochs=finetune_epochs, **train).history
+    slim, plan, reached, history = train_then_slim(model, data, plugin, epochs=epochs,
+                                                   finetune_epochs=finetune_epochs, train=train)
     return AOFPResult(slim, plan, plugin.base, plugin.est.counts(plan)[1], reached, plugin.log, history)

@@ -215,3 +215,27 @@ class ChannelMasker:
     def plan(self) -> Plan:
         """Plan removing the permanently pruned channels (on ``dg``)."""
         return Plan({gid: sorted(ch) for gid, ch in self.pruned.items() if ch})
+
+
+def train_then_slim(model: nn.Module, data, plugin, *, epochs: int, finetune_epochs: int, train: dict):
+    """Train with a masking ``plugin`` (it has ``masker``, ``stop``, ``finish()`` and maybe
+    ``close()``), slim the masked model, optionally fine-tune the slim one.
+
+    Returns ``(slim, plan, reached, history)``; the masks and hooks are removed from
+    ``model`` whatever happens.
+    """
+    from graphprune.train.finetune import finetune
+
+    try:
+        res = finetune(model, data, epochs=epochs, plugins=[plugin], **train)
+        reached = plugin.stop
+        plan = plugin.finish()
+        slim = plugin.masker.slim()
+    finally:
+        plugin.masker.remove()
+        if hasattr(plugin, "close"):
+            plugin.close()
+    history = res.history
+    if finetune_epochs:
+        history = history + finetune(slim, data, epochs=finetune_epochs, **train).history
+    return slim, plan, reached, history

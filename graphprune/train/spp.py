@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from graphprune.plan import Plan
-from graphprune.train.finetune import finetune
-from graphprune.train.masking import ChannelMasker, channel_rows, member_params
+from graphprune.train.masking import ChannelMasker, channel_rows, member_params, train_then_slim
 
 __all__ = ["SPP", "spp", "SPPResult", "spp_increment"]
 
@@ -152,14 +151,6 @@ def spp(model: nn.Module, dg, data: Iterable, ratio: float, *, epochs: int = 5, 
     then the most probable channels are pruned to reach it, ``reached=False``), slim it, and
     optionally fine-tune the slim model for ``finetune_epochs``. ``train`` goes to ``finetune``."""
     plugin = SPP(model, dg, ratio, groups=groups, A=A, u=u, every=every, seed=seed, criterion=criterion)
-    try:
-        res = finetune(model, data, epochs=epochs, plugins=[plugin], **train)
-        reached = plugin.stop
-        plan = plugin.finish()
-        slim = plugin.masker.slim()
-    finally:
-        plugin.masker.remove()
-    history = res.history
-    if finetune_epochs:
-        history = history + finetune(slim, data, epochs=finetune_epochs, **train).history
+    slim, plan, reached, history = train_then_slim(model, data, plugin, epochs=epochs,
+                                                   finetune_epochs=finetune_epochs, train=train)
     return SPPResult(slim, plan, plugin.prob, reached, history)
