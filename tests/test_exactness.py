@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.fx
 import torch.nn as nn
+from helpers import assert_state, flat_outputs, snapshot
 
 import graphprune as gp
 
@@ -28,23 +29,7 @@ TOL = 1e-4
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for o in out for t in _flat(o)]
 
-
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_state(model, snap):
-    now = model.state_dict()
-    assert now.keys() == snap.keys()
-    for k, v in snap.items():
-        assert now[k].shape == v.shape and torch.equal(now[k], v), f"{k} changed"
 
 
 def _exact(g):
@@ -77,8 +62,8 @@ def random_plan(dg, seed=0, *, include_inexact=False):
 def _built(name):
     model, x = gp.zoo.create(name)
     with torch.no_grad():
-        out = [t.clone() for t in _flat(model(*x))]
-    snap = _snapshot(model)
+        out = [t.clone() for t in flat_outputs(model(*x))]
+    snap = snapshot(model)
     dg = gp.DependencyGraph.build(model, x)
     return model, x, dg, out, snap
 
@@ -149,7 +134,7 @@ def test_random_half_plan_is_exact_and_smaller(name):
 
     slim.eval()
     with torch.no_grad():
-        got = _flat(slim(*x))
+        got = flat_outputs(slim(*x))
     assert [t.shape for t in got] == [t.shape for t in out_before]
     assert all(torch.isfinite(t).all() for t in got)
 
@@ -161,9 +146,9 @@ def test_random_half_plan_is_exact_and_smaller(name):
     _check_width_attributes(slim, model)
 
     # the user's model is untouched and still computes what it did
-    _assert_state(model, snap)
+    assert_state(model, snap)
     with torch.no_grad():
-        again = _flat(model(*x))
+        again = flat_outputs(model(*x))
     assert all(torch.equal(a, b) for a, b in zip(again, out_before, strict=True))
 
 
@@ -179,7 +164,7 @@ def test_plan_json_round_trip_gives_same_slim_model(name):
     slim.eval()
     slim2.eval()
     with torch.no_grad():
-        a, b = _flat(slim(*x)), _flat(slim2(*x))
+        a, b = flat_outputs(slim(*x)), flat_outputs(slim2(*x))
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert {k: v.shape for k, v in slim.state_dict().items()} == {
         k: v.shape for k, v in slim2.state_dict().items()}
@@ -205,19 +190,19 @@ def test_prune_one_call(name, method):
     assert result.after.macs < result.before.macs
     result.model.eval()
     with torch.no_grad():
-        got = _flat(result.model(*x))
+        got = flat_outputs(result.model(*x))
     assert [t.shape for t in got] == [t.shape for t in out_before]
     dg = getattr(result, "graph", None) or gp.DependencyGraph.build(model, x)
     if all(_exact(g) for g in dg.groups if g.id in result.plan):
         assert _verify_quietly(model, x, result.plan, dg=dg, slim=result.model) <= TOL
-    _assert_state(model, snap)
+    assert_state(model, snap)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "densenet", "mobilenet_v2", "msd"])
 def test_a_slim_model_can_be_pruned_again(name):
     _, x, _, _, _ = _built(name)
     _, slim = _pruned(name)
-    snap = _snapshot(slim)
+    snap = snapshot(slim)
     dg2 = gp.DependencyGraph.build(slim, x)
     plan2 = random_plan(dg2, seed=3)
     assert len(plan2) > 0
@@ -225,7 +210,7 @@ def test_a_slim_model_can_be_pruned_again(name):
     assert _verify_quietly(slim, x, plan2, dg=dg2, slim=slim2) <= TOL
     assert gp.count(slim2, x).params < gp.count(slim, x).params
     _check_width_attributes(slim2, slim)
-    _assert_state(slim, snap)
+    assert_state(slim, snap)
 
 
 # --- negative controls: verify can fail -----------------------------------------------------------
@@ -269,7 +254,7 @@ def test_verify_detects_a_plan_with_the_wrong_channels(name):
     assert wrong != plan
     slim.eval()
     with torch.no_grad():
-        scale = max(t.abs().max().item() for t in _flat(slim(*x)))
+        scale = max(t.abs().max().item() for t in flat_outputs(slim(*x)))
     # some slim zoo models (no normalisation, half the channels gone) have tiny outputs,
     # so the bar is relative to the output scale there
     assert gp.verify(model, x, wrong, dg=dg, slim=slim) > min(1e-3, 0.05 * scale)
@@ -290,12 +275,12 @@ def test_plans_on_inexact_groups_still_produce_a_working_slim_model():
         slim = gp.apply(model, dg, plan)
         slim.eval()
         with torch.no_grad():
-            got = _flat(slim(*x))
+            got = flat_outputs(slim(*x))
         assert [t.shape for t in got] == [t.shape for t in out_before], name
         assert all(torch.isfinite(t).all() for t in got), name
         assert gp.count(slim, x).params < gp.count(model, x).params, name
         _check_width_attributes(slim, model)
-        _assert_state(model, snap)
+        assert_state(model, snap)
         checked += 1
     if not checked:
         pytest.skip("no zoo model has inexact prunable groups")

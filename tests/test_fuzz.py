@@ -23,6 +23,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_state, snapshot
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from strategies import Arch, FuzzNet, Op, architectures, build, plans
@@ -47,15 +48,9 @@ TALLY: collections.Counter = collections.Counter()
 FIRST: dict[str, str] = {}  # outcome -> first error message, for the report
 
 
-def _snapshot(model: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
 
 def _assert_unchanged(model: torch.nn.Module, snap: dict, params: dict, training: bool) -> None:
-    now = model.state_dict()
-    assert now.keys() == snap.keys(), "the user's model gained or lost state"
-    for k, v in snap.items():
-        assert now[k].shape == v.shape and torch.equal(now[k], v), f"the user's model changed: {k}"
+    assert_state(model, snap, "the user's model: ")
     assert {k: id(v) for k, v in model.named_parameters()} == params, "parameters were replaced"
     assert model.training == training
 
@@ -66,7 +61,7 @@ def _outputs(out) -> list[torch.Tensor]:
 
 def check_prune(model: torch.nn.Module, x: torch.Tensor, data: st.DataObject) -> str:
     """Build, draw a plan, apply, verify. Returns the outcome for the tally."""
-    snap, training = _snapshot(model), model.training
+    snap, training = snapshot(model), model.training
     params = {k: id(v) for k, v in model.named_parameters()}
     try:
         dg = gp.DependencyGraph.build(model, x)

@@ -17,6 +17,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import assert_state, flat_outputs, snapshot
 
 import graphprune as gp
 
@@ -30,23 +31,7 @@ def _inputs(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for o in out for t in _flat(o)]
 
-
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_state(model, snap):
-    now = model.state_dict()
-    assert now.keys() == snap.keys()
-    for k, v in snap.items():
-        assert now[k].shape == v.shape and torch.equal(now[k], v), k
 
 
 def build(model, x):
@@ -81,29 +66,29 @@ def exact(model, x, plan, *, dg=None, zero=None, tol=TOL):
     x = _inputs(x)
     model.eval()
     dg = dg or build(model, x)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with torch.no_grad():
-        before = _flat(model(*x))
+        before = flat_outputs(model(*x))
     slim = gp.apply(model, dg, plan)
     assert isinstance(slim, torch.fx.GraphModule)
     assert gp.verify(model, x, plan, dg=dg, slim=slim) <= tol
     slim.eval()
     with torch.no_grad():
-        got = _flat(slim(*x))
+        got = flat_outputs(slim(*x))
     assert [t.shape for t in got] == [t.shape for t in before]
     if zero is not None:
         ref = copy.deepcopy(model)
         with torch.no_grad():
             for name, (dim, idx) in zero.items():
                 ref.get_parameter(name).index_fill_(dim, torch.tensor(idx, dtype=torch.long), 0.0)
-            want = _flat(ref(*x))
+            want = flat_outputs(ref(*x))
         for a, b in zip(want, got, strict=True):
             assert (a - b).abs().max().item() <= tol
         # and the removed channels did matter: the unmasked model differs
         assert max((a - b).abs().max().item() for a, b in zip(before, got)) > 1e-3
-    _assert_state(model, snap)
+    assert_state(model, snap)
     with torch.no_grad():
-        again = _flat(model(*x))
+        again = flat_outputs(model(*x))
     assert all(torch.equal(a, b) for a, b in zip(before, again))
     return slim
 
