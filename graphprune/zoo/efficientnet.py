@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import register
+from .blocks import Conv2dNormActivation, SqueezeExcitation
 from .mobilenet import make_divisible
 
 # (expand_ratio, kernel, stride, input_channels, out_channels, num_layers) of B0
@@ -44,58 +45,6 @@ class StochasticDepth(nn.Module):
         return x * mask / keep_prob
 
 
-class Conv2dNormActivation(nn.Sequential):
-    """Conv2d (same padding, no bias) + BatchNorm2d + optional activation."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        groups: int = 1,
-        activation_layer: type[nn.Module] | None = nn.SiLU,
-    ) -> None:
-        layers: list[nn.Module] = [
-            nn.Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size,
-                stride,
-                (kernel_size - 1) // 2,
-                groups=groups,
-                bias=False,
-            ),
-            nn.BatchNorm2d(out_channels),
-        ]
-        if activation_layer is not None:
-            layers.append(activation_layer(inplace=True))
-        super().__init__(*layers)
-
-
-class SqueezeExcitation(nn.Module):
-    """avgpool -> fc1 (1x1) -> SiLU -> fc2 (1x1) -> sigmoid, times the input."""
-
-    def __init__(self, input_channels: int, squeeze_channels: int) -> None:
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
-        self.activation = nn.SiLU()
-        self.scale_activation = nn.Sigmoid()
-
-    def _scale(self, input: torch.Tensor) -> torch.Tensor:
-        scale = self.avgpool(input)
-        scale = self.fc1(scale)
-        scale = self.activation(scale)
-        scale = self.fc2(scale)
-        return self.scale_activation(scale)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        scale = self._scale(input)
-        return scale * input
-
-
 class MBConv(nn.Module):
     """Inverted residual with SE; the SE squeeze width is a quarter of the block input."""
 
@@ -115,7 +64,7 @@ class MBConv(nn.Module):
         expanded_channels = make_divisible(input_channels * expand_ratio, 8)
         if expanded_channels != input_channels:
             layers.append(
-                Conv2dNormActivation(input_channels, expanded_channels, kernel_size=1)
+                Conv2dNormActivation(input_channels, expanded_channels, kernel_size=1, activation_layer=nn.SiLU)
             )
         layers.append(
             Conv2dNormActivation(
@@ -124,10 +73,11 @@ class MBConv(nn.Module):
                 kernel_size=kernel,
                 stride=stride,
                 groups=expanded_channels,
+                activation_layer=nn.SiLU,
             )
         )
         squeeze_channels = max(1, input_channels // 4)
-        layers.append(SqueezeExcitation(expanded_channels, squeeze_channels))
+        layers.append(SqueezeExcitation(expanded_channels, squeeze_channels, activation=nn.SiLU))
         layers.append(
             Conv2dNormActivation(
                 expanded_channels, out_channels, kernel_size=1, activation_layer=None
@@ -169,7 +119,7 @@ class EfficientNet(nn.Module):
             for t, k, s, i, o, n in _MBCONV_SETTING
         ]
         layers: list[nn.Module] = [
-            Conv2dNormActivation(3, settings[0][3], kernel_size=3, stride=2)
+            Conv2dNormActivation(3, settings[0][3], kernel_size=3, stride=2, activation_layer=nn.SiLU)
         ]
 
         total_stage_blocks = sum(cfg[-1] for cfg in settings)
@@ -198,7 +148,8 @@ class EfficientNet(nn.Module):
         lastconv_output_channels = 4 * lastconv_input_channels
         layers.append(
             Conv2dNormActivation(
-                lastconv_input_channels, lastconv_output_channels, kernel_size=1
+                lastconv_input_channels, lastconv_output_channels, kernel_size=1,
+                activation_layer=nn.SiLU,
             )
         )
         self.features = nn.Sequential(*layers)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from . import register
+from .blocks import Conv2dNormActivation as _Conv2dNormActivation
+from .blocks import SqueezeExcitation
 from .mobilenet import make_divisible
 
 # (input_channels, kernel, expanded_channels, out_channels, use_se, activation, stride)
@@ -30,56 +32,9 @@ _SMALL_SETTING = (
 )
 
 
-class Conv2dNormActivation(nn.Sequential):
-    """Conv2d (same padding, no bias) + BatchNorm2d + optional activation."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        groups: int = 1,
-        activation_layer: type[nn.Module] | None = None,
-    ) -> None:
-        layers: list[nn.Module] = [
-            nn.Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size,
-                stride,
-                (kernel_size - 1) // 2,
-                groups=groups,
-                bias=False,
-            ),
-            nn.BatchNorm2d(out_channels, eps=0.001, momentum=0.01),
-        ]
-        if activation_layer is not None:
-            layers.append(activation_layer(inplace=True))
-        super().__init__(*layers)
-
-
-class SqueezeExcitation(nn.Module):
-    """avgpool -> fc1 (1x1) -> ReLU -> fc2 (1x1) -> hardsigmoid, times the input."""
-
-    def __init__(self, input_channels: int, squeeze_channels: int) -> None:
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
-        self.activation = nn.ReLU()
-        self.scale_activation = nn.Hardsigmoid()
-
-    def _scale(self, input: torch.Tensor) -> torch.Tensor:
-        scale = self.avgpool(input)
-        scale = self.fc1(scale)
-        scale = self.activation(scale)
-        scale = self.fc2(scale)
-        return self.scale_activation(scale)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        scale = self._scale(input)
-        return scale * input
+def Conv2dNormActivation(*args, **kwargs) -> nn.Sequential:  # noqa: N802  (a layer, as in torchvision)
+    """The shared conv-BN-activation block with MobileNetV3's BatchNorm settings."""
+    return _Conv2dNormActivation(*args, eps=0.001, momentum=0.01, **kwargs)
 
 
 class InvertedResidual(nn.Module):
@@ -125,7 +80,7 @@ class InvertedResidual(nn.Module):
         )
         if use_se:
             squeeze_channels = make_divisible(expanded_channels // 4, 8)
-            layers.append(SqueezeExcitation(expanded_channels, squeeze_channels))
+            layers.append(SqueezeExcitation(expanded_channels, squeeze_channels, scale_activation=nn.Hardsigmoid))
 
         # project
         layers.append(
