@@ -1,0 +1,122 @@
+"""Rules no zoo model exercises: each checked by the masked-vs-slim verify on a small model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphprune as gp
+
+
+class SDPA(nn.Module):
+    """q, k, v from Linears, split into heads, F.scaled_dot_product_attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(16, 24)
+        self.out = nn.Linear(24, 16)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, 4, 8).transpose(1, 2)
+        k = self.k(x).view(b, n, 4, 8).transpose(1, 2)
+        v = self.v(x).view(b, n, 4, 6).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, n, 24))
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.gn, self.b = nn.Conv2d(3, 12, 3), nn.GroupNorm(4, 12), nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.gn(self.a(x))))
+
+
+class PixelShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(4, 2, 1)
+        self.c, self.d = nn.Conv2d(2, 5, 1), nn.Conv2d(20, 3, 1)
+
+    def forward(self, x):
+        up = self.b(F.pixel_shuffle(self.a(x), 2))        # 16 -> 4 channels, 2x spatial
+        return self.d(F.pixel_unshuffle(self.c(up), 2))    # 5 -> 20 channels, back to 1x
+
+
+class PadMatmulNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = F.pad(F.relu(self.a(x)), (1, 1, 1, 1)).mean((2, 3))   # spatial padding only
+        return self.head(y @ self.w)
+
+
+@pytest.mark.parametrize("factor, sizes", [("largest", [8, 6]), ("heads", [4])])
+def test_scaled_dot_product_attention(factor, sizes):
+    model, x = SDPA().eval(), torch.randn(2, 5, 16)
+    dg = gp.DependencyGraph.build(model, x, factor=factor)
+    groups = [g for g in dg.groups if g.prunable]
+    assert sorted(g.size for g in groups) == sorted(sizes)
+    plan = {g.id: [0, 1] for g in groups}
+    slim = gp.apply(model, dg, plan)
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+    # the default scale 1/sqrt(head_dim) of the original is kept when head dims shrink
+    sdpa = next(n for n in slim.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert sdpa.kwargs.get("scale") == pytest.approx(8 ** -0.5)
+
+
+def test_group_norm_loses_whole_groups_exactly():
+    model, x = GroupNormNet().eval(), torch.randn(2, 3, 8, 8)
+    dg = gp.DependencyGraph.build(model, x)
+    group = next(g for g in dg.groups if g.prunable)
+    assert group.size == 4 and group.exact                  # 4 normalisation groups of 3
+    slim = gp.apply(model, dg, {group.id: [1, 3]})
+    gn = next(m for m in slim.modules() if isinstance(m, nn.GroupNorm))
+    assert (gn.num_groups, gn.num_channels) == (2, 6)
+    assert gp.verify(model, x, {group.id: [1, 3]}, dg=dg, slim=slim) <= 1e-5
+
+
+def test_pixel_shuffle_and_unshuffle():
+    model, x = PixelShuffleNet().eval(), torch.randn(2, 3, 6, 6)
+    dg = gp.DependencyGraph.build(model, x)
+    sizes = {g.producers[0].split(".")[0]: g.size for g in dg.groups if g.prunable}
+    assert sizes == {"a": 4, "b": 2, "c": 5}                # a: one channel = a block of 4
+    plan = {g.id: [0] for g in dg.groups if g.prunable}
+    slim = gp.apply(model, dg, plan)
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+    assert slim.get_parameter("a.weight").shape[0] == 12 and slim.get_parameter("d.weight").shape[1] == 16
+
+
+def test_spatial_pad_and_matmul_with_a_parameter():
+    model, x = PadMatmulNet().eval(), torch.randn(2, 3, 8, 8)
+    dg = gp.DependencyGraph.build(model, x)
+    by_size = {g.size: g for g in dg.groups if g.prunable}
+    assert set(by_size) == {8, 6}                          # conv channels, and w's columns as a layer
+    assert {(m.param, m.dim) for m in by_size[6].members} >= {("w", 1), ("head.weight", 1)}
+    plan = {by_size[8].id: [2, 5], by_size[6].id: [0]}
+    slim = gp.apply(model, dg, plan)
+    assert slim.get_parameter("w").shape == (6, 5)
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+
+
+def test_padding_a_channel_axis_pins_it():
+    class ChannelPad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x).permute(0, 2, 3, 1)
+            return self.b(F.pad(y, (1, 1)).permute(0, 3, 1, 2))
+
+    dg = gp.DependencyGraph.build(ChannelPad(), torch.randn(1, 3, 4, 4))
+    assert not any(g.prunable for g in dg.groups)
+    assert "pads a channel axis" in dg.describe(width=200)
