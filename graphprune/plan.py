@@ -118,13 +118,46 @@ SCOPES = ("local", "global")
 TARGETS = ("channels", "macs", "params")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Unit:
-    """Channels of one group removed in one step (one channel, or a ``round_to`` block)."""
+    """Channels of one group removed in one step (one channel, or a ``round_to`` block);
+    ``frac`` is the fraction of its group removed once it is taken."""
 
     gid: int
     channels: np.ndarray
-    key: tuple
+    frac: float
+
+
+class _Units:
+    """An ordered sequence of ``_Unit``s held as arrays (there is one per channel).
+
+    Unit ``i`` removes ``chans[start[i]:stop[i]]`` of group ``gid[i]``. Slicing gives
+    another ``_Units``; iterating gives ``_Unit`` objects.
+    """
+
+    def __init__(self, gid: np.ndarray, frac: np.ndarray, start: np.ndarray, stop: np.ndarray,
+                 chans: np.ndarray) -> None:
+        self.gid, self.frac, self.start, self.stop, self.chans = gid, frac, start, stop, chans
+
+    def __len__(self) -> int:
+        return len(self.gid)
+
+    def __getitem__(self, index: slice | np.ndarray) -> _Units:
+        return _Units(self.gid[index], self.frac[index], self.start[index], self.stop[index], self.chans)
+
+    def __iter__(self):
+        for g, f, a, b in zip(self.gid.tolist(), self.frac.tolist(), self.start.tolist(), self.stop.tolist()):
+            yield _Unit(g, self.chans[a:b], f)
+
+    def removed(self) -> dict[int, list[int]]:
+        """Channels every group loses when all these units are taken."""
+        lengths = self.stop - self.start
+        at = np.repeat(self.start - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        gids = np.repeat(self.gid, lengths)
+        order = np.argsort(gids, kind="stable")
+        gids, chans = gids[order], self.chans[at[order]]
+        cuts = np.flatnonzero(np.diff(gids)) + 1
+        return {int(g[0]): c.tolist() for g, c in zip(np.split(gids, cuts), np.split(chans, cuts)) if g.size}
 
 
 def _floor(size: int, min_keep: int | float) -> int:
@@ -167,16 +200,18 @@ def resolve_ignore(dg: Any, ignore: Iterable[int | str]) -> set[int]:
 
 
 def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int | float,
-           round_to: int | None) -> tuple[list[_Unit], int]:
+           round_to: int | None) -> tuple[_Units, int]:
     """Removal units of every group in scope, ordered for ``scope``; and the channels in scope.
 
     Taking a prefix of the returned list is a valid plan. ``local`` orders units by the
     fraction of their group removed once they are taken (so a prefix removes the same
-    fraction everywhere); ``global`` by score (mean score for ``round_to`` blocks).
+    fraction everywhere); ``global`` by score (mean score for ``round_to`` blocks). Ties
+    go by mean score, then group id, then position within the group.
     """
-    units: list[_Unit] = []
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("frac", "mean", "gid", "j", "start", "stop")}
+    orders: list[np.ndarray] = []
     whole: list[tuple[float, int]] = []
-    n_channels = 0
+    n_channels, offset = 0, 0
     for gid, s in scores.items():
         g = dg.groups[gid]
         n_channels += g.size
@@ -184,30 +219,44 @@ def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int 
             whole.append((float(s[0]), gid))
             continue
         order = np.argsort(s, kind="stable")
-        kept = _allowed_kept(g.size, min(_floor(g.size, min_keep), g.size), round_to)
-        for j, (a, b) in enumerate(zip(kept, kept[1:])):
-            chans = order[g.size - a:g.size - b]
-            mean = float(s[chans[0]]) if len(chans) == 1 else float(s[chans].mean())
-            if scope == "global":
-                key = (mean, gid, j)
-            elif len(chans) == 1:  # floor(size * ratio) channels, as without rounding
-                key = ((g.size - b) / g.size, mean, gid, j)
-            else:  # nearest allowed count (ties keep more): take the block past its middle
-                key = ((2 * g.size - a - b) / (2 * g.size) + 1e-6, mean, gid, j)
-            units.append(_Unit(gid, chans, key))
+        kept = np.asarray(_allowed_kept(g.size, min(_floor(g.size, min_keep), g.size), round_to))
+        a, b = kept[:-1], kept[1:]
+        if not a.size:
+            continue
+        start, stop = g.size - a, g.size - b  # block j is order[start[j]:stop[j]]
+        ranked = s[order]
+        mean = np.add.reduceat(ranked, start) / (stop - start) if (stop - start > 1).any() else ranked[start]
+        # one channel: floor(size * ratio) channels, as without rounding; a block: nearest
+        # allowed count (ties keep more), so it is taken once the ratio passes its middle
+        frac = np.where(stop - start == 1, stop / g.size, (start + stop) / (2 * g.size) + 1e-6)
+        for key, col in (("frac", frac), ("mean", mean), ("gid", np.full(a.size, gid)),
+                         ("j", np.arange(a.size)), ("start", start + offset), ("stop", stop + offset)):
+            cols[key].append(col)
+        orders.append(order)
+        offset += g.size
     # Width-1 layers that may vanish are removed whole, ranked among themselves.
     for rank, (sc, gid) in enumerate(sorted(whole)):
-        key = (sc, gid, 0) if scope == "global" else ((rank + 1) / len(whole), sc, gid, 0)
-        units.append(_Unit(gid, np.array([0]), key))
-    units.sort(key=lambda u: u.key)
-    return units, n_channels
+        for key, value in (("frac", (rank + 1) / len(whole)), ("mean", sc), ("gid", gid), ("j", 0),
+                           ("start", offset), ("stop", offset + 1)):
+            cols[key].append(np.array([value]))
+        orders.append(np.array([0]))
+        offset += 1
+    if not orders:
+        return _Units(*(np.zeros(0, np.int64),) * 5), n_channels
+    c = {k: np.concatenate(v) for k, v in cols.items()}
+    keys = (c["j"], c["gid"], c["mean"]) if scope == "global" else (c["j"], c["gid"], c["mean"], c["frac"])
+    rank = np.lexsort(keys)
+    return _Units(c["gid"][rank], c["frac"][rank], c["start"][rank], c["stop"][rank],
+                  np.concatenate(orders)), n_channels
 
 
-def _plan_of(units: Iterable[_Unit]) -> Plan:
-    removed: dict[int, list[int]] = {}
+def _plan_of(units: _Units | Iterable[_Unit]) -> Plan:
+    if isinstance(units, _Units):
+        return Plan(units.removed())
+    removed: dict[int, list[np.ndarray]] = {}
     for u in units:
-        removed.setdefault(u.gid, []).extend(int(c) for c in u.channels)
-    return Plan(removed)
+        removed.setdefault(u.gid, []).append(u.channels)
+    return Plan({gid: np.concatenate(parts).tolist() for gid, parts in removed.items()})
 
 
 class _AxisIndex:
@@ -349,8 +398,8 @@ class CountEstimator:
         return int(params), int(macs)
 
 
-def _search(units: list[_Unit], measure: Callable[[list[_Unit]], float], goal: float,
-            tol: float) -> list[_Unit]:
+def _search(units: _Units, measure: Callable[[_Units | list[_Unit]], float], goal: float,
+            tol: float) -> _Units | list[_Unit]:
     """Units to take so that ``measure`` (remaining size) lands on ``goal``, within ``tol``.
 
     Bisection over prefixes of ``units`` (measure decreases along them), then, if the
@@ -373,7 +422,7 @@ def _search(units: list[_Unit], measure: Callable[[list[_Unit]], float], goal: f
     taken, cur = list(units[:lo]), at(lo)
     over = at(hi)
     if goal - over <= cur - goal and goal - over <= tol:
-        return list(units[:hi])
+        return units[:hi]
     if cur - goal <= tol / 4:
         return taken
     blocked: set[int] = set()
@@ -466,19 +515,16 @@ def select(
 
     axes = _AxisIndex(dg)
 
-    def valid(taken: Iterable[_Unit]) -> Plan:
+    def valid(taken: _Units | Iterable[_Unit]) -> Plan:
         return _repair(dg, _plan_of(taken), scoped, axes)
 
     if target == "channels" or ratio == 0:
         if scope == "local":
-            return valid(u for u in units if u.key[0] <= ratio + 1e-9)
-        goal, taken, removed = ratio * n_channels, [], 0
-        for u in units:
-            if removed + len(u.channels) / 2 > goal + 1e-9:
-                break
-            taken.append(u)
-            removed += len(u.channels)
-        return valid(taken)
+            return valid(units[units.frac <= ratio + 1e-9])
+        # take units in order while the channels removed before each, plus half of it, stay within the goal
+        lengths = units.stop - units.start
+        over = np.flatnonzero(np.cumsum(lengths) - lengths / 2 > ratio * n_channels + 1e-9)
+        return valid(units[:over[0]] if over.size else units)
 
     which = 0 if target == "params" else 1
     est = CountEstimator(dg)

@@ -10,7 +10,9 @@ output shapes. The user's model is never touched.
 
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 import operator
 from collections.abc import Container
 from typing import Any
@@ -113,15 +115,77 @@ def _has_attr(root: torch.nn.Module, target: str) -> bool:
         return False
 
 
-def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str,
-                         replace: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule:
-    """A deep copy of ``model`` as a GraphModule running ``dg``'s traced graph.
+_ATOMS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _is_atom(value: Any) -> bool:
+    return isinstance(value, _ATOMS) or (type(value) is tuple and all(isinstance(v, _ATOMS) for v in value))
+
+
+@functools.cache
+def _plain_copyable(cls: type) -> bool:
+    """Whether ``copy.deepcopy`` of a ``cls`` instance is ``cls.__setstate__`` of a deep copy
+    of its ``__dict__`` (no copy protocol of its own)."""
+    return ("__deepcopy__" not in dir(cls) and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is torch.nn.Module.__getstate__)
+
+
+def _copy_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    """``copy.deepcopy(t, memo)``; a plain clone for ordinary tensors and parameters."""
+    if id(t) in memo:
+        return memo[id(t)]
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.__dict__ or t._base is not None or t.is_sparse:
+        return copy.deepcopy(t, memo)  # views, subclasses, tensors with attributes
+    with torch.no_grad():
+        new = t.clone(memory_format=torch.preserve_format)
+    if type(t) is torch.nn.Parameter:
+        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+    else:
+        new.requires_grad_(t.requires_grad)
+    memo[id(t)] = new
+    return new
+
+
+def _copy_module(module: torch.nn.Module, memo: dict[int, Any]) -> torch.nn.Module:
+    """``copy.deepcopy(module, memo)``, several times faster for ordinary modules.
+
+    Plain values (numbers, strings, tuples of them) are shared, empty hook tables are
+    made anew, tensors and submodules are copied through ``memo`` (so ties survive);
+    anything else, and modules with their own copy protocol, go through ``deepcopy``.
+    """
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if not _plain_copyable(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = {k: None if c is None else _copy_module(c, memo) for k, c in value.items()}
+        elif key in ("_parameters", "_buffers"):
+            state[key] = {k: None if t is None else _copy_tensor(t, memo) for k, t in value.items()}
+        elif _is_atom(value):
+            state[key] = value
+        elif type(value) in (dict, set, list, collections.OrderedDict) and not value:
+            state[key] = type(value)()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    return new
+
+
+def _copy_targets(model: torch.nn.Module, dg: DependencyGraph,
+                  replace: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """A module tree holding deep copies of every module and tensor ``dg``'s graph uses.
 
     ``replace`` maps names of parameters and buffers to the tensors the copy holds
     instead of copies of the originals (so sliced weights are copied once, at their
-    new size).
+    new size). One memo serves the whole copy, so shared modules and tied weights stay
+    shared. Containers on the way to a used module become plain ``nn.Module``s, as in
+    ``torch.fx.GraphModule``.
     """
-    graph = copy.deepcopy(dg.gm.graph)
     memo: dict[int, Any] = {}
     if replace:
         state = dict(model.named_parameters())
@@ -133,11 +197,36 @@ def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str,
             if old.__dict__:
                 new.__dict__.update(copy.deepcopy(old.__dict__, memo))
             memo[id(old)] = new
-    root = copy.deepcopy(model, memo)
-    for node in graph.nodes:  # constants that tracing created live on the traced module only
-        if node.op == "get_attr" and not _has_attr(root, node.target):
-            _assign(root, node.target, copy.deepcopy(_get_attr(dg.gm, node.target)))
-    return torch.fx.GraphModule(root, graph, name)
+    root = torch.nn.Module()
+    root.training = model.training
+    targets = {n.target for n in dg.gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for target in sorted(targets, key=lambda t: t.count(".")):  # parents before children
+        # constants that tracing created live on the traced module only
+        source = _get_attr(model, target) if _has_attr(model, target) else _get_attr(dg.gm, target)
+        if isinstance(source, torch.nn.Module):
+            value = _copy_module(source, memo)
+        else:
+            value = _copy_tensor(source, memo) if isinstance(source, torch.Tensor) else copy.deepcopy(source, memo)
+        *path, field = target.split(".")
+        owner = root
+        for part in path:
+            if getattr(owner, part, None) is None:
+                setattr(owner, part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if getattr(owner, field, None) is value:
+            continue
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            owner.register_buffer(field, value)
+        else:
+            setattr(owner, field, value)
+    return root
+
+
+def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str,
+                         replace: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule:
+    """A deep copy of ``model`` as a GraphModule running ``dg``'s traced graph
+    (``replace`` as in ``_copy_targets``)."""
+    return torch.fx.GraphModule(_copy_targets(model, dg, replace), copy.deepcopy(dg.gm.graph), name)
 
 
 def _cuts(dg: DependencyGraph, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
@@ -175,7 +264,7 @@ def _presliced(model: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -
             and uses.get(id(state[name])) == 1}
 
 
-def _slice_state(slim: torch.fx.GraphModule, cuts: dict[str, dict[int, np.ndarray]],
+def _slice_state(slim: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]],
                  done: Container[str] = ()) -> set[str]:
     """Slice parameters and buffers (those in ``done`` already are); return the changed modules."""
     state = dict(slim.named_parameters())
@@ -190,21 +279,20 @@ def _slice_state(slim: torch.fx.GraphModule, cuts: dict[str, dict[int, np.ndarra
     return changed
 
 
-def _drop_vanished(slim: torch.fx.GraphModule, vanished: set[str]) -> None:
+def _drop_vanished(graph: torch.fx.Graph, vanished: set[str], modules: dict[str, torch.nn.Module]) -> None:
     """Remove layers that lost every channel; the concatenations that read them shrink."""
-    for node in slim.graph.nodes:
+    for node in graph.nodes:
         if node.name in vanished or node.op != "call_function":
             continue
         if node.target in CAT_TARGETS and any(
                 isinstance(t, torch.fx.Node) and t.name in vanished for t in node.args[0]):
             kept = [t for t in node.args[0] if not (isinstance(t, torch.fx.Node) and t.name in vanished)]
             node.args = (kept,) + tuple(node.args[1:])
-    for node in reversed(list(slim.graph.nodes)):
+    for node in reversed(list(graph.nodes)):
         if node.name in vanished:
-            slim.graph.erase_node(node)
+            graph.erase_node(node)
     if vanished:
-        slim.graph.eliminate_dead_code(is_impure_node=_has_effect)
-    slim.delete_all_unused_submodules()
+        graph.eliminate_dead_code(is_impure_node=lambda n: _has_effect(n, modules))
 
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -212,14 +300,17 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
                       operator.ilshift, operator.irshift, operator.imatmul}
 
 
-def _has_effect(node: torch.fx.Node) -> bool:
+def _has_effect(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     """Whether dead-code elimination must keep ``node`` although nothing reads its output:
     fx's impure nodes, and in-place operations (``nn.ReLU(inplace=True)``, ``x.relu_()``,
     ``torch.relu_``, ``x += y``), which change a tensor that other nodes read."""
-    if node.is_impure() or node.kwargs.get("inplace") is True:
+    if node.kwargs.get("inplace") is True:
         return True
-    if node.op == "call_module":
-        return getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False) is True
+    if node.op == "call_module":  # fx's own purity check needs a GraphModule; the graph has none yet
+        module = modules.get(node.target)
+        return getattr(module, "_is_impure", False) is True or getattr(module, "inplace", False) is True
+    if node.is_impure():
+        return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
         return True
@@ -246,15 +337,16 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
 
     cuts = _cuts(dg, removed)
     presliced = _presliced(model, cuts)
-    slim = copy_as_graph_module(model, dg, type(model).__name__ + "Slim", replace=presliced)
-    changed = _slice_state(slim, cuts, done=presliced)
+    root = _copy_targets(model, dg, replace=presliced)
+    graph = copy.deepcopy(dg.gm.graph)
+    changed = _slice_state(root, cuts, done=presliced)
     # a module is touched when it or a submodule of it holds a sliced tensor
     touched_modules = {".".join(c.split(".")[:i]) for c in changed for i in range(1, c.count(".") + 2)}
-    modules = dict(slim.named_modules())
+    modules = dict(root.named_modules())
     rw = RewriteContext(dg, removed, modules)
-    rw.slim = slim
+    rw.slim = root
     try:
-        for node in list(slim.graph.nodes):
+        for node in list(graph.nodes):
             if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):
                 continue
             module = modules.get(node.target) if node.op == "call_module" else None
@@ -266,9 +358,10 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
                 rule.resize(module)
             if rule.patch is not None:
                 rule.patch(rw, node)
-        _drop_vanished(slim, vanished)
-        slim.graph.lint()
-        slim.recompile()
+        _drop_vanished(graph, vanished, modules)
+        graph.lint()
+        # built last: the GraphModule takes only what the final graph uses, and compiles once
+        slim = torch.fx.GraphModule(root, graph, type(model).__name__ + "Slim")
     except (PlanError, RewriteError):
         raise
     except Exception as exc:  # a rule's patch failed: report the node, not the internals

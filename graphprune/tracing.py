@@ -6,7 +6,8 @@ node's output in ``node.meta``:
 
 - ``node.meta["shape"]``: a ``torch.Size`` for a tensor, a nested tuple of them for
   tuple outputs, the value itself for Python scalars (``x.size(1)``);
-- ``node.meta["tensor_meta"]``: the usual fx ``TensorMetadata`` for tensor outputs.
+- ``node.meta["tensor_meta"]``: the usual fx ``TensorMetadata`` of the example inputs
+  (placeholders only: building it costs about half a millisecond per tensor).
 
 The user's module is never changed: buffers that a forward pass may update (BatchNorm
 running statistics in training mode) are restored afterwards.
@@ -184,7 +185,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
                 "dtype and device the model expects."
             ) from exc
         n.meta["shape"] = shape_of(result)
-        if isinstance(result, torch.Tensor):
+        if n.op == "placeholder" and isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _extract_tensor_metadata(result)
         return result
 

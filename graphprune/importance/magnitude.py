@@ -49,11 +49,10 @@ def magnitude(
         if (param, dim) not in per_axis:
             t = state[param].detach()
             other = [d for d in range(t.dim()) if d != dim]
-            if p == 1:
-                v = t.abs().sum(other, dtype=torch.float64) if other else t.abs().double()
-            else:
-                v = t.double().square().sum(other) if other else t.double().square()
-            per_axis[(param, dim)] = v.numpy()
+            # float32 sums (torch sums pairwise): several times faster than float64 ones
+            v = t.abs() if p == 1 else t.float().square()
+            v = v.sum(other) if other else v
+            per_axis[(param, dim)] = v.double().cpu().numpy()
         return per_axis[(param, dim)]
 
     scores: dict[int, np.ndarray] = {}
