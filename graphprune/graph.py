@@ -530,19 +530,26 @@ class DependencyGraph:
                     inexact[int(gid)].append(why)
 
         members: dict[int, list[Member]] = {}
-        for (param, dim), labels in self.member_labels.items():
-            c = cls[labels]
+        keys = list(self.member_labels)
+        if keys:  # all tensor axes at once: one run per (axis, group), positions ascending
+            lengths = [len(a) for a in self.member_labels.values()]
+            flat = np.concatenate(list(self.member_labels.values()))
+            seg = np.repeat(np.arange(len(keys)), lengths)
+            pos = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            c = cls[flat]
             gids = group_of_cls[c]
-            pos = np.flatnonzero(gids >= 0)
-            if not pos.size:
-                continue
-            pos = pos[np.argsort(gids[pos], kind="stable")]  # by group, ascending within
-            cuts = [0, *(np.flatnonzero(np.diff(gids[pos])) + 1).tolist(), len(pos)]
-            gid_list, chans, pos_list = gids[pos].tolist(), chan_of_cls[c[pos]].tolist(), pos.tolist()
-            role = self.member_roles[(param, dim)]
+            hit = gids >= 0
+            seg, gids, pos, c = seg[hit], gids[hit], pos[hit], c[hit]
+            order = np.lexsort((pos, gids, seg))
+            seg, gids, pos, chans = seg[order], gids[order], pos[order], chan_of_cls[c[order]]
+            cuts = [0, *(np.flatnonzero((np.diff(seg) != 0) | (np.diff(gids) != 0)) + 1).tolist(), len(seg)]
+            seg_list, gid_list, pos_list, chan_list = seg.tolist(), gids.tolist(), pos.tolist(), chans.tolist()
             for a, b in zip(cuts, cuts[1:]):
+                if a == b:
+                    continue
+                param, dim = keys[seg_list[a]]
                 members.setdefault(gid_list[a], []).append(Member(
-                    param, dim, role, tuple(pos_list[a:b]), tuple(chans[a:b])))
+                    param, dim, self.member_roles[(param, dim)], tuple(pos_list[a:b]), tuple(chan_list[a:b])))
 
         self.cls = np.append(cls, n_cls)  # element -1 maps to the unlabelled slot
         self.group_of_cls = group_of_cls

@@ -225,7 +225,8 @@ def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int 
             continue
         start, stop = g.size - a, g.size - b  # block j is order[start[j]:stop[j]]
         ranked = s[order]
-        mean = np.add.reduceat(ranked, start) / (stop - start) if (stop - start > 1).any() else ranked[start]
+        # blocks are consecutive from 0, so reduceat over ranked[:stop[-1]] sums each one
+        mean = np.add.reduceat(ranked[:stop[-1]], start) / (stop - start) if (stop - start > 1).any() else ranked[start]
         # one channel: floor(size * ratio) channels, as without rounding; a block: nearest
         # allowed count (ties keep more), so it is taken once the ratio passes its middle
         frac = np.where(stop - start == 1, stop / g.size, (start + stop) / (2 * g.size) + 1e-6)

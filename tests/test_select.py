@@ -63,6 +63,15 @@ def test_min_keep_and_round_to() -> None:
     assert gp.select(dg, s, 0.5, round_to=8)[0] == tuple(range(16))  # lowest scores go
 
 
+def test_global_round_to_ranks_blocks_by_their_own_mean() -> None:
+    model = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 2))
+    dg = gp.DependencyGraph.build(model, torch.randn(1, 4))
+    # blocks of 4 in score order: group 0 means 0, 1 (then 100, kept); group 1 means 0.5, 2 (then 3)
+    scores = {0: np.repeat([0.0, 1.0, 100.0], 4), 1: np.repeat([0.5, 2.0, 3.0], 4)}
+    plan = gp.select(dg, scores, 0.5, round_to=4, scope="global")  # 12 of 24 channels: three blocks
+    assert plan == {0: list(range(8)), 1: [0, 1, 2, 3]}
+
+
 def test_width_one_layers_are_removed_whole() -> None:
     class Cat(nn.Module):
         def __init__(self) -> None:

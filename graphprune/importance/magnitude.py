@@ -44,15 +44,22 @@ def magnitude(
     state = dict(model.named_parameters())
     state.update(dict(model.named_buffers()))
     per_axis: dict[tuple[str, int], np.ndarray] = {}  # a tensor axis can serve several groups
+    axes_of: dict[str, list[int]] = {}
+    for param, dim in dg.member_labels:
+        axes_of.setdefault(param, []).append(dim)
 
     def axis_norms(param: str, dim: int) -> np.ndarray:
         if (param, dim) not in per_axis:
+            # one pass over the tensor: |w|^p summed over the axes no group uses (a conv's
+            # kernel window), then each used axis from that small tensor
             t = state[param].detach()
-            other = [d for d in range(t.dim()) if d != dim]
-            # float32 sums (torch sums pairwise): several times faster than float64 ones
+            used = sorted(set(axes_of.get(param, [])) | {dim})
             v = t.abs() if p == 1 else t.float().square()
-            v = v.sum(other) if other else v
-            per_axis[(param, dim)] = v.double().cpu().numpy()
+            free = [d for d in range(t.dim()) if d not in used]
+            v = v.sum(free) if free else v
+            for k, d in enumerate(used):
+                other = [j for j in range(len(used)) if j != k]
+                per_axis[(param, d)] = (v.sum(other) if other else v).double().cpu().numpy()
         return per_axis[(param, dim)]
 
     scores: dict[int, np.ndarray] = {}
