@@ -40,6 +40,7 @@ from graphprune.tracing import normalize_inputs, trace
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
 
 PRODUCER, PARAM, PINNED = "producer", "param", "pinned"
+KIND_CODES = {PRODUCER: 0, PARAM: 1, PINNED: 2}  # element kinds are held as small ints
 CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
 ROLE_OUT, ROLE_IN, ROLE_PASS = "out", "in", "pass"
 
@@ -328,11 +329,12 @@ class BuildContext:
         return connected_components(adj, directed=False)[1]
 
     def _kinds(self) -> np.ndarray:
-        kinds = np.repeat(np.array([r.kind for r in self.roots], dtype=object),
-                          [r.size for r in self.roots]) if self.roots else np.zeros(0, object)
+        """Kind of every element's root as a ``KIND_CODES`` code; produced params become producers."""
+        kinds = np.repeat(np.array([KIND_CODES[r.kind] for r in self.roots], dtype=np.int8),
+                          [r.size for r in self.roots]) if self.roots else np.zeros(0, np.int8)
         if self._produced:
             produced = np.concatenate(self._produced)
-            kinds[produced[kinds[produced] == PARAM]] = PRODUCER
+            kinds[produced[kinds[produced] == KIND_CODES[PARAM]]] = KIND_CODES[PRODUCER]
         return kinds
 
     def _resolve_factors(self, kinds: np.ndarray) -> None:
@@ -341,7 +343,7 @@ class BuildContext:
             return
         cls = self._components()
         pinned = np.zeros(int(cls.max()) + 1, bool)
-        pinned[cls[kinds == PINNED]] = True
+        pinned[cls[kinds == KIND_CODES[PINNED]]] = True
         status: dict[int, bool] = {}
         nodes = {n.name: n for n in self.gm.graph.nodes}
         heads = np.zeros(len(pinned), bool)
@@ -385,7 +387,8 @@ class BuildContext:
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """Channel class of every element, and the kind of every element's root."""
         self._apply_role_marks()
-        self._resolve_factors(self._kinds())
+        if self._relations:
+            self._resolve_factors(self._kinds())  # pins add elements: kinds are taken again
         return self._components(), self._kinds()
 
 
@@ -470,22 +473,14 @@ class DependencyGraph:
     def _group_classes(self, cls: np.ndarray, kinds: np.ndarray) -> None:
         n_cls = int(cls.max()) + 1 if cls.size else 0
         # Classes that share a producer (one layer's outputs) belong to one group.
-        src, dst = [], []
-        for root in self.roots:
-            elems = np.arange(root.start, root.start + root.size)
-            elems = elems[kinds[elems] == PRODUCER]
-            if elems.size > 1:
-                c = cls[elems]
-                src.append(np.full(elems.size, c[0]))
-                dst.append(c)
-        if src:
-            s, d = np.concatenate(src), np.concatenate(dst)
-        else:
-            s = d = np.zeros(0, dtype=np.int64)
+        is_producer = kinds == KIND_CODES[PRODUCER]
+        root_of = np.repeat(np.arange(len(self.roots)), [r.size for r in self.roots])
+        produced = np.flatnonzero(is_producer)  # ascending, so grouped by root
+        _, first, which = np.unique(root_of[produced], return_index=True, return_inverse=True)
+        s, d = cls[produced[first]][which.reshape(-1)], cls[produced]  # each to its root's first class
         adj = coo_matrix((np.ones(len(s), dtype=np.int8), (s, d)), shape=(n_cls, n_cls))
         _, comp = connected_components(adj, directed=False)
 
-        is_producer = kinds == PRODUCER
         has_producer = np.zeros(n_cls, bool)
         has_producer[cls[is_producer]] = True
         first_elem = np.full(n_cls, np.iinfo(np.int64).max)
@@ -510,7 +505,6 @@ class DependencyGraph:
         pinned_reasons: dict[int, list[str]] = {}
         producers: dict[int, list[str]] = {}
         # Every (root, group) pair once, in root order then group id.
-        root_of = np.repeat(np.arange(len(self.roots)), [r.size for r in self.roots])
         elem_gid = group_of_cls[cls]
         root_has_producer = np.zeros(len(self.roots), bool)
         root_has_producer[root_of[is_producer]] = True
@@ -540,7 +534,7 @@ class DependencyGraph:
             gids = group_of_cls[c]
             hit = gids >= 0
             seg, gids, pos, c = seg[hit], gids[hit], pos[hit], c[hit]
-            order = np.lexsort((pos, gids, seg))
+            order = np.argsort(seg * (len(sizes) + 1) + gids, kind="stable")  # pos ascends already
             seg, gids, pos, chans = seg[order], gids[order], pos[order], chan_of_cls[c[order]]
             cuts = [0, *(np.flatnonzero((np.diff(seg) != 0) | (np.diff(gids) != 0)) + 1).tolist(), len(seg)]
             seg_list, gid_list, pos_list, chan_list = seg.tolist(), gids.tolist(), pos.tolist(), chans.tolist()

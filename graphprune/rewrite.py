@@ -177,21 +177,18 @@ def _copy_module(module: torch.nn.Module, memo: dict[int, Any]) -> torch.nn.Modu
 
 
 def _copy_targets(model: torch.nn.Module, dg: DependencyGraph,
-                  replace: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+                  replace: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.nn.Module:
     """A module tree holding deep copies of every module and tensor ``dg``'s graph uses.
 
-    ``replace`` maps names of parameters and buffers to the tensors the copy holds
-    instead of copies of the originals (so sliced weights are copied once, at their
-    new size). One memo serves the whole copy, so shared modules and tied weights stay
+    ``replace`` maps names of parameters and buffers to ``(original, new)``: the copy
+    holds ``new`` instead of a copy of the original (so sliced weights are copied once,
+    at their new size). One memo serves the whole copy, so shared modules and tied weights stay
     shared. Containers on the way to a used module become plain ``nn.Module``s, as in
     ``torch.fx.GraphModule``.
     """
     memo: dict[int, Any] = {}
     if replace:
-        state = dict(model.named_parameters())
-        state.update(dict(model.named_buffers()))
-        for key, new in replace.items():
-            old = state[key]
+        for old, new in replace.values():
             if isinstance(old, torch.nn.Parameter):
                 new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
             if old.__dict__:
@@ -223,7 +220,8 @@ def _copy_targets(model: torch.nn.Module, dg: DependencyGraph,
 
 
 def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str,
-                         replace: dict[str, torch.Tensor] | None = None) -> torch.fx.GraphModule:
+                         replace: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                         ) -> torch.fx.GraphModule:
     """A deep copy of ``model`` as a GraphModule running ``dg``'s traced graph
     (``replace`` as in ``_copy_targets``)."""
     return torch.fx.GraphModule(_copy_targets(model, dg, replace), copy.deepcopy(dg.gm.graph), name)
@@ -248,20 +246,21 @@ def _sliced(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
     return t
 
 
-def _presliced(model: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Sliced copies of the cut tensors that ``model`` holds under one name only.
+def _presliced(model: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]]
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(original, sliced copy)`` of the cut tensors that ``model`` holds under one name only.
 
     The model copy takes these instead of full copies; a tensor shared under several
     names (tied weights) is copied whole and sliced afterwards, as before.
     """
     uses: dict[int, int] = {}
-    for _, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    state: dict[str, torch.Tensor] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         uses[id(t)] = uses.get(id(t), 0) + 1
-    state = dict(model.named_parameters())
-    state.update(dict(model.named_buffers()))
-    return {name: _sliced(state[name], dims) for name, dims in cuts.items()
+        state[name] = t
+    return {name: (state[name], _sliced(state[name], dims)) for name, dims in cuts.items()
             if name in state and type(state[name]) in (torch.Tensor, torch.nn.Parameter)
-            and uses.get(id(state[name])) == 1}
+            and uses[id(state[name])] == 1}
 
 
 def _slice_state(slim: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]],

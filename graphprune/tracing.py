@@ -29,6 +29,11 @@ from graphprune.rules.base import has_own_module_rule
 
 __all__ = ["trace", "normalize_inputs", "shape_of", "GraphTracer"]
 
+try:  # generates the traced graph's Python code only if something calls it (the shape run does not)
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:  # pragma: no cover - older torch
+    _GraphModule = torch.fx.GraphModule
+
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(__file__)
 
@@ -113,7 +118,7 @@ def _symbolic_trace(
     attrs_before = set(vars(model))
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
-        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return _GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many kinds; all mean "not traceable"
         path = tracer.failed_module or ""
         module = model.get_submodule(path) if path else model
@@ -244,6 +249,6 @@ def trace(
                 raise
             gm = _export_trace(model, inputs, fx_error)
     else:
-        gm = torch.fx.GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
+        gm = _GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
     propagate_shapes(gm, inputs)
     return gm
