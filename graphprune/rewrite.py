@@ -375,15 +375,17 @@ def _check_runs(slim: torch.fx.GraphModule, dg: DependencyGraph) -> None:
     inputs = [torch.zeros(s, dtype=d) for s, d in zip(dg.example_shapes, dg.example_dtypes)]
     out_node = next(n for n in dg.gm.graph.nodes if n.op == "output")
     expected = shape_of_meta(out_node.args[0])
-    was_training = slim.training
-    slim.eval()
+    training = [m for m in slim.modules() if m.training]  # run in eval mode, then restore
+    for m in training:
+        m.training = False
     try:
         with torch.no_grad():
             got = shape_of(slim(*inputs))
     except Exception as exc:
         raise RewriteError(f"the slimmed model fails to run: {type(exc).__name__}: {exc}") from exc
     finally:
-        slim.train(was_training)
+        for m in training:
+            m.training = True
     if _flat(got) != _flat(expected):
         raise RewriteError(f"the slimmed model's output shapes {got} differ from the original's {expected}")
 
