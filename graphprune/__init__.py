@@ -5,6 +5,7 @@ from graphprune.api import PruneResult, prune
 from graphprune.errors import (
     GraphPruneError,
     InputError,
+    LossError,
     PlanError,
     RewriteError,
     SerializationError,
@@ -12,7 +13,7 @@ from graphprune.errors import (
     UnsupportedOpError,
 )
 from graphprune.graph import DependencyGraph, Group, Member
-from graphprune.importance import CRITERIA, LossError, score
+from graphprune.importance import CRITERIA, score
 from graphprune.io import export, load, save, set_origin
 from graphprune.metrics import Counts, count, latency
 from graphprune.plan import Plan, select

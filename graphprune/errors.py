@@ -29,3 +29,7 @@ class RewriteError(GraphPruneError):
 
 class SerializationError(GraphPruneError):
     """A slim model could not be saved or loaded."""
+
+
+class LossError(GraphPruneError):
+    """The loss is NaN or infinite, so no data-driven score can be computed."""

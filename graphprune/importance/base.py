@@ -32,16 +32,12 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from graphprune.errors import GraphPruneError, InputError
+from graphprune.errors import GraphPruneError, InputError, LossError
 
 __all__ = [
     "LossError", "Ablator", "Batch", "normalize_scores", "prepare_data", "iterate_data",
     "require_loss_fn", "group_axes", "eval_mode", "state_of", "check_loss",
 ]
-
-
-class LossError(GraphPruneError):
-    """The loss is NaN or infinite, so no data-driven score can be computed."""
 
 
 Batch = tuple[tuple[torch.Tensor, ...], Any, int]  # inputs, targets, number of samples
