@@ -170,6 +170,36 @@ def test_plan_json_round_trip_gives_same_slim_model(name):
         k: v.shape for k, v in slim2.state_dict().items()}
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_torch_fx_passes_apply_to_the_slim_model(name):
+    """The slim GraphModule is an ordinary one: torch's BatchNorm folding runs on it and
+    keeps its outputs."""
+    from torch.fx.experimental.optimization import fuse
+
+    _, x, _, _, _ = _built(name)
+    _, slim = _pruned(name)
+    slim.eval()
+    folded = fuse(slim)
+    modules = dict(slim.named_modules())
+
+    def bn_nodes(gm, mods):
+        return [n for n in gm.graph.nodes if n.op == "call_module"
+                and isinstance(mods[n.target], nn.modules.batchnorm._BatchNorm)]
+
+    pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
+             (nn.Linear, nn.BatchNorm1d))  # the patterns torch's fuse folds
+    foldable = [n for n in bn_nodes(slim, modules) if n.args[0].op == "call_module"
+                and len(n.args[0].users) == 1 and any(
+                    type(modules[n.args[0].target]) is a and type(modules[n.target]) is b for a, b in pairs)]
+    left = bn_nodes(folded, dict(folded.named_modules()))
+    assert len(left) == len(bn_nodes(slim, modules)) - len(foldable)  # every conv -> BN pair folded
+    with torch.no_grad():
+        want, got = flat_outputs(slim(*x)), flat_outputs(folded(*x))
+    for a, b in zip(want, got, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
 # method="random" on a spread of topologies (the random plans above cover every model)
 RANDOM_METHOD_MODELS = {"conv1d", "densenet", "inception", "mobilenet_v2", "msd", "resnet20",
                         "se_resnet", "shufflenet_v2", "unet", "vit_tiny"}
