@@ -84,6 +84,40 @@ def test_group_norm_loses_whole_groups_exactly():
     assert gp.verify(model, x, {group.id: [1, 3]}, dg=dg, slim=slim) <= 1e-5
 
 
+@pytest.mark.parametrize("per_group", [1, 3])
+def test_group_norm_without_affine_parameters_shrinks_its_groups(per_group):
+    """Found by fuzzing: GroupNorm(affine=False) has no tensor to slice, so its num_groups was
+    never updated and the slim model failed to run (RewriteError for a valid plan)."""
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.GroupNorm(12 // per_group, 12, affine=False),
+                          nn.Conv2d(12, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    dg = gp.DependencyGraph.build(model, x)
+    group = next(g for g in dg.groups if g.prunable)
+    assert group.size == 12 // per_group and group.exact
+    plan = {group.id: [0, 2]}
+    slim = gp.apply(model, dg, plan)
+    gn = next(m for m in slim.modules() if isinstance(m, nn.GroupNorm))
+    assert (gn.num_groups, gn.num_channels) == (12 // per_group - 2, 12 - 2 * per_group)
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_with_one_group_loses_single_channels(affine):
+    """Found by fuzzing: GroupNorm(1, C) loses channels one by one (an inexact group), but its
+    resize kept C channels a group, so num_groups became 0 and the slim model failed to run."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.GroupNorm(1, 6, affine=affine), nn.Conv2d(6, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    dg = gp.DependencyGraph.build(model, x)
+    group = next(g for g in dg.groups if g.prunable)
+    assert group.size == 6 and not group.exact
+    plan = {group.id: [1, 4]}
+    slim = gp.apply(model, dg, plan)
+    gn = next(m for m in slim.modules() if isinstance(m, nn.GroupNorm))
+    assert (gn.num_groups, gn.num_channels) == (1, 4)
+    with pytest.warns(UserWarning, match="inexact"):
+        assert gp.verify(model, x, plan, dg=dg, slim=slim) == 0.0
+
+
 def test_pixel_shuffle_and_unshuffle():
     model, x = PixelShuffleNet().eval(), torch.randn(2, 3, 6, 6)
     dg = gp.DependencyGraph.build(model, x)

@@ -195,13 +195,18 @@ def layer_norm_function(ctx, node, module):
     return _layer_norm_core(ctx, node.args[0], params, n)
 
 
-def _resize_group_norm(module: nn.GroupNorm) -> None:
+def _group_norm_patch(rw, node):
+    """Widths from the slim input, not the weight: a GroupNorm without affine parameters
+    has no sliced tensor, yet its ``num_groups`` must shrink with its input. With one
+    group, channels go one by one (inexact) and the one group stays."""
+    module = rw.module(node)
     per_group = module.num_channels // module.num_groups
-    module.num_channels = module.weight.shape[0]
-    module.num_groups = module.num_channels // per_group
+    module.num_channels = rw.new_shape(node)[1]
+    if module.num_groups > 1:
+        module.num_groups = module.num_channels // per_group
 
 
-@register(nn.GroupNorm, resize=_resize_group_norm)
+@register(nn.GroupNorm, patch=_group_norm_patch)
 def group_norm(ctx, node, module):
     """GroupNorm: whole normalisation groups are pruned, which keeps it exact."""
     labels = list(ctx.labels(node.args[0]))
