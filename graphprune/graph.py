@@ -45,25 +45,36 @@ CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.de
 ROLE_OUT, ROLE_IN, ROLE_PASS = "out", "in", "pass"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Member:
     """A slice of one parameter or buffer that a group's channels own.
 
     ``param`` is the qualified name in the original model, ``dim`` the sliced axis,
     ``role`` one of ``out`` (a producer's output rows), ``in`` (a consumer's input
-    columns) or ``pass`` (per-channel state such as BatchNorm's).
+    columns) or ``pass`` (per-channel state such as BatchNorm's). ``positions`` (along
+    ``dim``, ascending) and ``channels`` (the group channel at each position) are
+    int64 arrays of equal length; treat them as read-only.
     """
 
     param: str
     dim: int
     role: str
-    positions: tuple[int, ...]
-    channels: tuple[int, ...]
+    positions: np.ndarray
+    channels: np.ndarray
 
     def indices(self, channels: Iterable[int]) -> list[int]:
         """Positions along ``dim`` that the given group channels occupy, ascending."""
-        wanted = set(int(c) for c in channels)
-        return sorted(p for p, c in zip(self.positions, self.channels) if c in wanted)
+        wanted = np.fromiter((int(c) for c in channels), dtype=np.int64)
+        return self.positions[np.isin(self.channels, wanted)].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Member):
+            return NotImplemented
+        return (self.param, self.dim, self.role) == (other.param, other.dim, other.role) and \
+            np.array_equal(self.positions, other.positions) and np.array_equal(self.channels, other.channels)
+
+    def __hash__(self) -> int:
+        return hash((self.param, self.dim, self.role, self.positions.tobytes(), self.channels.tobytes()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"param": self.param, "dim": self.dim, "role": self.role,
@@ -537,13 +548,13 @@ class DependencyGraph:
             order = np.argsort(seg * (len(sizes) + 1) + gids, kind="stable")  # pos ascends already
             seg, gids, pos, chans = seg[order], gids[order], pos[order], chan_of_cls[c[order]]
             cuts = [0, *(np.flatnonzero((np.diff(seg) != 0) | (np.diff(gids) != 0)) + 1).tolist(), len(seg)]
-            seg_list, gid_list, pos_list, chan_list = seg.tolist(), gids.tolist(), pos.tolist(), chans.tolist()
+            seg_list, gid_list = seg.tolist(), gids.tolist()
             for a, b in zip(cuts, cuts[1:]):
                 if a == b:
                     continue
                 param, dim = keys[seg_list[a]]
                 members.setdefault(gid_list[a], []).append(Member(
-                    param, dim, self.member_roles[(param, dim)], tuple(pos_list[a:b]), tuple(chan_list[a:b])))
+                    param, dim, self.member_roles[(param, dim)], pos[a:b], chans[a:b]))
 
         self.cls = np.append(cls, n_cls)  # element -1 maps to the unlabelled slot
         self.group_of_cls = group_of_cls

@@ -604,7 +604,7 @@ class StepPlans:
                     continue
                 alive = set(alive.tolist())
                 dead: dict[int, bool] = {}
-                for p, c in zip(m.positions, m.channels):
+                for p, c in zip(m.positions.tolist(), m.channels.tolist()):
                     dead[c] = dead.get(c, True) and p not in alive
                 gone |= {c for c, is_dead in dead.items() if is_dead}
             if gone:

@@ -149,10 +149,10 @@ def members_with_roles(group: Any, roles: Iterable[str], params: Mapping[str, An
 
 def per_channel(member: Any, values: torch.Tensor, size: int) -> np.ndarray:
     """Sum of ``values`` (shaped like the member's tensor) over each channel's slice."""
-    t = values.detach().double().movedim(member.dim, 0)[list(member.positions)]
+    t = values.detach().double().movedim(member.dim, 0)[torch.as_tensor(member.positions, device=values.device)]
     per_pos = t.reshape(len(member.positions), -1).sum(1).cpu().numpy()
     out = np.zeros(size)
-    np.add.at(out, np.asarray(member.channels), per_pos)
+    np.add.at(out, member.channels, per_pos)
     return out
 
 

@@ -51,7 +51,7 @@ def bn_scale(model: torch.nn.Module, dg: Any, *, reduce: str = "mean", **_: Any)
             if w.dim() != 1:
                 continue
             row = np.full(g.size, np.nan)
-            row[np.asarray(m.channels)] = w[list(m.positions)].abs().cpu().numpy()
+            row[m.channels] = w[torch.as_tensor(m.positions, device=w.device)].abs().cpu().numpy()
             rows.append(row)
         if rows:
             stack = np.vstack(rows)

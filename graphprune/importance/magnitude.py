@@ -70,6 +70,6 @@ def magnitude(
         for m in g.members:
             if m.role not in roles or m.param not in state:
                 continue
-            np.add.at(total, np.asarray(m.channels), axis_norms(m.param, m.dim)[list(m.positions)])
+            np.add.at(total, m.channels, axis_norms(m.param, m.dim)[m.positions])
         scores[g.id] = total if p == 1 else np.sqrt(total)
     return normalize_scores(scores, normalize)
