@@ -176,23 +176,66 @@ def shape_of(value: Any) -> Any:
     return None
 
 
-class _ShapeRecorder(torch.fx.Interpreter):
-    """Run the graph once on real inputs and store each node's output shape."""
+def _run_recording(gm: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
+    """Run the graph once on real inputs, storing each node's output shape in ``node.meta``.
 
-    def run_node(self, n: torch.fx.Node) -> Any:
+    ``torch.fx.Interpreter`` semantics (placeholders with defaults and ``*args``, values
+    freed after their last use) with a fraction of its per-node overhead: each node's
+    callable is looked up once and arguments are filled in with ``map_arg``.
+    """
+    modules = dict(gm.named_modules())
+    last_user: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        for used in node.all_input_nodes:
+            last_user[used] = node
+    dead_after: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for used, user in last_user.items():
+        dead_after.setdefault(user, []).append(used)
+    env: dict[torch.fx.Node, Any] = {}
+    pending = iter(inputs)
+    for node in gm.graph.nodes:
         try:
-            result = super().run_node(n)
+            if node.op == "placeholder":
+                if node.target.startswith("*"):
+                    value = list(pending)
+                else:
+                    value = next(pending, _MISSING)
+                    if value is _MISSING:
+                        if not node.args:
+                            raise TypeError(f"no value for input {node.target!r}")
+                        value = node.args[0]
+            elif node.op == "get_attr":
+                value = gm
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+            elif node.op == "output":
+                return torch.fx.node.map_arg(node.args[0], env.__getitem__)
+            else:
+                args = torch.fx.node.map_arg(node.args, env.__getitem__)
+                kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+                if node.op == "call_function":
+                    value = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    value = modules[node.target](*args, **kwargs)
         except Exception as exc:
-            culprit = f"module {n.target!r}" if n.op == "call_module" else f"{n.op} {n.target}"
+            culprit = f"module {node.target!r}" if node.op == "call_module" else f"{node.op} {node.target}"
             raise TraceError(
-                f"running the example inputs through node {n.name!r} ({culprit}) failed: "
+                f"running the example inputs through node {node.name!r} ({culprit}) failed: "
                 f"{type(exc).__name__}: {exc}. Check that example_inputs have the shape, "
                 "dtype and device the model expects."
             ) from exc
-        n.meta["shape"] = shape_of(result)
-        if n.op == "placeholder" and isinstance(result, torch.Tensor):
-            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
-        return result
+        node.meta["shape"] = shape_of(value)
+        if node.op == "placeholder" and isinstance(value, torch.Tensor):
+            node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        env[node] = value
+        for used in dead_after.get(node, ()):
+            del env[used]
+    return None
+
+
+_MISSING = object()
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -209,7 +252,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...])
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
     try:
         with torch.no_grad():
-            return _ShapeRecorder(gm).run(*inputs)
+            return _run_recording(gm, inputs)
     finally:
         with torch.no_grad():
             for name, b in gm.named_buffers():
