@@ -1,13 +1,17 @@
 """Hypothesis strategies: random architectures and random pruning plans.
 
 ``architectures()`` draws an ``Arch``: a small DAG of operations over 4-D feature maps
-``[B, C, H, W]`` and, after a flatten or a global pool, 2-D features ``[B, F]``:
-convolutions (plain, depthwise, grouped, strided, functional with free weights),
-BatchNorm, activations (module, functional, method and in-place forms), add, mul,
-squeeze-excitation gating, cat, split/chunk, pooling, upsampling, padding, flatten and
-linear layers. ``FuzzNet(arch)`` builds it as an ``nn.Module`` whose forward is plain
-torch code, traceable by ``torch.fx``; ``arch.source()`` prints that code, to paste
-as a repro.
+``[B, C, H, W]`` and, after a flatten or a global pool, 2-D features ``[B, F]``, on one
+input or two: convolutions (plain, depthwise, grouped, strided, functional with free
+weights), transposed convolutions (stride 1 or 2, grouped), BatchNorm, LayerNorm (on
+features, and over the channels of maps ConvNeXt-style, between permutes), GroupNorm,
+activations (module, functional, method and in-place forms), add, mul,
+squeeze-excitation gating, cat, split/chunk, pooling, upsampling, padding, flatten,
+linear layers, and attention over the spatial tokens of a map (``nn.MultiheadAttention``,
+or a hand-written qkv Linear + ``F.scaled_dot_product_attention`` + projection, with
+run-time or literal sizes, optionally residual). ``FuzzNet(arch)`` builds it as an
+``nn.Module`` whose forward is plain torch code, traceable by ``torch.fx``;
+``arch.source()`` prints that code, to paste as a repro.
 
 ``plans(dg)`` draws a plan for a built ``DependencyGraph``: explicit channel sets
 (valid or not), ``gp.select`` on random scores (any scope, target, rounding), or a
@@ -44,8 +48,9 @@ class Op:
 class Arch:
     """A random network: input ``[B, c_in, hw, hw]``, ``ops`` in order, ``outputs`` indices.
 
-    Value 0 is the input; every op appends its outputs (one, or several for splits).
-    ``shapes[i]`` is ``(C, H, W)`` or ``(F,)`` of value ``i`` (batch dimension left out).
+    Value 0 is the input; with ``c_in2`` > 0 value 1 is a second input ``[B, c_in2, hw, hw]``.
+    Every op appends its outputs (one, or several for splits). ``shapes[i]`` is
+    ``(C, H, W)`` or ``(F,)`` of value ``i`` (batch dimension left out).
     """
 
     c_in: int
@@ -53,11 +58,19 @@ class Arch:
     ops: list[Op] = field(default_factory=list)
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     outputs: tuple[int, ...] = ()
+    c_in2: int = 0
+
+    @property
+    def n_inputs(self) -> int:
+        return 2 if self.c_in2 else 1
 
     def source(self) -> str:
-        """The forward pass as Python lines (``v0`` is the input)."""
-        lines = [f"# input: [B, {self.c_in}, {self.hw}, {self.hw}]"]
-        k = 1
+        """The forward pass as Python lines (``v0``, and ``v1`` for two inputs, are the inputs)."""
+        ins = [f"v0: [B, {self.c_in}, {self.hw}, {self.hw}]"]
+        if self.c_in2:
+            ins.append(f"v1: [B, {self.c_in2}, {self.hw}, {self.hw}]")
+        lines = [f"# input{'s' if self.c_in2 else ''}: {', '.join(ins)}"]
+        k = self.n_inputs
         for i, op in enumerate(self.ops):
             n_out = _n_outputs(op)
             outs = ", ".join(f"v{k + j}" for j in range(n_out))
@@ -82,6 +95,15 @@ def _n_outputs(op: Op) -> int:
 
 def _conv_out(h: int, k: int, stride: int, pad: int) -> int:
     return (h + 2 * pad - k) // stride + 1
+
+
+def _affine(norm: nn.Module, gen: torch.Generator) -> nn.Module:
+    """A LayerNorm/GroupNorm with random affine parameters (they start at ones and zeros)."""
+    if getattr(norm, "weight", None) is not None:
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) + 0.5)
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=gen) * 0.1)
+    return norm
 
 
 class FuzzNet(nn.Module):
@@ -138,10 +160,30 @@ class FuzzNet(nn.Module):
             L[f"linear{i}"] = nn.Linear(c, n_out, bias=bias)
         elif op.kind == "flatten" and op.args[0] == "module":
             L[f"flatten{i}"] = nn.Flatten()
+        elif op.kind == "ln":
+            L[f"ln{i}"] = _affine(nn.LayerNorm(c, elementwise_affine=op.args[1]), gen)
+        elif op.kind == "gn":
+            g, affine = op.args
+            L[f"gn{i}"] = _affine(nn.GroupNorm(g, c, affine=affine), gen)
+        elif op.kind == "convT":
+            c_out, k, stride, pad, out_pad, groups, bias = op.args
+            L[f"convT{i}"] = nn.ConvTranspose2d(c, c_out, k, stride, pad, out_pad, groups, bias)
+        elif op.kind == "mha":
+            attn = nn.MultiheadAttention(c, op.args[0], batch_first=True)
+            with torch.no_grad():  # biases start at zero: random ones, so they count
+                attn.in_proj_bias.copy_(torch.randn(3 * c, generator=gen) * 0.1)
+                attn.out_proj.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+            L[f"mha{i}"] = attn
+        elif op.kind == "sdpa":
+            heads, d = op.args[:2]
+            L[f"qkv{i}"] = nn.Linear(c, 3 * heads * d)
+            L[f"proj{i}"] = nn.Linear(heads * d, c)
 
     def forward(self, x: torch.Tensor):
+        return self._run([x])
+
+    def _run(self, vals: list):
         L = self.layers
-        vals = [x]
         for i, op in enumerate(self.arch.ops):
             ins = [vals[j] for j in op.inputs]
             kind, a = op.kind, op.args
@@ -201,11 +243,49 @@ class FuzzNet(nn.Module):
                     torch.flatten(ins[0], 1) if a[0] == "torch" else ins[0].reshape(ins[0].shape[0], -1))
             elif kind == "linear":
                 out = L[f"linear{i}"](ins[0])
+            elif kind == "ln":
+                out = L[f"ln{i}"](ins[0]) if a[0] == "flat" else (
+                    L[f"ln{i}"](ins[0].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+            elif kind == "gn":
+                out = L[f"gn{i}"](ins[0])
+            elif kind == "convT":
+                out = L[f"convT{i}"](ins[0])
+            elif kind in ("mha", "sdpa"):
+                out = self._attention(i, op, ins[0])
             else:  # pragma: no cover - the strategy draws only the kinds above
                 raise AssertionError(kind)
             vals.append(out)
         outs = [vals[j] for j in self.arch.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _attention(self, i: int, op: Op, x: torch.Tensor) -> torch.Tensor:
+        """Attention over the ``H*W`` tokens of map ``x``, back to a map.
+
+        ``sizes``: ``"batch"`` takes B (and N) from ``x.shape`` at run time, ``"literal"``
+        writes every size as a constant (batch 1, as ``build`` makes it).
+        """
+        L = self.layers
+        c, h, w = self.arch.shapes[op.inputs[0]]
+        sizes, residual = op.args[-2:]
+        b, n = (x.shape[0], x.shape[2] * x.shape[3]) if sizes == "batch" else (1, h * w)
+        t = x.flatten(2).transpose(1, 2)  # [B, N, C]
+        if op.kind == "mha":
+            y = L[f"mha{i}"](t, t, t, need_weights=False)[0]
+        else:
+            heads, d = op.args[:2]
+            qkv = L[f"qkv{i}"](t).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, d]
+            y = L[f"proj{i}"](y.transpose(1, 2).reshape(b, n, heads * d))
+        out = y.transpose(1, 2).reshape(b, c, h, w)
+        return out + x if residual else out
+
+
+class FuzzNet2(FuzzNet):
+    """A ``FuzzNet`` of an ``Arch`` with two inputs."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return self._run([x, y])
 
 
 # --- architectures ------------------------------------------------------------------------
@@ -224,9 +304,10 @@ def _draw_op(draw, arch: Arch) -> None:
     kinds = []
     if maps:
         kinds += ["conv"] * 5 + ["fconv", "bn", "bn", "act", "act", "se", "pool", "fpool", "up", "pad",
-                                 "scale", "split", "chunk", "gap", "flatten", "iadd"]
+                                 "scale", "split", "chunk", "gap", "flatten", "iadd", "ln", "gn",
+                                 "convT", "convT", "attn", "attn"]
     if flats:
-        kinds += ["linear", "linear", "act", "bn1d", "scale"]
+        kinds += ["linear", "linear", "act", "bn1d", "scale", "ln1d", "ln1d"]
     by_shape: dict[tuple, list[int]] = {}
     for i, s in enumerate(shapes):
         by_shape.setdefault(s, []).append(i)
@@ -257,7 +338,7 @@ def _draw_op(draw, arch: Arch) -> None:
         c = sum(shapes[j][0] for j in ins)
         emit(Op("cat", tuple(ins)), (c, *shapes[ins[0]][1:]))
         return
-    if kind in ("linear", "bn1d") or (kind in ("act", "scale") and flats and (not maps or draw(st.booleans()))):
+    if kind in ("linear", "bn1d", "ln1d") or (kind in ("act", "scale") and flats and (not maps or draw(st.booleans()))):
         x = _pick(draw, flats)
         (f,) = shapes[x]
         if kind == "linear":
@@ -265,6 +346,8 @@ def _draw_op(draw, arch: Arch) -> None:
             emit(Op("linear", (x,), (n, draw(st.booleans()))), (n,))
         elif kind == "bn1d":
             emit(Op("bn", (x,), ("1d",)), (f,))
+        elif kind == "ln1d":
+            emit(Op("ln", (x,), ("flat", draw(st.booleans()))), (f,))
         elif kind == "act":
             emit(Op("act", (x,), (draw(st.sampled_from(ACTIVATIONS)),)), (f,))
         else:
@@ -323,6 +406,21 @@ def _draw_op(draw, arch: Arch) -> None:
         emit(Op("chunk", (x,), (2,)), (c // 2, h, w), (c // 2, h, w))
     elif kind == "gap":
         emit(Op("gap", (x,), (draw(st.sampled_from(["mean", "pool_flatten"])),)), (c,))
+    elif kind == "ln":
+        emit(Op("ln", (x,), ("channels", draw(st.booleans()))), (c, h, w))
+    elif kind == "gn" and c * h * w > 1:  # GroupNorm needs more than one value a group
+        g = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0 and c // g * h * w > 1]))
+        emit(Op("gn", (x,), (g, draw(st.booleans()))), (c, h, w))
+    elif kind == "convT":
+        _draw_conv_transpose(draw, emit, x, c, h, w)
+    elif kind == "attn":
+        sizes, residual = draw(st.sampled_from(["batch", "literal"])), draw(st.booleans())
+        if draw(st.sampled_from(["sdpa", "mha"])) == "mha":
+            heads = draw(st.sampled_from([g for g in range(1, min(c, 4) + 1) if c % g == 0]))
+            emit(Op("mha", (x,), (heads, sizes, residual)), (c, h, w))
+        else:
+            heads, d = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+            emit(Op("sdpa", (x,), (heads, d, sizes, residual)), (c, h, w))
     elif kind == "flatten" and c * h * w <= 1024:
         emit(Op("flatten", (x,), (draw(st.sampled_from(["module", "torch", "reshape"])),)), (c * h * w,))
     else:  # the drawn kind does not fit this input: a plain conv instead
@@ -330,16 +428,52 @@ def _draw_op(draw, arch: Arch) -> None:
         emit(Op("conv", (x,), (c_out, 3, 1, 1, True)), (c_out, h, w))
 
 
+# (k, padding, output_padding) of a transposed conv: stride 1 (H -> H + k - 1 - 2 pad), or
+# stride 2, each doubling H
+_CONVT_STRIDE1 = [(1, 0, 0), (3, 1, 0), (2, 0, 0), (3, 0, 0), (2, 1, 0)]
+_CONVT_STRIDE2 = [(2, 0, 0), (3, 1, 1), (4, 1, 0), (1, 0, 1)]
+
+
+def _draw_conv_transpose(draw, emit, x: int, c: int, h: int, w: int) -> None:
+    stride = draw(st.sampled_from([1, 1, 2])) if 2 * max(h, w) <= MAX_HW else 1
+
+    def size(n: int, k: int, pad: int, out_pad: int) -> int:
+        return (n - 1) * stride - 2 * pad + k + out_pad
+
+    fits = [t for t in (_CONVT_STRIDE1 if stride == 1 else _CONVT_STRIDE2)
+            if all(1 <= size(n, *t) <= MAX_HW for n in (h, w))]
+    k, pad, out_pad = draw(st.sampled_from(fits))
+    mode = draw(st.sampled_from(["plain", "grouped", "depthwise", "plain"]))
+    proper = [g for g in range(2, c) if c % g == 0]  # divisors that leave several channels a group
+    if mode == "depthwise" and c > 1:
+        c_out, groups = c * draw(st.sampled_from([1, 1, 2])), c
+    elif mode == "grouped" and proper:
+        groups = draw(st.sampled_from(proper))
+        c_out = groups * draw(st.integers(1, max(1, MAX_C // groups)))
+    else:
+        c_out, groups = draw(st.integers(1, MAX_C)), 1
+    emit(Op("convT", (x,), (c_out, k, stride, pad, out_pad, groups, draw(st.booleans()))),
+         (c_out, size(h, k, pad, out_pad), size(w, k, pad, out_pad)))
+
+
 @st.composite
 def architectures(draw, max_ops: int = 12) -> Arch:
-    """A random ``Arch`` of 1..``max_ops`` operations on a ``[B, c_in, hw, hw]`` input."""
+    """A random ``Arch`` of 1..``max_ops`` operations on a ``[B, c_in, hw, hw]`` input, and
+    sometimes a second input ``[B, c_in2, hw, hw]``."""
     hw = draw(st.sampled_from([4, 6, 8]))
     arch = Arch(c_in=draw(st.integers(1, 4)), hw=hw)
     arch.shapes.append((arch.c_in, hw, hw))
+    if draw(st.integers(0, 4)) == 4:  # one network in five has two inputs (shrinks to one)
+        arch.c_in2 = draw(st.integers(1, 4))
+        arch.shapes.append((arch.c_in2, hw, hw))
     # a stem conv first, so most networks have channels to prune
     c0 = draw(st.integers(2, MAX_C))
     arch.ops.append(Op("conv", (0,), (c0, draw(st.sampled_from([1, 3])), 1, 1, draw(st.booleans()))))
     arch.shapes.append((c0, hw, hw))
+    if arch.c_in2 and draw(st.booleans()):  # a stem for the second input, often as wide as the first
+        c1 = draw(st.sampled_from([c0, c0, draw(st.integers(1, MAX_C))]))
+        arch.ops.append(Op("conv", (1,), (c1, draw(st.sampled_from([1, 3])), 1, 1, draw(st.booleans()))))
+        arch.shapes.append((c1, hw, hw))
     for _ in range(draw(st.integers(1, max(1, max_ops - 1)))):
         _draw_op(draw, arch)
     head = draw(st.sampled_from(["linear", "conv", "linear", "none"]))  # simplest first: a head
@@ -362,12 +496,15 @@ def architectures(draw, max_ops: int = 12) -> Arch:
 
 
 def build(arch: Arch, batch: int = 1, dtype: torch.dtype = torch.float64,
-          seed: int = 0) -> tuple[FuzzNet, torch.Tensor]:
-    """The model of ``arch`` (eval mode, ``dtype``) and a random example input."""
-    model = FuzzNet(arch, seed).to(dtype)
+          seed: int = 0) -> tuple[FuzzNet, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """The model of ``arch`` (eval mode, ``dtype``) and a random example input: a tensor,
+    or a tuple of two for an ``Arch`` with two inputs (call ``model(*x)``)."""
+    model = (FuzzNet2 if arch.c_in2 else FuzzNet)(arch, seed).to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, arch.c_in, arch.hw, arch.hw, generator=gen, dtype=dtype)
-    return model, x
+    if not arch.c_in2:
+        return model, x
+    return model, (x, torch.randn(batch, arch.c_in2, arch.hw, arch.hw, generator=gen, dtype=dtype))
 
 
 # --- plans ------------------------------------------------------------------------------

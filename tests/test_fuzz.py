@@ -59,7 +59,12 @@ def _outputs(out) -> list[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
-def check_prune(model: torch.nn.Module, x: torch.Tensor, data: st.DataObject) -> str:
+def _inputs(x) -> tuple[torch.Tensor, ...]:
+    """Example inputs as call arguments: a tensor, or a tuple of them, as ``model(*inputs)``."""
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def check_prune(model: torch.nn.Module, x, data: st.DataObject) -> str:
     """Build, draw a plan, apply, verify. Returns the outcome for the tally."""
     snap, training = snapshot(model), model.training
     params = {k: id(v) for k, v in model.named_parameters()}
@@ -72,7 +77,7 @@ def check_prune(model: torch.nn.Module, x: torch.Tensor, data: st.DataObject) ->
             warnings.simplefilter("ignore")  # inexact groups: verify warns and checks shapes only
             err = gp.verify(model, x, plan, dg=dg, slim=slim)
         assert err <= TOLERANCE, f"slim differs from the masked original by {err}"
-        inputs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+        inputs = _inputs(x)
         with torch.no_grad():
             want = [o.shape for o in _outputs(model(*inputs))]
             got = [o.shape for o in _outputs(slim(*inputs))]
@@ -127,11 +132,26 @@ def test_recorded_shapes_match_the_model_outputs(arch):
     model, x = build(arch)
     gm = tracing.trace(model, x)
     with torch.no_grad():
-        outs = _outputs(model(x))
+        outs = _outputs(model(*_inputs(x)))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     args = out_node.args[0]
     recorded = [args.meta["shape"]] if isinstance(args, torch.fx.Node) else [a.meta["shape"] for a in args]
     assert recorded == [o.shape for o in outs]
+
+
+def _op_tags(arch: Arch, op: Op) -> list[str]:
+    """What an op exercises: its kind, refined (``conv grouped``, ``convT stride 2``, ...)."""
+    kind, a = op.kind, op.args
+    tags = [f"{kind} {a[0]}"] if kind == "ln" else [kind]
+    if kind in ("conv", "convT"):
+        groups, c_in = a[3] if kind == "conv" else a[5], arch.shapes[op.inputs[0]][0]
+        tags = [kind + (" depthwise" if groups == c_in > 1 else " grouped" if groups > 1 else "")]
+        tags += [f"convT stride {a[2]}"] if kind == "convT" else []
+    if kind in ("mha", "sdpa"):
+        tags += [f"{kind} {a[-2]} sizes"] + ([f"{kind} residual"] if a[-1] else [])
+    if arch.c_in2 and 1 in op.inputs:
+        tags.append("second input used")
+    return tags
 
 
 def test_strategy_covers_the_listed_operations():
@@ -142,17 +162,17 @@ def test_strategy_covers_the_listed_operations():
               suppress_health_check=list(HealthCheck))
     @given(arch=architectures())
     def collect(arch):
+        kinds["two inputs" if arch.c_in2 else "one input"] += 1
         for op in arch.ops:
-            kind = op.kind
-            if kind == "conv":
-                c_in = arch.shapes[op.inputs[0]][0]
-                groups = op.args[3]
-                kind = "depthwise" if groups == c_in and groups > 1 else "grouped" if groups > 1 else "conv"
-            kinds[kind] += 1
+            kinds.update(_op_tags(arch, op))
 
     collect()
-    for kind in ("conv", "depthwise", "grouped", "fconv", "bn", "act", "add", "mul", "cat", "split",
-                 "pool", "up", "flatten", "linear", "gap", "se"):
+    for kind in ("conv", "conv depthwise", "conv grouped", "fconv", "bn", "act", "add", "mul", "cat",
+                 "split", "pool", "up", "flatten", "linear", "gap", "se",
+                 "ln flat", "ln channels", "gn", "convT", "convT grouped", "convT depthwise",
+                 "convT stride 1", "convT stride 2", "mha", "mha residual", "mha batch sizes",
+                 "mha literal sizes", "sdpa", "sdpa residual", "sdpa batch sizes", "sdpa literal sizes",
+                 "one input", "two inputs", "second input used"):
         assert kinds[kind] > 0, f"the strategy never drew {kind}: {dict(kinds)}"
 
 
