@@ -610,6 +610,36 @@ def test_flatten_into_linear_expands_channel_to_block(mode):
     assert slim.l.in_features == 18 and tuple(slim.l.weight.shape) == (2, 18)
 
 
+@pytest.mark.parametrize("form", ["nn.Unflatten", "method", "torch.unflatten"])
+def test_unflatten_of_linear_features_into_maps(form):
+    """A Linear's features unflattened to [C, 2, 2] maps: each map channel owns a block of 4
+    features; the slim unflatten (a module or a call) takes the new channel count."""
+    class Unflat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.un, self.conv = nn.Linear(8, 24), nn.Unflatten(1, (6, 2, 2)), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            y = self.fc(x)
+            if form == "nn.Unflatten":
+                y = self.un(y)
+            elif form == "method":
+                y = y.unflatten(1, (6, 2, 2))
+            else:
+                y = torch.unflatten(y, 1, (6, 2, 2))
+            return self.conv(y).flatten(1)
+
+    model, x = Unflat(), torch.randn(2, 8)
+    dg = build(model, x)
+    g = group_of(dg, "conv.weight", 1)
+    assert keys(g) == {("fc.weight", 0), ("fc.bias", 0), ("conv.weight", 1)} and g.size == 6
+    assert member(g, "fc.weight", 0).indices([1]) == [4, 5, 6, 7]
+    slim = exact(model, x, {g.id: [1, 4]}, dg=dg, zero={"conv.weight": (1, [1, 4])})
+    assert slim.fc.out_features == 16 and slim.conv.in_channels == 4
+    if form == "nn.Unflatten":
+        assert slim.un.unflattened_size == (4, 2, 2) and model.un.unflattened_size == (6, 2, 2)
+
+
 class SpatialMean(nn.Module):
     def __init__(self, form):
         super().__init__()

@@ -296,12 +296,19 @@ def _reshape_patch(rw, node):
     Literal ints and values computed at run time from other widths (``C // heads``)
     are both replaced, since either may no longer hold after pruning; ``-1`` stays.
     """
-    found = _shape_args(node)
+    module = rw.module(node)
+    if isinstance(module, nn.Unflatten):
+        found = 2, list(module.unflattened_size), True
+    else:
+        found = _shape_args(node)
     if found is None:
         return
     first, sizes, packed = found
     out_labels, new_shape = rw.labels(node), rw.new_shape(node)
-    if target_name(node) == "unflatten":
+    if isinstance(module, nn.Unflatten):
+        d0 = _dim(module.dim, len(new_shape) - len(sizes) + 1)
+        axes = range(d0, d0 + len(sizes))
+    elif target_name(node) == "unflatten":
         d0 = _dim(arg(node, 1, "dim"), len(new_shape) - len(sizes) + 1)
         axes = range(d0, d0 + len(sizes))
     else:
@@ -315,7 +322,9 @@ def _reshape_patch(rw, node):
             sizes[k] = new_shape[d]
     if not changed:
         return
-    if target_name(node) == "unflatten":
+    if isinstance(module, nn.Unflatten):
+        rw.replace_module(node, nn.Unflatten(module.dim, tuple(sizes)))
+    elif target_name(node) == "unflatten":
         rw.set_arg(node, 2, "sizes", tuple(sizes))
     else:
         rw.set_args(node, tuple(node.args[:first]) + ((tuple(sizes),) if packed else tuple(sizes)))
