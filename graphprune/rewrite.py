@@ -176,15 +176,17 @@ def _copy_module(module: torch.nn.Module, memo: dict[int, Any]) -> torch.nn.Modu
     return new
 
 
-def _copy_targets(model: torch.nn.Module, dg: DependencyGraph,
-                  replace: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.nn.Module:
-    """A module tree holding deep copies of every module and tensor ``dg``'s graph uses.
+def _copy_targets(model: torch.nn.Module, dg: DependencyGraph, root: torch.nn.Module,
+                  replace: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Install into ``root`` deep copies of every module and tensor ``dg``'s graph uses.
 
     ``replace`` maps names of parameters and buffers to ``(original, new)``: the copy
     holds ``new`` instead of a copy of the original (so sliced weights are copied once,
-    at their new size). One memo serves the whole copy, so shared modules and tied weights stay
-    shared. Containers on the way to a used module become plain ``nn.Module``s, as in
-    ``torch.fx.GraphModule``.
+    at their new size). One memo serves the whole copy, so shared modules and tied
+    weights stay shared. Containers on the way to a used module become plain
+    ``nn.Module``s, as in ``torch.fx.GraphModule``; entries go straight into the
+    ``_modules``/``_parameters``/``_buffers`` tables (the checks of ``Module.__setattr__``
+    hold by construction and cost more than the copy).
     """
     memo: dict[int, Any] = {}
     if replace:
@@ -194,10 +196,9 @@ def _copy_targets(model: torch.nn.Module, dg: DependencyGraph,
             if old.__dict__:
                 new.__dict__.update(copy.deepcopy(old.__dict__, memo))
             memo[id(old)] = new
-    root = torch.nn.Module()
-    root.training = model.training
-    targets = {n.target for n in dg.gm.graph.nodes if n.op in ("call_module", "get_attr")}
-    for target in sorted(targets, key=lambda t: t.count(".")):  # parents before children
+    # in graph order, as GraphModule installs them: parameters keep the order they had
+    targets = dict.fromkeys(n.target for n in dg.gm.graph.nodes if n.op in ("call_module", "get_attr"))
+    for target in targets:
         # constants that tracing created live on the traced module only
         source = _get_attr(model, target) if _has_attr(model, target) else _get_attr(dg.gm, target)
         if isinstance(source, torch.nn.Module):
@@ -207,16 +208,35 @@ def _copy_targets(model: torch.nn.Module, dg: DependencyGraph,
         *path, field = target.split(".")
         owner = root
         for part in path:
-            if getattr(owner, part, None) is None:
-                setattr(owner, part, torch.nn.Module())
-            owner = getattr(owner, part)
+            if owner._modules.get(part) is None:
+                owner._modules[part] = torch.nn.Module()
+            owner = owner._modules[part]
         if getattr(owner, field, None) is value:
             continue
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        if isinstance(value, torch.nn.Module):
+            owner._modules[field] = value
+        elif isinstance(value, torch.nn.Parameter):
+            owner._parameters[field] = value
+        elif isinstance(value, torch.Tensor):
             owner.register_buffer(field, value)
         else:
             setattr(owner, field, value)
-    return root
+
+
+def _empty_graph_module(model: torch.nn.Module, name: str) -> torch.fx.GraphModule:
+    """A GraphModule named ``name`` with ``model``'s training flag and nothing in it yet."""
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph(), name)
+    gm.training = model.training
+    return gm
+
+
+def _set_graph(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> None:
+    """Give ``gm`` its graph (one code generation), as ``GraphModule.__init__`` would."""
+    gm.graph = graph
+    if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:
+        gm._tracer_cls = graph._tracer_cls
+    if graph._tracer_extras:
+        gm._tracer_extras = graph._tracer_extras
 
 
 def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str,
@@ -224,7 +244,10 @@ def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str,
                          ) -> torch.fx.GraphModule:
     """A deep copy of ``model`` as a GraphModule running ``dg``'s traced graph
     (``replace`` as in ``_copy_targets``)."""
-    return torch.fx.GraphModule(_copy_targets(model, dg, replace), copy.deepcopy(dg.gm.graph), name)
+    gm = _empty_graph_module(model, name)
+    _copy_targets(model, dg, gm, replace)
+    _set_graph(gm, copy.deepcopy(dg.gm.graph))
+    return gm
 
 
 def _cuts(dg: DependencyGraph, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
@@ -336,14 +359,15 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
 
     cuts = _cuts(dg, removed)
     presliced = _presliced(model, cuts)
-    root = _copy_targets(model, dg, replace=presliced)
+    slim = _empty_graph_module(model, type(model).__name__ + "Slim")
+    _copy_targets(model, dg, slim, replace=presliced)
     graph = copy.deepcopy(dg.gm.graph)
-    changed = _slice_state(root, cuts, done=presliced)
+    changed = _slice_state(slim, cuts, done=presliced)
     # a module is touched when it or a submodule of it holds a sliced tensor
     touched_modules = {".".join(c.split(".")[:i]) for c in changed for i in range(1, c.count(".") + 2)}
-    modules = dict(root.named_modules())
+    modules = dict(slim.named_modules())
     rw = RewriteContext(dg, removed, modules)
-    rw.slim = root
+    rw.slim = slim
     try:
         for node in list(graph.nodes):
             if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):
@@ -359,8 +383,9 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
                 rule.patch(rw, node)
         _drop_vanished(graph, vanished, modules)
         graph.lint()
-        # built last: the GraphModule takes only what the final graph uses, and compiles once
-        slim = torch.fx.GraphModule(root, graph, type(model).__name__ + "Slim")
+        _set_graph(slim, graph)  # code is generated once, for the final graph
+        if vanished:
+            slim.delete_all_unused_submodules()
     except (PlanError, RewriteError):
         raise
     except Exception as exc:  # a rule's patch failed: report the node, not the internals

@@ -171,6 +171,18 @@ def test_plan_json_round_trip_gives_same_slim_model(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_slim_state_dict_keeps_the_order_of_a_graph_module(name):
+    """Parameters and buffers come in the order torch.fx.GraphModule gives the traced
+    graph (optimizer state and checkpoints rely on a stable order)."""
+    model, _, dg, _, _ = _built(name)
+    _, slim = _pruned(name)
+    reference = [k for k in torch.fx.GraphModule(dg.gm, dg.gm.graph).state_dict() if k in slim.state_dict()]
+    assert list(slim.state_dict()) == reference
+    assert [n for n, _ in slim.named_modules()] == [
+        n for n, _ in torch.fx.GraphModule(dg.gm, dg.gm.graph).named_modules() if n in dict(slim.named_modules())]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_torch_fx_passes_apply_to_the_slim_model(name):
     """The slim GraphModule is an ordinary one: torch's BatchNorm folding runs on it and
     keeps its outputs."""
