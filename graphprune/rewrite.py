@@ -134,8 +134,9 @@ def _copy_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
     """``copy.deepcopy(t, memo)``; a plain clone for ordinary tensors and parameters."""
     if id(t) in memo:
         return memo[id(t)]
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.__dict__ or t._base is not None or t.is_sparse:
-        return copy.deepcopy(t, memo)  # views, subclasses, tensors with attributes
+    if (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.__dict__ or t._base is not None
+            or t.is_sparse or t.grad is not None):
+        return copy.deepcopy(t, memo)  # views, subclasses, tensors with attributes or gradients
     with torch.no_grad():
         new = t.clone(memory_format=torch.preserve_format)
     if type(t) is torch.nn.Parameter:
