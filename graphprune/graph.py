@@ -520,7 +520,10 @@ class DependencyGraph:
         root_has_producer = np.zeros(len(self.roots), bool)
         root_has_producer[root_of[is_producer]] = True
         hit = elem_gid >= 0
-        pairs = np.unique(root_of[hit] * (len(sizes) + 1) + elem_gid[hit])
+        pair_key = root_of[hit] * (len(sizes) + 1) + elem_gid[hit]
+        runs = np.ones(len(pair_key), bool)  # long runs share a key: compress them before sorting
+        runs[1:] = pair_key[1:] != pair_key[:-1]
+        pairs = np.unique(pair_key[runs])
         for r, gid in zip((pairs // (len(sizes) + 1)).tolist(), (pairs % (len(sizes) + 1)).tolist()):
             root = self.roots[r]
             if root.kind == PINNED and root.reason not in pinned_reasons.setdefault(gid, []):
@@ -548,12 +551,11 @@ class DependencyGraph:
             order = np.argsort(seg * (len(sizes) + 1) + gids, kind="stable")  # pos ascends already
             seg, gids, pos, chans = seg[order], gids[order], pos[order], chan_of_cls[c[order]]
             cuts = [0, *(np.flatnonzero((np.diff(seg) != 0) | (np.diff(gids) != 0)) + 1).tolist(), len(seg)]
-            seg_list, gid_list = seg.tolist(), gids.tolist()
-            for a, b in zip(cuts, cuts[1:]):
-                if a == b:
-                    continue
-                param, dim = keys[seg_list[a]]
-                members.setdefault(gid_list[a], []).append(Member(
+            starts = np.asarray(cuts[:-1], dtype=np.int64)
+            starts = starts[starts < len(seg)]
+            for a, b, k, gid in zip(cuts, cuts[1:], seg[starts].tolist(), gids[starts].tolist()):
+                param, dim = keys[k]
+                members.setdefault(gid, []).append(Member(
                     param, dim, self.member_roles[(param, dim)], pos[a:b], chans[a:b]))
 
         self.cls = np.append(cls, n_cls)  # element -1 maps to the unlabelled slot
