@@ -118,6 +118,42 @@ def test_group_norm_with_one_group_loses_single_channels(affine):
         assert gp.verify(model, x, plan, dg=dg, slim=slim) == 0.0
 
 
+class SharedGroupNorm(nn.Module):
+    """One GroupNorm module called on two tensors: a conv's output and ``other``'s."""
+
+    def __init__(self, affine: bool, other: str):
+        super().__init__()
+        self.other = other
+        self.a, self.b, self.head = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 2, 1)
+        self.gn = nn.GroupNorm(2, 4, affine=affine)
+
+    def forward(self, x):
+        y = self.gn(x if self.other == "input" else self.b(x))
+        return self.head(torch.cat([y, self.gn(self.a(x))], 1))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_group_norm_called_twice_ties_the_channels_of_both_calls(affine):
+    """Both calls share num_groups: without affine parameters to tie them, pruning one
+    conv's channels gave the other call the wrong normalisation groups (a wrong slim model)."""
+    model, x = SharedGroupNorm(affine, "conv").eval(), torch.randn(2, 4, 6, 6)
+    dg = gp.DependencyGraph.build(model, x)
+    group = next(g for g in dg.groups if g.prunable)
+    assert {"a.weight", "b.weight"} <= set(group.producers)
+    plan = {group.id: [1]}
+    slim = gp.apply(model, dg, plan)
+    assert slim.get_submodule("gn").num_groups == 1
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_group_norm_also_called_on_the_model_input_pins_its_channels(affine):
+    model, x = SharedGroupNorm(affine, "input").eval(), torch.randn(2, 4, 6, 6)
+    dg = gp.DependencyGraph.build(model, x)
+    assert not any(g.prunable for g in dg.groups)
+    assert "also called on a non-channel axis" in dg.describe(width=200)
+
+
 def test_pixel_shuffle_and_unshuffle():
     model, x = PixelShuffleNet().eval(), torch.randn(2, 3, 6, 6)
     dg = gp.DependencyGraph.build(model, x)

@@ -211,6 +211,14 @@ def group_norm(ctx, node, module):
     """GroupNorm: whole normalisation groups are pruned, which keeps it exact."""
     labels = list(ctx.labels(node.args[0]))
     c, g = module.num_channels, module.num_groups
+    # Calls of one module share its widths (num_groups, num_channels), with or without
+    # affine parameters to tie them: tie their channels to those of the first call.
+    first = next(n for n in node.graph.nodes if n.op == "call_module" and n.target == node.target)
+    if first is not node:
+        before = ctx.node_labels.get(first.name)
+        before = before[1] if isinstance(before, tuple) and len(before) > 1 else None
+        labels[1] = ctx.couple([labels[1], before], c,
+                               f"{ctx.describe_node()} is also called on a non-channel axis")
     lab = labels[1]
     if lab is None:
         return tuple(labels)
