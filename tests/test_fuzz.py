@@ -1,5 +1,10 @@
 """Fuzzing: random architectures and random plans.
 
+The architectures (``strategies.architectures``) are small DAGs of convolutions (plain,
+grouped, depthwise, functional, transposed), BatchNorm/LayerNorm/GroupNorm, activations,
+add/mul/cat/split, pooling, upsampling, flatten, Linear layers and attention over spatial
+tokens (``nn.MultiheadAttention`` or a hand-written SDPA block), on one input or two.
+
 Property: for any architecture the strategy draws and any plan, either the slim model
 is exact (``gp.verify`` <= 1e-4, so the outputs keep their shapes) or graphprune raises
 a typed ``gp.GraphPruneError``; never another exception. The user's model is never
