@@ -35,7 +35,7 @@ from scipy.sparse.csgraph import connected_components
 from graphprune import rules as _rules  # noqa: F401  (registers the built-in rules)
 from graphprune.errors import InputError
 from graphprune.rules.base import Multi, as_array, find_rule, op_name
-from graphprune.tracing import normalize_inputs, trace
+from graphprune.tracing import named_state, normalize_inputs, trace
 
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
 
@@ -127,8 +127,7 @@ class BuildContext:
         self._inexact: list[tuple[np.ndarray, str]] = []
         self.gm = gm
         self.modules = dict(gm.named_modules())
-        self.state = dict(gm.named_parameters())
-        self.state.update(dict(gm.named_buffers()))
+        self.state = named_state(gm)
         self.roots: list[_Root] = []
         self.n_elements = 0
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
@@ -472,8 +471,7 @@ class DependencyGraph:
         dg.build_options = {"leaf_modules": [t if isinstance(t, str) else f"{t.__module__}:{t.__qualname__}"
                                              for t in leaf_modules],
                             "factor": factor, "grouped": grouped}
-        dg.state_shapes = {k: tuple(v.shape) for k, v in
-                           list(model.named_parameters()) + list(model.named_buffers())}
+        dg.state_shapes = {k: tuple(v.shape) for k, v in named_state(model).items()}
         inputs = normalize_inputs(example_inputs)
         dg.example_shapes = [tuple(x.shape) for x in inputs]
         dg.example_dtypes = [x.dtype for x in inputs]
@@ -632,7 +630,7 @@ class DependencyGraph:
     # --- inspection ------------------------------------------------------------------------
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise if ``model`` no longer has the parameter shapes this graph was built on."""
-        now = {k: tuple(v.shape) for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+        now = {k: tuple(v.shape) for k, v in named_state(model).items()}
         for name, shape in self.state_shapes.items():
             if now.get(name) != shape:
                 raise InputError(

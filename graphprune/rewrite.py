@@ -25,7 +25,7 @@ from graphprune.errors import PlanError, RewriteError
 from graphprune.graph import CAT_TARGETS, DependencyGraph, iter_arrays
 from graphprune.plan import Plan
 from graphprune.rules.base import Multi, find_rule
-from graphprune.tracing import shape_of
+from graphprune.tracing import named_state, shape_of
 
 __all__ = ["apply"]
 
@@ -290,8 +290,7 @@ def _presliced(model: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]]
 def _slice_state(slim: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]],
                  done: Container[str] = ()) -> set[str]:
     """Slice parameters and buffers (those in ``done`` already are); return the changed modules."""
-    state = dict(slim.named_parameters())
-    state.update(dict(slim.named_buffers()))
+    state = named_state(slim)
     changed = set()
     for param, dims in cuts.items():
         if param not in state:

@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from graphprune.errors import InputError, TraceError
 from graphprune.rules.base import has_own_module_rule
 
-__all__ = ["trace", "normalize_inputs", "shape_of", "GraphTracer"]
+__all__ = ["trace", "normalize_inputs", "shape_of", "named_state", "GraphTracer"]
 
 try:  # generates the traced graph's Python code only if something calls it (the shape run does not)
     from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
@@ -85,11 +85,28 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
+def named_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``dict(module.named_parameters())`` updated with ``dict(module.named_buffers())``,
+    from one walk over the submodules (each tensor once, under its first name)."""
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    seen: tuple[set[int], set[int]] = (set(), set())
+    for prefix, m in module.named_modules():
+        dot = prefix + "." if prefix else ""
+        for table, out, ids in ((m._parameters, params, seen[0]), (m._buffers, buffers, seen[1])):
+            for key, t in table.items():
+                if t is not None and id(t) not in ids:
+                    ids.add(id(t))
+                    out[dot + key] = t
+    params.update(buffers)
+    return params
+
+
 def check_model(model: Any) -> None:
     """Reject what cannot be pruned exactly: non-modules, meta tensors, half precision."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, t in named_state(model).items():
         if t.device.type == "meta":
             raise InputError(
                 f"{name!r} is on the meta device; materialise the model "

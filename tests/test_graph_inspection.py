@@ -191,3 +191,18 @@ def test_trace_adds_no_attributes_to_the_user_model():
     gp.trace(model, X)
     gp.DependencyGraph.build(model, X)
     assert set(vars(model)) == before
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit_mha", "densenet", "mobilenet_v3"])
+def test_named_state_is_torchs_parameters_then_buffers(name):
+    from graphprune.tracing import named_state
+
+    model, _ = gp.zoo.create(name)
+    tied = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight  # a tied weight appears once, under its first name
+    for m in (model, tied):
+        want = dict(m.named_parameters())
+        want.update(dict(m.named_buffers()))
+        got = named_state(m)
+        assert list(got) == list(want) and all(got[k] is want[k] for k in want)
+    assert "2.weight" not in named_state(tied)

@@ -14,6 +14,7 @@ import torch
 
 from graphprune.errors import InputError
 from graphprune.importance.base import normalize_scores
+from graphprune.tracing import named_state
 
 
 def magnitude(
@@ -41,8 +42,7 @@ def magnitude(
     if p not in (1, 2):
         raise InputError(f"magnitude p must be 1 or 2, got {p!r}")
     roles = set(roles)
-    state = dict(model.named_parameters())
-    state.update(dict(model.named_buffers()))
+    state = named_state(model)
     per_axis: dict[tuple[str, int], np.ndarray] = {}  # a tensor axis can serve several groups
     axes_of: dict[str, list[int]] = {}
     for param, dim in dg.member_labels:
