@@ -13,8 +13,10 @@ both tools alike), with one intra-op thread:
   ``tp_build`` times ``DependencyGraph().build_dependency`` alone, for reference.
 
 Both prune the same fraction of every prunable layer's channels (local scope, L1
-magnitude). The ratio column is Torch-Pruning's total over graphprune's; medians of
-``--repeats`` runs.
+magnitude). Each tool runs ``--warmup`` times untimed first (one by default: the first
+call pays lazy imports and allocator growth). The ratio column is the median of
+Torch-Pruning's total over graphprune's per repeat; times are medians of ``--repeats``
+runs.
 
 Models (ImageNet sizes, 1000 classes, batch 1):
 
@@ -141,10 +143,14 @@ def run_torch_pruning(name: str, model: nn.Module, x: torch.Tensor) -> dict[str,
     return {"build": t1 - t0, "total": t3 - t2}
 
 
-def bench(name: str, repeats: int, with_tp: bool) -> dict:
+def bench(name: str, repeats: int, with_tp: bool, warmup: int = 1) -> dict:
     model, x = make(name)
     row: dict = {"model": name, "input": list(x.shape),
                  "params": sum(p.numel() for p in model.parameters())}
+    for _ in range(warmup):  # untimed: first-call costs (lazy imports, allocator) of both tools
+        run_graphprune(model, x)
+        if with_tp:
+            run_torch_pruning(name, model, x)
     gp_runs, tp_runs = [], []
     for _ in range(repeats):
         gc.collect()
@@ -189,6 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", help=f"default: all of {', '.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each tool first")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--profile", action="store_true", help="cProfile graphprune on the models")
     args = parser.parse_args()
@@ -212,11 +219,11 @@ def main() -> None:
             with_tp = False
     rows = []
     for name in names:
-        rows.append(bench(name, args.repeats, with_tp))
+        rows.append(bench(name, args.repeats, with_tp, args.warmup))
         print_row(rows[-1], header=len(rows) == 1)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "engine_speed.json"
-    meta = {"torch": torch.__version__, "threads": 1, "repeats": args.repeats, "ratio": RATIO,
+    meta = {"torch": torch.__version__, "threads": 1, "repeats": args.repeats, "warmup": args.warmup, "ratio": RATIO,
             "python": platform.python_version(), "machine": platform.processor() or platform.machine()}
     if with_tp:
         meta["torch_pruning"] = importlib.metadata.version("torch-pruning")
