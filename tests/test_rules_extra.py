@@ -154,6 +154,41 @@ def test_a_group_norm_also_called_on_the_model_input_pins_its_channels(affine):
     assert "also called on a non-channel axis" in dg.describe(width=200)
 
 
+class SharedLayerNorm(nn.Module):
+    """One LayerNorm module normalising the features of two Linear branches."""
+
+    def __init__(self, affine):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(5, 6)
+        self.ln = nn.LayerNorm(6, elementwise_affine=affine)
+        self.c = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.ln(self.a(x)), self.ln(self.b(x))], 1))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_layer_norm_called_twice_ties_the_features_of_both_calls(affine):
+    """Both calls share normalized_shape: without affine parameters to tie them, pruning
+    one branch's features gave the other call a normalized_shape it does not have."""
+    model, x = SharedLayerNorm(affine).eval(), torch.randn(3, 5)
+    if affine:
+        with torch.no_grad():
+            model.ln.weight.uniform_(0.5, 1.5), model.ln.bias.uniform_(-0.5, 0.5)
+    dg = gp.DependencyGraph.build(model, x)
+    group = next(g for g in dg.groups if "a.weight" in g.producers)
+    assert set(group.producers) >= {"a.weight", "b.weight"} and not group.exact  # LayerNorm: inexact
+    slim = gp.apply(model, dg, {group.id: [1, 4]})
+    assert slim.ln.normalized_shape == (4,) and model.ln.normalized_shape == (6,)
+    # the slim model normalises the four kept features of each branch
+    keep = [0, 2, 3, 5]
+    with torch.no_grad():
+        w, b = (model.ln.weight[keep], model.ln.bias[keep]) if affine else (None, None)
+        parts = [F.layer_norm(layer(x)[:, keep], (4,), w, b) for layer in (model.a, model.b)]
+        want = F.linear(torch.cat(parts, 1), model.c.weight[:, keep + [k + 6 for k in keep]], model.c.bias)
+        assert (slim(x) - want).abs().max().item() <= 1e-5
+
+
 def test_pixel_shuffle_and_unshuffle():
     model, x = PixelShuffleNet().eval(), torch.randn(2, 3, 6, 6)
     dg = gp.DependencyGraph.build(model, x)

@@ -171,6 +171,17 @@ def _layer_norm_patch(rw, node):
 _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 
 
+def _first_call_labels(ctx, node):
+    """Output labels of the first call of ``node``'s module, or None if this is it.
+
+    Calls of one module share its width attributes (``normalized_shape``,
+    ``num_groups``), with or without affine parameters to tie them, so their channels
+    must be pruned together.
+    """
+    first = next(n for n in node.graph.nodes if n.op == "call_module" and n.target == node.target)
+    return None if first is node else ctx.node_labels.get(first.name)
+
+
 @register(nn.LayerNorm, *_RMS, patch=_layer_norm_patch)
 def layer_norm(ctx, node, module):
     """LayerNorm / RMSNorm: affine parameters follow the normalised axes (inexact)."""
@@ -179,6 +190,9 @@ def layer_norm(ctx, node, module):
     for attr in ("weight", "bias"):
         if getattr(module, attr, None) is not None:
             params.append([ctx.module_param(node.target, attr, k, "pass") for k in range(n)])
+    before = _first_call_labels(ctx, node)
+    if isinstance(before, tuple) and len(before) >= n:
+        params.append(list(before[len(before) - n:]))
     return _layer_norm_core(ctx, node.args[0], params, n)
 
 
@@ -211,11 +225,8 @@ def group_norm(ctx, node, module):
     """GroupNorm: whole normalisation groups are pruned, which keeps it exact."""
     labels = list(ctx.labels(node.args[0]))
     c, g = module.num_channels, module.num_groups
-    # Calls of one module share its widths (num_groups, num_channels), with or without
-    # affine parameters to tie them: tie their channels to those of the first call.
-    first = next(n for n in node.graph.nodes if n.op == "call_module" and n.target == node.target)
-    if first is not node:
-        before = ctx.node_labels.get(first.name)
+    before = _first_call_labels(ctx, node)  # calls share num_groups: tie their channels
+    if before is not None:
         before = before[1] if isinstance(before, tuple) and len(before) > 1 else None
         labels[1] = ctx.couple([labels[1], before], c,
                                f"{ctx.describe_node()} is also called on a non-channel axis")
