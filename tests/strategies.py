@@ -9,7 +9,9 @@ activations (module, functional, method and in-place forms), add, mul,
 squeeze-excitation gating, cat, split/chunk, pooling, upsampling, padding, flatten,
 linear layers, and attention over the spatial tokens of a map (``nn.MultiheadAttention``,
 or a hand-written qkv Linear + ``F.scaled_dot_product_attention`` + projection, with
-run-time or literal sizes, optionally residual). ``FuzzNet(arch)`` builds it as an
+run-time or literal sizes, optionally residual), and ``again``: a second call of an
+earlier op's module (conv, convT, BatchNorm, LayerNorm, GroupNorm, activation module,
+linear) on another value of that op's input shape. ``FuzzNet(arch)`` builds it as an
 ``nn.Module`` whose forward is plain torch code, traceable by ``torch.fx``;
 ``arch.source()`` prints that code, to paste as a repro.
 
@@ -75,6 +77,12 @@ class Arch:
             n_out = _n_outputs(op)
             outs = ", ".join(f"v{k + j}" for j in range(n_out))
             ins = ", ".join(f"v{j}" for j in op.inputs)
+            if op.kind == "again":
+                j = op.args[0]
+                lines.append(f"{outs} = again#{i}({ins})  # reuses op {j}'s module ({self.ops[j].kind}#{j})"
+                             f" -> {self.shapes[k:k + n_out]}")
+                k += n_out
+                continue
             lines.append(f"{outs} = {op.kind}#{i}({ins}{', ' if op.args else ''}"
                          f"{', '.join(map(repr, op.args))})  # -> {self.shapes[k:k + n_out]}")
             k += n_out
@@ -252,11 +260,21 @@ class FuzzNet(nn.Module):
                 out = L[f"convT{i}"](ins[0])
             elif kind in ("mha", "sdpa"):
                 out = self._attention(i, op, ins[0])
+            elif kind == "again":
+                out = self._reuse(a[0], ins[0])
             else:  # pragma: no cover - the strategy draws only the kinds above
                 raise AssertionError(kind)
             vals.append(out)
         outs = [vals[j] for j in self.arch.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _reuse(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Op ``j``'s module (created for op ``j``) called again, on ``x``."""
+        op = self.arch.ops[j]
+        module = self.layers[f"{op.kind}{j}"]
+        if op.kind == "ln" and op.args[0] == "channels":
+            return module(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return module(x)
 
     def _attention(self, i: int, op: Op, x: torch.Tensor) -> torch.Tensor:
         """Attention over the ``H*W`` tokens of map ``x``, back to a map.
@@ -297,8 +315,29 @@ def _pick(draw, candidates: list[int]) -> int:
     return draw(st.sampled_from(recent)) if draw(st.integers(0, 3)) else draw(st.sampled_from(candidates))
 
 
+# activations that are modules (the others are functions), which ``again`` can call again
+_MODULE_ACTS = ("relu", "relu_inplace", "gelu", "silu", "hardswish", "leaky_relu", "relu6")
+
+
+def _reusable(op: Op) -> bool:
+    return op.kind in ("conv", "convT", "bn", "ln", "gn", "linear") or (
+        op.kind == "act" and op.args[0] in _MODULE_ACTS)
+
+
+def _reuse_candidates(arch: Arch) -> list[tuple[int, int]]:
+    """``(op index, value index)`` pairs: an earlier op's module and another value of the
+    shape that op's input has."""
+    out = []
+    for j, op in enumerate(arch.ops):
+        if _reusable(op):
+            want = arch.shapes[op.inputs[0]]
+            out += [(j, i) for i, s in enumerate(arch.shapes) if s == want and i != op.inputs[0]]
+    return out
+
+
 def _draw_op(draw, arch: Arch) -> None:
     shapes = arch.shapes
+    reuse = _reuse_candidates(arch)
     maps = [i for i, s in enumerate(shapes) if len(s) == 3]
     flats = [i for i, s in enumerate(shapes) if len(s) == 1]
     kinds = []
@@ -318,6 +357,8 @@ def _draw_op(draw, arch: Arch) -> None:
         by_hw.setdefault(shapes[i][1:], []).append(i)
     if any(len(v) > 1 for v in by_hw.values()):
         kinds += ["cat", "cat"]
+    if reuse:
+        kinds += ["again", "again", "again"]
     kind = draw(st.sampled_from(kinds))
 
     def emit(op: Op, *out_shapes: tuple[int, ...]) -> None:
@@ -330,6 +371,11 @@ def _draw_op(draw, arch: Arch) -> None:
         a = _pick(draw, same)
         b = draw(st.sampled_from([j for j in same if j != a]))
         emit(Op(kind, (a, b)), shapes[a])
+        return
+    if kind == "again":
+        j, x = draw(st.sampled_from(reuse))
+        out_index = arch.n_inputs + sum(_n_outputs(o) for o in arch.ops[:j])
+        emit(Op("again", (x,), (j,)), shapes[out_index])
         return
     if kind == "cat":
         pool = [v for v in by_hw.values() if len(v) > 1]

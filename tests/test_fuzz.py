@@ -2,8 +2,9 @@
 
 The architectures (``strategies.architectures``) are small DAGs of convolutions (plain,
 grouped, depthwise, functional, transposed), BatchNorm/LayerNorm/GroupNorm, activations,
-add/mul/cat/split, pooling, upsampling, flatten, Linear layers and attention over spatial
-tokens (``nn.MultiheadAttention`` or a hand-written SDPA block), on one input or two.
+add/mul/cat/split, pooling, upsampling, flatten, Linear layers, attention over spatial
+tokens (``nn.MultiheadAttention`` or a hand-written SDPA block) and ``again`` (an earlier
+op's module called a second time, on another value), on one input or two.
 
 Property: for any architecture the strategy draws and any plan, either the slim model
 is exact (``gp.verify`` <= 1e-4, so the outputs keep their shapes) or graphprune raises
@@ -154,6 +155,8 @@ def _op_tags(arch: Arch, op: Op) -> list[str]:
         tags += [f"convT stride {a[2]}"] if kind == "convT" else []
     if kind in ("mha", "sdpa"):
         tags += [f"{kind} {a[-2]} sizes"] + ([f"{kind} residual"] if a[-1] else [])
+    if kind == "again":  # which module is called a second time
+        tags.append(f"again {arch.ops[a[0]].kind}")
     if arch.c_in2 and 1 in op.inputs:
         tags.append("second input used")
     return tags
@@ -177,7 +180,7 @@ def test_strategy_covers_the_listed_operations():
                  "ln flat", "ln channels", "gn", "convT", "convT grouped", "convT depthwise",
                  "convT stride 1", "convT stride 2", "mha", "mha residual", "mha batch sizes",
                  "mha literal sizes", "sdpa", "sdpa residual", "sdpa batch sizes", "sdpa literal sizes",
-                 "one input", "two inputs", "second input used"):
+                 "again", "again conv", "again bn", "one input", "two inputs", "second input used"):
         assert kinds[kind] > 0, f"the strategy never drew {kind}: {dict(kinds)}"
 
 
