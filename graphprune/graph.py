@@ -270,7 +270,20 @@ class BuildContext:
     def module_param(self, module_name: str, attr: str, dim: int, role: str) -> np.ndarray | None:
         """Like ``param`` for ``module.attr``; None when the module has no such tensor."""
         name = f"{module_name}.{attr}" if module_name else attr
-        return self.param(name, dim, role) if name in self.state else None
+        if name in self.state:
+            return self.param(name, dim, role)
+        module = self.modules.get(module_name)
+        if attr in getattr(getattr(module, "parametrizations", None) or {}, "keys", dict)():
+            # torch.nn.utils.parametrize computes the tensor from others (weight norm,
+            # spectral norm, ...): which of their slices a channel owns is not known here
+            kinds = ", ".join(type(p).__name__ for p in module.parametrizations[attr])
+            labels = self._new_root(PARAM, getattr(module, attr).shape[dim], name)
+            if role == ROLE_OUT:  # still a group, so that describe() says why it stays
+                self.mark_produced(labels)
+            self.pin(labels, f"{name} is parametrized ({kinds}); remove the parametrization "
+                             "(torch.nn.utils.parametrize.remove_parametrizations) to prune it")
+            return labels
+        return None
 
     def attr_name(self, x: Any) -> str | None:
         """The parameter name behind a ``get_attr`` node, else None."""

@@ -225,3 +225,32 @@ def test_padding_a_channel_axis_pins_it():
     dg = gp.DependencyGraph.build(ChannelPad(), torch.randn(1, 3, 4, 4))
     assert not any(g.prunable for g in dg.groups)
     assert "pads a channel axis" in dg.describe(width=200)
+
+
+def test_parametrized_weights_are_pinned_with_a_reason_until_the_parametrization_goes():
+    """Weight norm / spectral norm compute the weight from other tensors: their channels
+    stay whole, and describe() says so and how to prune them; without the
+    parametrization the same network prunes exactly."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    parametrizations.weight_norm(model[0])
+    parametrizations.spectral_norm(model[4])
+    model.eval()
+    x = torch.randn(2, 3, 10, 10)
+    dg = gp.DependencyGraph.build(model, x)
+    assert [g.size for g in dg.groups] == [8, 6, 4] and not any(g.prunable for g in dg.groups)
+    assert "0.weight is parametrized (_WeightNorm)" in dg.groups[0].reason
+    assert "4.weight is parametrized (_SpectralNorm)" in dg.groups[1].reason
+    assert "remove_parametrizations" in dg.describe(width=300)
+    with torch.no_grad():
+        want = model(x)
+    for i in (0, 4):
+        parametrize.remove_parametrizations(model[i], "weight")
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5)  # the same function, plain weights
+    dg = gp.DependencyGraph.build(model, x)
+    plan = {g.id: [0, 2] for g in dg.groups if g.prunable}
+    assert len(plan) == 2
+    assert gp.verify(model, x, plan, dg=dg) <= 1e-5
