@@ -31,6 +31,7 @@ import torch
 import torch.fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from torch.nn.utils import parametrize
 
 from graphprune import rules as _rules  # noqa: F401  (registers the built-in rules)
 from graphprune.errors import InputError
@@ -273,7 +274,7 @@ class BuildContext:
         if name in self.state:
             return self.param(name, dim, role)
         module = self.modules.get(module_name)
-        if attr in getattr(getattr(module, "parametrizations", None) or {}, "keys", dict)():
+        if module is not None and parametrize.is_parametrized(module, attr):
             # torch.nn.utils.parametrize computes the tensor from others (weight norm,
             # spectral norm, ...): which of their slices a channel owns is not known here
             kinds = ", ".join(type(p).__name__ for p in module.parametrizations[attr])

@@ -58,6 +58,7 @@ from torch import nn
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan, StepPlans, check_schedule
+from graphprune.tracing import named_state
 
 if TYPE_CHECKING:
     from graphprune.api import PruneResult
@@ -435,8 +436,7 @@ class _Builder:
         self.cg, self.dg, self.criterion, self.n, self.fold = cg, dg, criterion, n, fold
         self.exclude = exclude
         self.modules = dict(dg.gm.named_modules())
-        self.state = dict(dg.gm.named_parameters())
-        self.state.update(dict(dg.gm.named_buffers()))
+        self.state = named_state(dg.gm)
         self.chan: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # fx node -> (keys, graph nodes)
         self.pool: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # non-channel outputs: lookup only
         self.block_of: dict[str, int] = {}  # fx node -> its kernel block

@@ -25,7 +25,7 @@ from graphprune.errors import PlanError, RewriteError
 from graphprune.graph import CAT_TARGETS, DependencyGraph, iter_arrays
 from graphprune.plan import Plan
 from graphprune.rules.base import Multi, find_rule
-from graphprune.tracing import named_state, shape_of
+from graphprune.tracing import eval_mode, named_state, shape_of
 
 __all__ = ["apply"]
 
@@ -105,14 +105,6 @@ def _get_attr(root: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _has_attr(root: torch.nn.Module, target: str) -> bool:
-    try:
-        _get_attr(root, target)
-        return True
-    except AttributeError:
-        return False
 
 
 _ATOMS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
@@ -200,8 +192,10 @@ def _copy_targets(model: torch.nn.Module, dg: DependencyGraph, root: torch.nn.Mo
     # in graph order, as GraphModule installs them: parameters keep the order they had
     targets = dict.fromkeys(n.target for n in dg.gm.graph.nodes if n.op in ("call_module", "get_attr"))
     for target in targets:
-        # constants that tracing created live on the traced module only
-        source = _get_attr(model, target) if _has_attr(model, target) else _get_attr(dg.gm, target)
+        try:
+            source = _get_attr(model, target)
+        except AttributeError:  # constants that tracing created live on the traced module only
+            source = _get_attr(dg.gm, target)
         if isinstance(source, torch.nn.Module):
             value = _copy_module(source, memo)
         else:
@@ -400,17 +394,11 @@ def _check_runs(slim: torch.fx.GraphModule, dg: DependencyGraph) -> None:
     inputs = [torch.zeros(s, dtype=d) for s, d in zip(dg.example_shapes, dg.example_dtypes)]
     out_node = next(n for n in dg.gm.graph.nodes if n.op == "output")
     expected = shape_of_meta(out_node.args[0])
-    training = [m for m in slim.modules() if m.training]  # run in eval mode, then restore
-    for m in training:
-        m.training = False
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(slim):
             got = shape_of(slim(*inputs))
     except Exception as exc:
         raise RewriteError(f"the slimmed model fails to run: {type(exc).__name__}: {exc}") from exc
-    finally:
-        for m in training:
-            m.training = True
     if _flat(got) != _flat(expected):
         raise RewriteError(f"the slimmed model's output shapes {got} differ from the original's {expected}")
 

@@ -15,9 +15,10 @@ running statistics in training mode) are restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -100,6 +101,18 @@ def named_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
                     out[dot + key] = t
     params.update(buffers)
     return params
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate in eval mode (running statistics, no dropout); restore flags afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def check_model(model: Any) -> None:

@@ -14,7 +14,7 @@ from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.rewrite import apply, copy_as_graph_module
 from graphprune.rules.base import Multi
-from graphprune.tracing import normalize_inputs
+from graphprune.tracing import named_state, normalize_inputs
 
 __all__ = ["verify", "masked_model", "masked_forward"]
 
@@ -28,8 +28,7 @@ def masked_model(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict)
     """
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     masked = copy.deepcopy(model)
-    state = dict(masked.named_parameters())
-    state.update(dict(masked.named_buffers()))
+    state = named_state(masked)
     with torch.no_grad():
         for g in dg.groups:
             if g.id not in plan:
@@ -90,8 +89,7 @@ def masked_forward(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dic
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     removed = dg.removed_classes(plan)
     gm = copy_as_graph_module(model, dg, "Masked").eval()
-    state = dict(gm.named_parameters())
-    state.update(dict(gm.named_buffers()))
+    state = named_state(gm)
     with torch.no_grad():
         for (param, dim), labels in dg.member_labels.items():
             drop = np.flatnonzero(~dg.keep_mask(labels, removed))

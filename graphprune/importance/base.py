@@ -20,7 +20,6 @@ op has no batching rule the ablations run one by one. The model is never modifie
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 import warnings
@@ -33,10 +32,11 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from graphprune.errors import GraphPruneError, InputError, LossError
+from graphprune.tracing import eval_mode
 
 __all__ = [
     "LossError", "Ablator", "Batch", "normalize_scores", "prepare_data", "iterate_data",
-    "require_loss_fn", "group_axes", "eval_mode", "state_of", "check_loss",
+    "require_loss_fn", "group_axes", "eval_mode", "check_loss",
 ]
 
 
@@ -119,24 +119,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate in eval mode (running statistics, no dropout); restore flags afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = dict(model.named_parameters())
-    state.update(dict(model.named_buffers()))
-    return state
 
 
 # --- members ---------------------------------------------------------------------------------------
