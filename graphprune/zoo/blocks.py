@@ -52,3 +52,12 @@ class SqueezeExcitation(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._scale(input) * input
+
+
+def init_linear_trunc_normal(m: nn.Module) -> None:
+    """Transformer initialisation for ``model.apply``: Linear weights from a truncated
+    normal (std 0.02), biases zero."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

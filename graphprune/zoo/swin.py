@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import register
+from .blocks import init_linear_trunc_normal
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -313,14 +314,7 @@ class SwinTransformer(nn.Module):
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear_trunc_normal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).permute(0, 2, 3, 1)  # B C H W -> B H W C
