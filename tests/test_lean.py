@@ -14,6 +14,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune import lean
+from graphprune.lean.paths import _LongestPaths
 
 
 # --- operator norms ------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def test_dp_finds_longest_chain(seed):
     dg = gp.DependencyGraph.build(model, torch.randn(2, 2))
     cg = lean.ChannelGraph.build(model, dg, exclude=())
     weights = [m.weight.detach().double().numpy() for m in model if isinstance(m, nn.Linear)]
-    dp = lean._LongestPaths(cg)
+    dp = _LongestPaths(cg)
     value, path = dp.best_path()
     ref = brute_force_best(weights)
     if ref < 0:
@@ -129,7 +130,7 @@ def test_dp_incremental_matches_full_recompute():
                 m.weight.mul_(4.0)
     dg = gp.DependencyGraph.build(model, torch.randn(2, 3))
     cg = lean.ChannelGraph.build(model, dg, exclude=())
-    dp = lean._LongestPaths(cg)
+    dp = _LongestPaths(cg)
     for _ in range(8):
         value, path = dp.best_path()
         if not path:
@@ -143,7 +144,7 @@ def test_dp_incremental_matches_full_recompute():
         fresh = copy.deepcopy(cg)
         for b, blk in enumerate(fresh.blocks):
             blk.logw = dp.w[b].copy()
-        assert np.array_equal(lean._LongestPaths(fresh).B, dp.B)
+        assert np.array_equal(_LongestPaths(fresh).B, dp.B)
 
 
 def _resnet():

@@ -1,4 +1,9 @@
-"""Ops that keep every axis: activations, dropout, identity, elementwise arithmetic."""
+"""Ops that keep every axis: activations, dropout, identity, casts, elementwise arithmetic.
+
+Channel flow: output channel ``i`` is input channel ``i``. Broadcasting arithmetic ties
+axes of equal size channel by channel (an axis of size 1 broadcasts). These ops mix
+no values across positions and read no channel count, so removal is exact.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import register
+from graphprune.rules.base import aten_ops, register
 
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -30,9 +35,19 @@ _ACTIVATION_METHODS = (
     "square", "clamp", "clamp_", "clip", "sign", "log", "contiguous", "clone", "detach",
     "float", "double", "to", "type_as", "requires_grad_", "hardswish", "silu",
 )
+_ACTIVATION_ATEN = aten_ops(
+    "relu.default", "relu_.default", "relu6.default", "gelu.default", "silu.default",
+    "silu_.default", "sigmoid.default", "sigmoid_.default", "tanh.default", "hardswish.default",
+    "hardswish_.default", "hardsigmoid.default", "hardtanh.default", "hardtanh_.default",
+    "leaky_relu.default", "elu.default", "mish.default", "dropout.default", "dropout_.default",
+    "feature_dropout.default", "clone.default",
+    "detach.default", "alias.default", "abs.default", "exp.default", "neg.default",
+    "sqrt.default", "clamp.default", "clamp_min.default", "clamp_max.default",
+    "contiguous.default", "_to_copy.default", "to.dtype",
+)
 
 
-@register(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, *_ACTIVATION_METHODS)
+@register(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, *_ACTIVATION_METHODS, *_ACTIVATION_ATEN)
 def pointwise(ctx, node, module):
     """Output channels are the input's channels, position by position."""
     return ctx.labels(node.args[0])
@@ -52,6 +67,7 @@ def prelu(ctx, node, module):
         return labels[:1] + (coupled,) + labels[2:]
     return labels
 
+
 _BINARY = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
     operator.isub, operator.imul, operator.itruediv, operator.floordiv, operator.pow,
@@ -63,9 +79,14 @@ _BINARY_METHODS = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum",
     "minimum", "where", "masked_fill", "lerp",
 )
+_BINARY_ATEN = aten_ops(
+    "add.Tensor", "add_.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor",
+    "mul_.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar", "pow.Tensor_Scalar",
+    "maximum.default", "minimum.default", "where.self",
+)
 
 
-@register(*_BINARY, *_BINARY_METHODS)
+@register(*_BINARY, *_BINARY_METHODS, *_BINARY_ATEN)
 def elementwise(ctx, node, module):
     """Broadcasting arithmetic: axes of equal size are tied channel by channel.
 
@@ -77,8 +98,6 @@ def elementwise(ctx, node, module):
         return None
     tensors = [a for a in (*node.args, *node.kwargs.values())
                if isinstance(a, torch.fx.Node) and isinstance(ctx.shape(a), torch.Size)]
-    if node.target == "expand_as":
-        tensors = tensors[:1]
     ndim = len(out_shape)
     reason = f"combined with a non-channel axis in {ctx.describe_node()}"
     labels = []
