@@ -354,5 +354,10 @@ class DependencyGraph:
         """The groups as JSON (sizes, reasons, members), for tools and reports."""
         return json.dumps([g.to_dict() for g in self.groups], indent=1)
 
+    def operand_members(self, group: Group, kind: str, operand: str) -> list[Member]:
+        """Members of ``group`` that are operand ``operand`` of ops of rule kind ``kind``: e.g. the
+        scales of its normalisation layers, ``dg.operand_members(g, rules.base.NORM, "weight")``."""
+        return [m for m in group.members if self.member_operands.get((m.param, m.dim)) == (kind, operand)]
+
     def group(self, gid: int) -> Group:
         return self.groups[gid]

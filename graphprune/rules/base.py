@@ -47,7 +47,7 @@ import torch.fx
 
 __all__ = [
     "Rule", "Operands", "Shapes", "Multi", "Labels", "register", "find_rule", "find_module_rule",
-    "has_own_module_rule", "operand", "operand_shape", "aten_ops", "op_name", "target_name", "arg",
+    "has_own_module_rule", "layer_width", "operand", "operand_shape", "aten_ops", "op_name", "target_name", "arg",
     "as_array", "norm_dim", "unlabelled", "iter_arrays", "is_inplace", "LAYER", "NORM", "CONCAT",
 ]
 
@@ -67,7 +67,8 @@ class Operands:
     Each field is an argument position (function and ATen forms; the keyword of the
     field's name is looked up too) or an attribute name (module forms), or None when
     the op has no such operand. ``transposed`` says the weight is ``[in, out/groups,
-    *kernel]``; ``width`` names the module attribute holding the output width.
+    *kernel]``; ``width`` names the module attribute holding the output width of a layer
+    that produces channels (``out_channels``, ``out_features``).
     """
 
     input: int | str | None = 0
@@ -150,6 +151,13 @@ def find_module_rule(cls: type) -> Rule | None:
         if base in _MODULE_RULES:
             return _MODULE_RULES[base]
     return None
+
+
+def layer_width(module: torch.nn.Module) -> int | None:
+    """Output width of a module whose rule declares one (conv, linear layers), else None."""
+    rule = find_module_rule(type(module))
+    width = rule.operands.width if rule is not None else None
+    return getattr(module, width, None) if width else None
 
 
 def find_rule(node: torch.fx.Node, module: torch.nn.Module | None) -> Rule | None:

@@ -23,7 +23,7 @@ _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 
 BATCH_NORM_MODULE = Operands(weight="weight", bias="bias", running_mean="running_mean",
-                             running_var="running_var", eps="eps", width="num_features")
+                             running_var="running_var", eps="eps")
 # F.batch_norm / F.instance_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 BATCH_NORM_FUNCTION = Operands(running_mean=1, running_var=2, weight=3, bias=4, training=5, eps=7)
 # aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
@@ -178,7 +178,7 @@ def _group_norm_patch(rw, node):
 
 
 @register(nn.GroupNorm, patch=_group_norm_patch,
-          operands=Operands(weight="weight", bias="bias", eps="eps", width="num_channels"), kind=NORM)
+          operands=Operands(weight="weight", bias="bias", eps="eps"), kind=NORM)
 def group_norm(ctx, node, module):
     """GroupNorm: whole normalisation groups are pruned, which keeps it exact."""
     labels = list(ctx.labels(node.args[0]))
