@@ -21,6 +21,7 @@ import torch
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.importance import score
+from graphprune.lean import prune as lean_prune
 from graphprune.metrics import count
 from graphprune.plan import Plan
 from graphprune.select import TARGETS, select
@@ -107,8 +108,6 @@ def prune(
     """
     check_schedule(ratio, steps, callback)
     if method == "lean":  # LEAN keeps kernels along chains, then channels: see graphprune.lean.prune
-        from graphprune.lean import prune as lean_prune
-
         return lean_prune(model, example_inputs, ratio, steps=steps, callback=callback, ignore=ignore,
                           leaf_modules=leaf_modules, **options)
     if target not in TARGETS:

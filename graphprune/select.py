@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from graphprune.errors import InputError, PlanError
+from graphprune.importance.base import normalize_scores
 from graphprune.metrics import CountEstimator, count
 from graphprune.plan import Plan
 from graphprune.removal import EmptiedAxes, Removal, repair
@@ -299,7 +300,6 @@ def select(
     if (model is None) != (example_inputs is None):
         raise InputError("give both model and example_inputs (for exact counts), or neither")
     skip = resolve_ignore(dg, ignore)
-    from graphprune.importance.base import normalize_scores  # scores helpers live with the criteria
 
     scoped: dict[int, np.ndarray] = {}
     for g in dg.groups:
