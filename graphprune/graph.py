@@ -113,6 +113,8 @@ class DependencyGraph:
         self.gm = gm
         self.inexact_marks = ctx._inexact
         self.node_info = ctx.node_info
+        self.width_values = ctx.width_values
+        self.width_axes = ctx.width_axes
         self.node_labels = ctx.node_labels
         self.member_labels = ctx.member_labels
         self.member_roles = ctx.member_roles

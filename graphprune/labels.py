@@ -74,6 +74,10 @@ class BuildContext:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.state = named_state(gm)
+        # tied tensors (one Parameter under several names) are labelled under their first name
+        self.canonical = {alias: name for name, alias in _aliases(gm)}
+        self.width_values: set[str] = set()  # int nodes whose value is a width (x.size(1), C // heads)
+        self.width_axes: dict[str, list[int]] = {}  # shape tuples (x.shape): which entries are widths
         self.roots: list[_Root] = []
         self.n_elements = 0
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
@@ -219,6 +223,7 @@ class BuildContext:
     def module_param(self, module_name: str, attr: str, dim: int, role: str) -> np.ndarray | None:
         """Like ``param`` for ``module.attr``; None when the module has no such tensor."""
         name = f"{module_name}.{attr}" if module_name else attr
+        name = self.canonical.get(name, name)
         if name in self.state:
             return self.param(name, dim, role)
         module = self.modules.get(module_name)
@@ -235,9 +240,10 @@ class BuildContext:
         return None
 
     def attr_name(self, x: Any) -> str | None:
-        """The parameter name behind a ``get_attr`` node, else None."""
-        if isinstance(x, torch.fx.Node) and x.op == "get_attr" and x.target in self.state:
-            return x.target
+        """The parameter name behind a ``get_attr`` node (its first name, if tied), else None."""
+        if isinstance(x, torch.fx.Node) and x.op == "get_attr":
+            name = self.canonical.get(x.target, x.target)
+            return name if name in self.state else None
         return None
 
     def operand(self, name: str, default: Any = None) -> Any:
@@ -271,6 +277,19 @@ class BuildContext:
             labels = [lab if lab is not None else self.param(param, d, ROLE_PASS) for d, lab in enumerate(labels)]
             self.note_operand(x, name)
         return labels
+
+    def mark_width(self, node: torch.fx.Node) -> None:
+        """Record that ``node``'s value is a number computed from the width of a channel axis.
+
+        The slim graph gives such a number its original value wherever it meets tensors
+        (that is what the masked original computes), and the slim width only where a
+        shape-rewriting rule (``kind=SHAPE``) reads it as a size.
+        """
+        self.width_values.add(node.name)
+
+    def is_width(self, x: Any) -> bool:
+        """Whether argument ``x`` is a number computed from a channel axis' width."""
+        return isinstance(x, torch.fx.Node) and x.name in self.width_values
 
     def describe_node(self) -> str:
         node = self.node
@@ -308,9 +327,10 @@ class BuildContext:
         shape = self.shape(node)
         if not isinstance(shape, torch.Size):
             return None
-        if node.target in self.state:
+        name = self.attr_name(node)
+        if name is not None:
             # A size-1 axis broadcasts (class tokens, [C, 1, 1] scales): not a channel axis.
-            return tuple(self.param(node.target, d, ROLE_PASS) if n > 1 else None
+            return tuple(self.param(name, d, ROLE_PASS) if n > 1 else None
                          for d, n in enumerate(shape))
         return tuple(self._new_root(PINNED, n, node.name, f"constant tensor {node.target!r}")
                      for n in shape)
@@ -395,3 +415,22 @@ class BuildContext:
         if self._relations:
             self._resolve_factors(self._kinds())  # pins add elements: kinds are taken again
         return self._components(), self._kinds()
+
+
+def _aliases(gm: torch.nn.Module) -> list[tuple[str, str]]:
+    """``(first name, other name)`` of every tensor held under more than one name."""
+    first: dict[int, str] = {}
+    out = []
+    for prefix, m in gm.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is None:
+                    continue
+                name = dot + key
+                if id(t) not in first:
+                    first[id(t)] = name
+                elif first[id(t)] != name:
+                    out.append((first[id(t)], name))
+    return out
+

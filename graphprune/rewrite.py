@@ -32,7 +32,7 @@ from graphprune.errors import PlanError, RewriteError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.removal import Removal
-from graphprune.rules.base import CONCAT, Rule, find_rule, is_inplace, iter_arrays, operand
+from graphprune.rules.base import CONCAT, SHAPE, Rule, find_rule, is_inplace, iter_arrays, operand
 from graphprune.tracing import eval_mode, named_state, shape_of
 
 __all__ = ["apply", "RewriteContext", "iter_arrays", "copy_as_graph_module"]
@@ -97,16 +97,21 @@ class RewriteContext:
         node.op, node.target, node.args, node.kwargs = "call_function", target, args, kwargs
 
 
-def _assign(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    if attr in owner._parameters:
-        old = owner._parameters[attr]
-        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        setattr(owner, attr, value)
+def _assign(root: torch.nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Install ``value`` under every name in ``names`` (one tensor: ties stay ties)."""
+    first_owner, _, first_attr = names[0].rpartition(".")
+    old = getattr(root.get_submodule(first_owner) if first_owner else root, first_attr)
+    if isinstance(old, torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        if attr in owner._parameters:
+            owner._parameters[attr] = value
+        elif attr in owner._buffers:
+            owner._buffers[attr] = value
+        else:
+            setattr(owner, attr, value)
 
 
 def _sliced(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
@@ -137,16 +142,44 @@ def _presliced(model: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]]
 
 def _slice_state(slim: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]],
                  done: Container[str] = ()) -> set[str]:
-    """Slice parameters and buffers (those in ``done`` already are); return the changed modules."""
+    """Slice parameters and buffers (those in ``done`` already are); return the changed modules.
+    A tensor held under several names (tied weights) is sliced once and stays tied."""
     state = named_state(slim)
+    names: dict[int, list[str]] = {}
+    for name, t in [*slim.named_parameters(remove_duplicate=False), *slim.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
     changed = set()
     for param, dims in cuts.items():
         if param not in state:
             continue
+        aliases = names.get(id(state[param]), [param])
         if param not in done:
-            _assign(slim, param, _sliced(state[param], dims))
-        changed.add(param.rpartition(".")[0])
+            _assign(slim, aliases, _sliced(state[param], dims))
+        changed.update(a.rpartition(".")[0] for a in aliases)
     return changed
+
+
+def _freeze_widths(graph: torch.fx.Graph, dg: DependencyGraph, modules: dict[str, torch.nn.Module]) -> None:
+    """Numbers computed from channel widths (``x.size(1)``, ``C ** -0.5``) keep their original
+    values where they meet tensors, as the masked original computes them; only the size
+    arguments of shape-rewriting rules (``kind=SHAPE``) follow the slim widths."""
+    widths = dg.width_values
+    if not widths:
+        return
+    for node in graph.nodes:
+        if node.name in widths or node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        used = {a: a.meta["shape"] for a in node.all_input_nodes if a.name in widths}
+        if not used:
+            continue
+        rule = find_rule(node, modules.get(node.target) if node.op == "call_module" else None)
+        if rule is not None and rule.kind == SHAPE:
+            continue
+        node.args = torch.fx.node.map_arg(node.args, lambda a, used=used: used.get(a, a))
+        node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a, used=used: used.get(a, a))
+    for node in reversed(list(graph.nodes)):  # size queries nothing reads any more
+        if not node.users and (node.name in widths or node.name in dg.width_axes):
+            graph.erase_node(node)
 
 
 def _drop_vanished(graph: torch.fx.Graph, vanished: set[str], modules: dict[str, torch.nn.Module]) -> None:
@@ -155,7 +188,7 @@ def _drop_vanished(graph: torch.fx.Graph, vanished: set[str], modules: dict[str,
         if node.name in vanished or node.op != "call_function":
             continue
         rule = find_rule(node, None)
-        if rule is not None and rule.kind == CONCAT and any(
+        if rule is not None and rule.kind == CONCAT and isinstance(node.args[0], (list, tuple)) and any(
                 isinstance(t, torch.fx.Node) and t.name in vanished for t in node.args[0]):
             kept = [t for t in node.args[0] if not (isinstance(t, torch.fx.Node) and t.name in vanished)]
             node.args = (kept,) + tuple(node.args[1:])
@@ -206,6 +239,7 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
     modules = dict(slim.named_modules())
     rw = RewriteContext(removal, modules, slim)
     try:
+        _freeze_widths(graph, dg, modules)
         for node in list(graph.nodes):
             if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):
                 continue

@@ -67,9 +67,18 @@ def _getitem_patch(rw, node):
 def getitem(ctx, node, module):
     """Picking a piece of a split, or slicing a tensor with ints, slices, None, ``...``."""
     x, index = node.args
+    if isinstance(x, torch.fx.Node) and x.name in ctx.width_axes:  # an entry of x.shape / x.size()
+        axes, picked = ctx.width_axes[x.name], list(range(len(ctx.shape(x))))[index]
+        if isinstance(picked, int) and picked in axes:
+            ctx.mark_width(node)
+        elif isinstance(picked, list):
+            ctx.width_axes[node.name] = [i for i, d in enumerate(picked) if d in axes]
+        return None
     labels = ctx.labels(x)
     shape = ctx.shape(x)
     if isinstance(labels, Multi):
+        if isinstance(index, slice):
+            return Multi(labels[index])
         return labels[index] if isinstance(index, int) else None
     if not isinstance(shape, torch.Size):
         return None
@@ -135,7 +144,18 @@ def aten_slice(ctx, node, module):
     return tuple(out)
 
 
-@register(*aten_ops("select.int"))
+def _select_patch(rw, node):
+    """aten.select(x, dim, index): the picked channel (kept, it is pinned) moves to its slim position."""
+    x = node.args[0]
+    labels, size = rw.labels(x), rw.old_shape(x)
+    d = norm_dim(arg(node, 1, "dim", 0), len(size))
+    if labels is None or labels[d] is None:
+        return
+    k = arg(node, 2, "index") % size[d]
+    rw.set_arg(node, 2, "index", int(rw.keep(labels[d])[:k].sum()))
+
+
+@register(*aten_ops("select.int"), patch=_select_patch)
 def aten_select(ctx, node, module):
     labels = ctx.labels(node.args[0])
     size = ctx.shape(node.args[0])

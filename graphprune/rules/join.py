@@ -10,24 +10,28 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.fx
 
-from graphprune.rules.base import CONCAT, Multi, arg, as_array, aten_ops, norm_dim, register
+from graphprune.rules.base import CONCAT, SHAPE, Multi, arg, as_array, aten_ops, norm_dim, register
 
 
 @register(torch.cat, torch.concat, torch.concatenate, *aten_ops("cat.default"), kind=CONCAT)
 def cat(ctx, node, module):
     """Channels of the inputs sit side by side along ``dim``; other axes are tied."""
-    tensors = list(arg(node, 0, "tensors"))
+    tensors = arg(node, 0, "tensors")
+    if isinstance(tensors, torch.fx.Node):  # a tuple of tensors computed elsewhere (x.chunk(4)[1:3])
+        labels, shapes = list(ctx.labels(tensors) or ()), list(ctx.shape(tensors))
+    else:
+        labels, shapes = [ctx.labels(t) for t in tensors], [ctx.shape(t) for t in tensors]
     out_shape = ctx.shape(node)
     d = norm_dim(arg(node, 1, "dim", 0), len(out_shape))
-    labels = [ctx.labels(t) for t in tensors]
     out = []
     reason = f"joined with a non-channel axis by {ctx.describe_node()}"
     for k, size in enumerate(out_shape):
         if k == d:
             parts = [lab[k] for lab in labels]
             out.append(None if all(p is None for p in parts) else np.concatenate(
-                [as_array(p, ctx.shape(t)[k]) for p, t in zip(parts, tensors)]))
+                [as_array(p, shape[k]) for p, shape in zip(parts, shapes)]))
         else:
             out.append(ctx.couple([lab[k] for lab in labels], size, reason))
     return tuple(out)
@@ -63,7 +67,7 @@ def _split_dim(node, ndim):
 
 
 @register(torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split",
-          *aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default"), patch=_split_patch)
+          *aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default"), patch=_split_patch, kind=SHAPE)
 def split(ctx, node, module):
     """Pieces of one axis: each output keeps its slice of the input's labels."""
     labels = ctx.labels(node.args[0])

@@ -3,8 +3,10 @@
 Channel flow: per-channel parameters and running statistics follow their channel.
 What each says about values along a channel axis:
 
-- BatchNorm (eval) is per channel: exact. InstanceNorm takes statistics over spatial
-  axes per channel: exact.
+- BatchNorm with running statistics is per channel: exact. With batch statistics
+  (training mode, or none tracked) and InstanceNorm, statistics run over the other
+  axes: exact while those carry no channels, inexact where they do (weight
+  standardisation: ``F.batch_norm`` over a weight reshaped to ``[1, out, in*k*k]``).
 - LayerNorm / RMSNorm take statistics over the normalised (channel) axes, so removing
   a channel changes the others: inexact, with that reason.
 - GroupNorm takes statistics within each normalisation group: whole groups are pruned,
@@ -33,26 +35,40 @@ BATCH_NORM_NO_TRAINING = Operands(weight=1, bias=2, running_mean=3, running_var=
 _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
 
-def norm_core(ctx, x, params):
-    """Couple a channel-first input's axis 1 to per-channel parameters."""
+def norm_core(ctx, x, params, statistics: str = "none"):
+    """Couple a channel-first input's axis 1 to per-channel parameters.
+
+    ``statistics`` says over which axes the op computes its statistics at run time:
+    ``"batch"`` (every axis but 1: BatchNorm in training mode or without running
+    statistics), ``"instance"`` (axes 2 and on: InstanceNorm), ``"none"`` (running
+    statistics). Channels on such an axis (a weight reshaped to ``[1, out, in*k*k]`` for
+    weight standardisation) change the statistics when they go: inexact.
+    """
     x_lab = ctx.labels(x)
     size = ctx.shape(x)[1]
     coupled = ctx.couple([x_lab[1] if x_lab else None, *params], size,
                          f"{ctx.describe_node()} normalises a non-channel axis")
+    if x_lab and statistics != "none":
+        for d, lab in enumerate(x_lab):
+            if d != 1 and (statistics == "batch" or d >= 2):
+                ctx.inexact(lab, f"{ctx.describe_node()} takes statistics over channels")
     return x_lab[:1] + (coupled,) + x_lab[2:]
 
 
-def _resize_norm(module: nn.Module) -> None:
-    ref = module.weight if module.weight is not None else module.running_mean
-    if ref is not None:
-        module.num_features = ref.shape[0]
+def _norm_patch(rw, node) -> None:
+    """``num_features`` follows the slim input (InstanceNorm often has no tensor to slice)."""
+    rw.module(node).num_features = rw.new_shape(node.args[0])[1]
 
 
-@register(*_BATCH_NORM, resize=_resize_norm, operands=BATCH_NORM_MODULE, kind=NORM)
+@register(*_BATCH_NORM, patch=_norm_patch, operands=BATCH_NORM_MODULE, kind=NORM)
 def batch_norm(ctx, node, module):
     """BatchNorm / InstanceNorm: per-channel weight, bias and running statistics."""
     params = [ctx.operand_param(a, 0, "pass") for a in _PER_CHANNEL]
-    return norm_core(ctx, node.args[0], [p for p in params if p is not None])
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        statistics = "instance" if module.training or not module.track_running_stats else "none"
+    else:
+        statistics = "batch" if module.training or module.running_mean is None else "none"
+    return norm_core(ctx, node.args[0], [p for p in params if p is not None], statistics)
 
 
 def _function_params(ctx):
@@ -68,16 +84,25 @@ def _function_params(ctx):
     return params
 
 
-@register(F.batch_norm, F.instance_norm, operands=BATCH_NORM_FUNCTION, kind=NORM)
+@register(F.batch_norm, operands=BATCH_NORM_FUNCTION, kind=NORM)
 def batch_norm_function(ctx, node, module):
-    """F.batch_norm / F.instance_norm with free per-channel tensors."""
-    return norm_core(ctx, node.args[0], _function_params(ctx))
+    """F.batch_norm with free per-channel tensors (batch statistics when ``training``)."""
+    batch = ctx.operand("training", False) or ctx.operand("running_mean") is None
+    return norm_core(ctx, node.args[0], _function_params(ctx), "batch" if batch else "none")
+
+
+@register(F.instance_norm, operands=BATCH_NORM_FUNCTION, kind=NORM)
+def instance_norm_function(ctx, node, module):
+    """F.instance_norm (its ``use_input_stats`` sits where ``training`` does in F.batch_norm)."""
+    own = ctx.operand("training", True) or ctx.operand("running_mean") is None
+    return norm_core(ctx, node.args[0], _function_params(ctx), "instance" if own else "none")
 
 
 @register(*aten_ops("batch_norm.default"), operands=BATCH_NORM_ATEN, kind=NORM)
 def aten_batch_norm(ctx, node, module):
     """aten.batch_norm(input, weight, bias, running_mean, running_var, training, ...)."""
-    return norm_core(ctx, node.args[0], _function_params(ctx))
+    batch = ctx.operand("training", False) or ctx.operand("running_mean") is None
+    return norm_core(ctx, node.args[0], _function_params(ctx), "batch" if batch else "none")
 
 
 @register(*aten_ops("_native_batch_norm_legit_no_training.default"), operands=BATCH_NORM_NO_TRAINING,

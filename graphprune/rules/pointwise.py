@@ -27,12 +27,12 @@ _ACTIVATION_FUNCTIONS = (
     F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign,
     F.logsigmoid, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg,
-    torch.sqrt, torch.square, torch.clamp, torch.clip, torch.sign, torch.log,
+    torch.sqrt, torch.square, torch.sign, torch.log,
     torch.nn.functional.threshold, operator.neg, operator.pos, torch.clone,
 )
 _ACTIVATION_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt",
-    "square", "clamp", "clamp_", "clip", "sign", "log", "contiguous", "clone", "detach",
+    "square", "sign", "log", "contiguous", "clone", "detach",
     "float", "double", "to", "type_as", "requires_grad_", "hardswish", "silu",
 )
 _ACTIVATION_ATEN = aten_ops(
@@ -42,8 +42,7 @@ _ACTIVATION_ATEN = aten_ops(
     "leaky_relu.default", "elu.default", "mish.default", "dropout.default", "dropout_.default",
     "feature_dropout.default", "clone.default",
     "detach.default", "alias.default", "abs.default", "exp.default", "neg.default",
-    "sqrt.default", "clamp.default", "clamp_min.default", "clamp_max.default",
-    "contiguous.default", "_to_copy.default", "to.dtype",
+    "sqrt.default", "contiguous.default", "_to_copy.default", "to.dtype",
 )
 
 
@@ -73,16 +72,17 @@ _BINARY = (
     operator.isub, operator.imul, operator.itruediv, operator.floordiv, operator.pow,
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div,
     torch.divide, torch.true_divide, torch.maximum, torch.minimum, torch.where, torch.pow,
-    torch.lerp, torch.addcmul,
+    torch.lerp, torch.addcmul, torch.clamp, torch.clip,
 )
 _BINARY_METHODS = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum",
-    "minimum", "where", "masked_fill", "lerp",
+    "minimum", "where", "masked_fill", "lerp", "clamp", "clamp_", "clip",
 )
 _BINARY_ATEN = aten_ops(
     "add.Tensor", "add_.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor",
     "mul_.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar", "pow.Tensor_Scalar",
-    "maximum.default", "minimum.default", "where.self",
+    "maximum.default", "minimum.default", "where.self", "clamp.default", "clamp.Tensor", "clamp_min.default",
+    "clamp_max.default",
 )
 
 
@@ -90,11 +90,14 @@ _BINARY_ATEN = aten_ops(
 def elementwise(ctx, node, module):
     """Broadcasting arithmetic: axes of equal size are tied channel by channel.
 
-    An axis of size 1 broadcasts (a squeeze-excitation gate of shape [N, C, 1, 1]
+    Every tensor argument counts, positional or keyword (``torch.clamp(x, min=lo)``
+    with a per-channel ``lo`` ties ``lo``'s channels to ``x``'s). An axis of size 1 broadcasts (a squeeze-excitation gate of shape [N, C, 1, 1]
     ties only its channel axis). Ints from ``x.size()`` pass through untouched.
     """
     out_shape = ctx.shape(node)
-    if not isinstance(out_shape, torch.Size):
+    if not isinstance(out_shape, torch.Size):  # arithmetic on numbers: a width stays a width
+        if any(ctx.is_width(a) for a in (*node.args, *node.kwargs.values())):
+            ctx.mark_width(node)
         return None
     tensors = [a for a in (*node.args, *node.kwargs.values())
                if isinstance(a, torch.fx.Node) and isinstance(ctx.shape(a), torch.Size)]

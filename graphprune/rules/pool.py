@@ -1,9 +1,9 @@
 """Spatial ops: pooling, resizing (upsample, interpolate) and padding.
 
 Channel flow: the leading (batch, channel) axes pass through; the spatial axes are new
-(unlabelled). These ops mix values along spatial axes only, so removal is exact, as
-long as what they call "spatial" carries no channels: a channels-last tensor pooled
-along its last axis pins that axis.
+(unlabelled). These ops mix values along their spatial axes, so removal is exact as
+long as those axes carry no channels; where one does (a channels-last ``[B, N, C]``
+tensor through ``avg_pool1d`` or ``F.interpolate``), its channels are pinned.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def _spatial(n_spatial: int | None):
             return None
         k = n_spatial if n_spatial is not None else max(len(out_shape) - 2, 0)
         keep = len(out_shape) - k
+        for lab in labels[keep:]:  # values are mixed along these axes: channels there cannot go
+            ctx.pin(lab, f"{ctx.describe_node()} pools or resamples a channel axis")
         return tuple(labels[:keep]) + (None,) * k
     build.__name__ = f"spatial{n_spatial or ''}d"
     return build

@@ -5,9 +5,10 @@ Channel flow: labels follow their axis through a permutation; through a reshape 
 are carried by matching runs of axes with equal products (a flatten into a Linear
 repeats each channel over a block; splitting a channel axis factorises it, as for
 attention heads, so that one factor can be pruned and the others kept whole). The
-slim graph's literal and computed sizes of channel axes become the slim widths. No
-values are mixed. A shape query (``x.size(1)``) reads a width; today its value adapts
-to the slim width at run time.
+slim graph's literal and computed sizes of channel axes become the slim widths
+(``kind=SHAPE``: these rules rewrite their size arguments). No values are mixed. A
+shape query (``x.size(1)``) reads a width as a number: where that number meets
+tensors, the slim graph keeps its original value (see ``shape_query``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import arg, aten_ops, norm_dim, register, target_name
+from graphprune.rules.base import SHAPE, arg, aten_ops, norm_dim, register, target_name
 
 
 def _runs(in_shape, out_shape):
@@ -137,7 +138,7 @@ def _reshape_patch(rw, node):
           torch.unflatten, "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten",
           "view_as", "reshape_as", *aten_ops("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
                    "unflatten.int", "squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default"),
-          patch=_reshape_patch)
+          patch=_reshape_patch, kind=SHAPE)
 def reshape(ctx, node, module):
     """flatten / view / reshape / squeeze / unsqueeze / unflatten, from recorded shapes."""
     x = node.args[0]
@@ -174,7 +175,7 @@ def permute(ctx, node, module):
     return tuple(labels[d] for d in order)
 
 
-@register("expand", "expand_as", "repeat", *aten_ops("expand.default"), patch=_reshape_patch)
+@register("expand", "expand_as", "repeat", *aten_ops("expand.default"), patch=_reshape_patch, kind=SHAPE)
 def expand(ctx, node, module):
     """Broadcast copies: axes that keep their size keep their labels."""
     labels, in_shape, out_shape = ctx.labels(node.args[0]), ctx.shape(node.args[0]), ctx.shape(node)
@@ -212,9 +213,30 @@ def pixel_unshuffle(ctx, node, module):
 
 @register("size", "dim", "numel", builtins.getattr, builtins.len)
 def shape_query(ctx, node, module):
-    """``x.size(1)``, ``x.shape``: metadata, no channels flow (the value adapts at run time)."""
+    """``x.size(1)``, ``x.shape``, ``x.numel()``, ``len(x)``: numbers read off a tensor.
+
+    A number read off a channel axis is a *width*: the slim graph keeps its original
+    value where it meets tensors (``y.sum(1) / y.size(1)``, ``x.shape[-1] ** -0.5``), as
+    the masked original computes, and the slim width where a reshape reads it as a size
+    (``ctx.mark_width``). Attributes that are tensors (``x.T``) have no rule: pinned.
+    """
     out = ctx.shape(node)
+    labels = ctx.labels(node.args[0])
     if isinstance(out, torch.Size):
-        ctx.pin_all(ctx.labels(node.args[0]), f"{ctx.describe_node()} returns a tensor")
+        ctx.pin_all(labels, f"{ctx.describe_node()} returns a tensor")
         return tuple(None for _ in out)
+    if type(labels) is not tuple:
+        return None
+    widths = [d for d, lab in enumerate(labels) if lab is not None]
+    name = target_name(node)
+    if name == "size":
+        dim = arg(node, 1, "dim")
+        if dim is None:
+            ctx.width_axes[node.name] = widths
+        elif norm_dim(dim, len(labels)) in widths:
+            ctx.mark_width(node)
+    elif name == "getattr" and node.args[1] == "shape":
+        ctx.width_axes[node.name] = widths
+    elif (name == "numel" and widths) or (name == "len" and 0 in widths):
+        ctx.mark_width(node)
     return None
