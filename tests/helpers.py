@@ -15,6 +15,7 @@ import copy
 
 import torch
 import torch.fx
+import torch.nn as nn
 
 import graphprune as gp
 
@@ -123,3 +124,31 @@ def conv_attrs_agree(conv):
 def x2d(c=3, hw=8):
     """A batch of two ``c``-channel ``hw`` x ``hw`` images."""
     return torch.randn(2, c, hw, hw)
+
+
+# --- small models for LEAN ---------------------------------------------------------------
+
+
+def mlp(widths, seed=0):
+    """A seeded bias-free ReLU MLP of the given widths, in eval mode."""
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b, bias=False), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def small_resnet():
+    """The zoo ResNet-20 at width 4, and its inputs."""
+    model, x = gp.zoo.create("resnet20", width=4)
+    return model, x
+
+
+def small_cnn():
+    """Conv, BatchNorm, depthwise, strided conv, flatten, two Linears: seeded, eval mode, and inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    return model, torch.randn(2, 2, 8, 8)
