@@ -16,6 +16,7 @@ import copy
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 import graphprune as gp
 
@@ -124,6 +125,28 @@ def conv_attrs_agree(conv):
 def x2d(c=3, hw=8):
     """A batch of two ``c``-channel ``hw`` x ``hw`` images."""
     return torch.randn(2, c, hw, hw)
+
+
+# --- a model with groups of several kinds (graph inspection, tracing) -------------------
+
+
+class Block(nn.Module):
+    """Residual block, a concat and a pinned branch: groups of several kinds."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.stem(x)))
+        y = y + self.a(y)
+        z = torch.cat([self.b(y), torch.cumsum(self.c(y), 1)], dim=1)
+        return self.head(z.mean((2, 3)))
 
 
 # --- small models for LEAN ---------------------------------------------------------------
