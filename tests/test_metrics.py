@@ -63,3 +63,20 @@ def test_macs_target_is_hit_with_one_apply(monkeypatch):
     after = gp.count(gp.apply(model, dg, plan), x).macs
     assert abs(after / gp.count(model, x).macs - 0.5) <= 0.01
     assert len(calls) == 1
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model, x = gp.zoo.create("resnet20", width=8)
+    return model, x, gp.DependencyGraph.build(model, x)
+
+
+def test_count_estimator_matches_exact_counts(resnet20) -> None:
+    for model, x, dg in (resnet20, (*gp.zoo.create("densenet"), None)):
+        dg = dg or gp.DependencyGraph.build(model, x)
+        est = CountEstimator(dg)
+        before = gp.count(model, x)
+        assert est.counts({}) == (before.params, before.macs)
+        plan = gp.select(dg, gp.score("random", model, dg, seed=1), 0.6)
+        after = gp.count(gp.apply(model, dg, plan), x)
+        assert est.counts(plan) == (after.params, after.macs)
