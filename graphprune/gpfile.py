@@ -111,6 +111,8 @@ def _check_spec(spec: Any, where: str) -> dict[str, Any]:
     need(isinstance(views, dict) and all(v in _COMPLEX for v in views.values()),
          f"'views' is not an object of {sorted(_COMPLEX)}")
     need(isinstance(spec.get("training", False), bool), "'training' is not true or false")
+    need(all(isinstance(spec.get(k, ""), str) for k in ("graphprune", "torch", "class_name")),
+         "'graphprune', 'torch' or 'class_name' is not a string")
     return spec
 
 

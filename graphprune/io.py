@@ -286,6 +286,11 @@ def _load(path: Path, trust: tuple[str, ...], map_location: Any, max_bytes: int)
     except GraphPruneError as exc:
         raise SerializationError(f"cannot rebuild the slim architecture of {str(path)!r} from {origin}: {exc}. "
                                  "Has the model's code changed since saving?") from exc
+    want = model.state_dict()
+    wrong = [f"{k} is {v.dtype} in the file, {want[k].dtype} in the model" for k, v in state.items()
+             if k in want and v.dtype != want[k].dtype]
+    if wrong:
+        raise SerializationError(f"the weights in {str(path)!r} do not fit the rebuilt model: {'; '.join(wrong[:3])}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

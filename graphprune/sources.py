@@ -134,14 +134,15 @@ def _owner(obj: Any) -> str:
     return owner if isinstance(owner, str) else "?"
 
 
-def import_trusted(spec: str, trust: Any, *, what: str = "factory") -> Any:
+def import_trusted(spec: str, trust: Any, *, what: str = "factory", owner_check: bool = True) -> Any:
     """The object an import spec names, if the caller trusts the module it is defined in.
 
     Checks the text first (public dotted names only, module inside ``trust``; a trusted
     name covers its submodules), then imports, walks the attribute path through classes
     of trusted modules only, and checks the object's own ``__module__``, so
     ``'mymodels:os.system'`` is refused even when ``mymodels`` imported ``os``.
-    Raises ``InputError`` saying what to trust.
+    ``owner_check=False`` skips the checks after import, for a spec the caller typed
+    (``resolve``). Raises ``InputError`` saying what to trust.
     """
     trusted = normalize_trust(trust)
     module_name, parts = _parse(spec, what)
@@ -159,18 +160,18 @@ def import_trusted(spec: str, trust: Any, *, what: str = "factory") -> Any:
         if i and not isinstance(obj, type):
             raise InputError(f"{what} {spec!r}: {'.'.join(parts[:i])} is a {type(obj).__name__}; "
                              "past the module, a spec may reach into classes only")
-        if not _within(_owner(obj), trusted):
+        if owner_check and not _within(_owner(obj), trusted):
             raise InputError(f"{what} {spec!r} passes through {_owner(obj)!r}, which is not trusted; {hint}")
         try:
             obj = getattr(obj, part)
         except AttributeError as exc:
             raise InputError(f"module {module_name!r} has no attribute {'.'.join(parts)!r} "
                              f"(from {spec!r})") from exc
-    if isinstance(obj, types.ModuleType) or not _within(_owner(obj), trusted):
-        raise InputError(f"{what} {spec!r} is {_owner(obj)!r}'s {type(obj).__name__}, defined outside the "
-                         f"trusted modules {list(trusted)}; name it where it is defined and trust that module")
-    if not callable(obj):
+    if isinstance(obj, types.ModuleType) or not callable(obj):
         raise InputError(f"{spec!r} is a {type(obj).__name__}, not a function or class")
+    if owner_check and not _within(_owner(obj), trusted):
+        raise InputError(f"{what} {spec!r} is a {type(obj).__name__} defined in module {_owner(obj)!r}, outside "
+                         f"the trusted modules {list(trusted)}; name it where it is defined and trust that module")
     return obj
 
 
@@ -238,8 +239,8 @@ def _check_size(fn: Any, kwargs: Mapping[str, Any], label: str, max_bytes: int) 
                          f"limit of {max_bytes / 2**30:.1f} GiB; pass max_bytes= if you expect a model this size")
 
 
-def build_origin(origin: Mapping[str, Any], *, trust: Any = (),
-                 max_bytes: int = MAX_BYTES) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...] | None]:
+def build_origin(origin: Mapping[str, Any], *, trust: Any = (), max_bytes: int = MAX_BYTES,
+                 _owner_check: bool = True) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...] | None]:
     """Build the model an origin ``{'zoo' | 'factory': ..., 'kwargs': {...}}`` describes.
 
     Zoo models are always allowed; a factory only when its module is in ``trust``.
@@ -265,7 +266,7 @@ def build_origin(origin: Mapping[str, Any], *, trust: Any = (),
         except Exception as exc:
             raise InputError(f"zoo model {name!r} with kwargs {kwargs}: {type(exc).__name__}: {exc}") from exc
     spec = origin.get("factory")
-    factory = import_trusted(spec, trust)
+    factory = import_trusted(spec, trust, owner_check=_owner_check)
     if kwargs:
         _check_size(factory, kwargs, f"factory {spec!r}", max_bytes)
     try:
@@ -328,6 +329,7 @@ def resolve(text: str | os.PathLike, *, example_inputs: Any = None, kwargs: Mapp
     """
     from graphprune.tracing import normalize_inputs
 
+    trust = normalize_trust(trust)
     given = normalize_inputs(example_inputs) if example_inputs is not None else None
     kwargs = dict(kwargs or {})
     text_s = os.fspath(text)
@@ -352,7 +354,7 @@ def resolve(text: str | os.PathLike, *, example_inputs: Any = None, kwargs: Mapp
                 raise InputError(f"{head!r}: no such file (from {text_s!r})")
             head, kind = _path_module(Path(head)), "path"
         origin = {"factory": f"{head}:{attr}", "kwargs": kwargs}
-        model, inputs = build_origin(origin, trust=[head], max_bytes=max_bytes)
+        model, inputs = build_origin(origin, trust=[head], max_bytes=max_bytes, _owner_check=False)
         if given is None and inputs is None:
             raise InputError(f"{text_s} needs example inputs (--input-shape 1,3,32,32 on the command line, "
                              "example_inputs= in code): its factory returns a model without them")
