@@ -130,7 +130,7 @@ def _normalize_origin(origin: Any) -> tuple[dict[str, Any], list[str], list[Any]
         if org is None:
             raise SerializationError(f"origin= was given a {type(origin).__name__} that carries no origin "
                                      "record; " + _HOW_TO_ORIGIN)
-        return org, plans, builds
+        return _normalize_origin({k: v for k, v in org.items() if k in _ORIGIN_KEYS})[0], plans, builds
     if callable(origin) and hasattr(origin, "__qualname__"):
         origin = f"{origin.__module__}:{origin.__qualname__}"
     if isinstance(origin, str):
@@ -159,7 +159,10 @@ def _normalize_origin(origin: Any) -> tuple[dict[str, Any], list[str], list[Any]
             raise SerializationError(f"origin factory {spec!r} is not an import spec 'package.module:function'")
         _refuse_unimportable(spec, "origin factory")
         out["factory"] = spec
-    kwargs = dict(origin.get("kwargs") or {})
+    kwargs = origin.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise SerializationError(f"origin kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    kwargs = dict(kwargs)
     try:
         json.dumps(kwargs, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -206,14 +209,10 @@ def _inputs_spec(example_inputs: Any) -> list[dict[str, Any]]:
 
 
 def _inputs_from_graph(gm: torch.fx.GraphModule) -> list[dict[str, Any]] | None:
-    specs = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            tm = node.meta.get("tensor_meta")
-            if tm is None:
-                return None
-            specs.append({"shape": list(tm.shape), "dtype": str(tm.dtype).removeprefix("torch.")})
-    return specs or None
+    metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
+    if not metas or any(tm is None for tm in metas):
+        return None
+    return [{"shape": list(tm.shape), "dtype": str(tm.dtype).removeprefix("torch.")} for tm in metas]
 
 
 def make_inputs(specs: Sequence[Mapping[str, Any]], *, max_bytes: int = MAX_BYTES) -> tuple[torch.Tensor, ...]:
@@ -238,8 +237,10 @@ def _guard(path: Any, fn: Any) -> Any:
     except SerializationError:
         raise
     except Exception as exc:
-        kind = "" if isinstance(exc, GraphPruneError) else f"{type(exc).__name__}: "
-        raise SerializationError(f"cannot load {str(path)!r}: {kind}{' '.join(str(exc).split())[:600]}") from exc
+        what = " ".join(str(exc).split())[:600]
+        if not isinstance(exc, GraphPruneError):
+            what = f"{type(exc).__name__}: {what}; the file is damaged, or its model's code has changed since saving"
+        raise SerializationError(f"cannot load {str(path)!r}: {what}") from exc
 
 
 # --- save / load -------------------------------------------------------------------------------------
@@ -325,19 +326,13 @@ def _outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[A
 
 
 def _same_outputs(a: list[Any], b: list[Any]) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return False
-            if not torch.equal(x, y) and not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
-                return False
-        elif x != y:
-            return False
-    return True
+    def same(x: Any, y: Any) -> bool:
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            return type(x) is type(y) and bool(x == y)
+        return x.shape == y.shape and x.dtype == y.dtype and (torch.equal(x, y) or x.is_floating_point() and bool(
+            torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True)))
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
 def save(slim: torch.nn.Module, path: str | os.PathLike, *, origin: Any = None,
@@ -390,12 +385,11 @@ def save(slim: torch.nn.Module, path: str | os.PathLike, *, origin: Any = None,
         write(tmp, spec, slim.state_dict())
         _check_round_trip(slim, tmp, spec, example_inputs)
         os.replace(tmp, path)
-    except OSError as exc:
-        raise SerializationError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
-    except Exception as exc:
-        if isinstance(exc, SerializationError):
-            raise
-        raise SerializationError(f"cannot save to {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    except SerializationError:
+        raise
+    except Exception as exc:  # OSError: the folder or disk; anything else: the slim model fails to run
+        why = exc.strerror or exc if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise SerializationError(f"cannot write {str(path)!r}: {why}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

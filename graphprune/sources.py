@@ -146,8 +146,7 @@ def import_trusted(spec: str, trust: Any, *, what: str = "factory", owner_check:
     """
     trusted = normalize_trust(trust)
     module_name, parts = _parse(spec, what)
-    hint = (f"if you trust the code in it, pass trust=['{module_name.split('.')[0]}'] "
-            f"(graphprune CLI: --trust {module_name.split('.')[0]})")
+    hint = f"if you trust the code in it, pass trust=['{module_name}'] (graphprune CLI: --trust {module_name})"
     if not _within(module_name, trusted):
         raise InputError(f"{what} {spec!r} is in module {module_name!r}, which is not trusted; "
                          f"a file never chooses what code runs: {hint}")
@@ -230,7 +229,7 @@ def _check_size(fn: Any, kwargs: Mapping[str, Any], label: str, max_bytes: int) 
     A factory that cannot run on the meta device is skipped here.
     """
     try:
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
             size = _nbytes(fn(**kwargs))
     except Exception:
         return

@@ -278,7 +278,12 @@ def test_save_rejects_unpruned_models_and_bad_origins(mlp, tmp_path):
         gp.save(result.model, tmp_path / "u.gp", origin={"zoo": "mlp", "kwargs": {"f": object()}})
     with pytest.raises(gp.SerializationError, match="cannot be imported by name"):
         gp.save(result.model, tmp_path / "u.gp", origin="nosuchpkg_xyz.models:make")
+    with pytest.raises(gp.SerializationError, match="kwargs must be a dict"):
+        gp.save(result.model, tmp_path / "u.gp", origin={"zoo": "mlp", "kwargs": [1]})
     assert not (tmp_path / "u.gp").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(gp.SerializationError, match="cannot write"):
+        gp.save(result.model, tmp_path / "afile" / "x.gp", origin="mlp")
 
 
 @pytest.mark.parametrize("fixture", ["mlp", "resnet"])
