@@ -26,6 +26,7 @@ Files of format 1 (``torch.save`` zip files) still load, read with
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -391,7 +392,8 @@ def save(slim: torch.nn.Module, path: str | os.PathLike, *, origin: Any = None,
         why = exc.strerror or exc if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
         raise SerializationError(f"cannot write {str(path)!r}: {why}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _check_round_trip(slim: torch.fx.GraphModule, tmp: Path, spec: Mapping[str, Any], example_inputs: Any) -> None:
