@@ -155,8 +155,10 @@ def import_trusted(spec: str, trust: Any, *, what: str = "factory", owner_check:
     except ImportError as exc:
         raise InputError(f"cannot import module {module_name!r} of {spec!r}: {exc}. "
                          "Check the name and that its folder is on PYTHONPATH") from exc
+    except Exception as exc:  # the module's own code failed
+        raise InputError(f"importing module {module_name!r} of {spec!r} failed: {type(exc).__name__}: {exc}") from exc
     for i, part in enumerate(parts):
-        if i and not isinstance(obj, type):
+        if i and not isinstance(obj, type) and (owner_check or not isinstance(obj, types.ModuleType)):
             raise InputError(f"{what} {spec!r}: {'.'.join(parts[:i])} is a {type(obj).__name__}; "
                              "past the module, a spec may reach into classes only")
         if owner_check and not _within(_owner(obj), trusted):

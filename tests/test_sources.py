@@ -174,6 +174,15 @@ def test_owner_check_can_be_skipped_for_the_callers_own_spec(models):
     import os
 
     assert sources.import_trusted("gp_src_pkg.models:system", ["gp_src_pkg"], owner_check=False) is os.system
+    assert sources.import_trusted("gp_src_pkg.models:os.getcwd", ["gp_src_pkg"], owner_check=False) is os.getcwd
+
+
+def test_a_module_that_fails_to_import(tmp_path, monkeypatch):
+    (tmp_path / "gp_src_fails.py").write_text("raise ValueError('bad module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(InputError, match="failed: ValueError: bad module"):
+        sources.import_trusted("gp_src_fails:make", ["gp_src_fails"])
+    sys.modules.pop("gp_src_fails", None)
 
 
 @pytest.mark.parametrize("trust, names", [
