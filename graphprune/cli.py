@@ -2,7 +2,9 @@
 
 Subcommands: ``demo``, ``inspect``, ``prune``, ``bench``, ``zoo``. A MODEL argument is a
 zoo name (``resnet20``), an import spec ``package.module:factory`` (a function that
-returns the model, or ``(model, example_inputs)``), or a file written by ``gp.save``.
+returns the model, or ``(model, example_inputs)``), a file path ``models.py:factory``,
+or a file written by ``gp.save`` (``--trust MODULE`` lets it call factories in MODULE);
+see ``graphprune.sources``.
 Bad input ends with exit status 2 (usage) or 1 (anything else) and one message line.
 """
 
@@ -17,7 +19,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ import torch
 import graphprune as gp
 from graphprune import io as gpio
 from graphprune import report as rp
+from graphprune import sources
 from graphprune.errors import GraphPruneError, InputError
+from graphprune.sources import Source
 
 PROG = "graphprune"
 
@@ -47,22 +50,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- models ----------------------------------------------------------------------------------
-@dataclass
-class Source:
-    """A model named on the command line, its example inputs and how to rebuild it."""
-
-    name: str
-    model: torch.nn.Module
-    inputs: tuple[torch.Tensor, ...]
-    origin: Any  # a dict for zoo/import specs; the loaded model for .gp files
-    kind: str  # "zoo", "import" or "file"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def describe_inputs(self) -> str:
-        return ", ".join("x".join(map(str, x.shape)) + f" {str(x.dtype).removeprefix('torch.')}"
-                         for x in self.inputs)
-
-
 _SHAPE = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*(:\s*[a-z0-9]+)?\s*$")
 
 
@@ -102,31 +89,17 @@ def _kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def resolve(spec: str, input_shapes: Sequence[str] = (), kwargs: dict[str, Any] | None = None) -> Source:
-    """Turn a MODEL argument into a model and example inputs."""
-    kwargs = dict(kwargs or {})
+def resolve(spec: str, input_shapes: Sequence[str] = (), kwargs: dict[str, Any] | None = None,
+            trust: Sequence[str] = ()) -> Source:
+    """Turn a MODEL argument into a model and example inputs (``graphprune.sources.resolve``).
+
+    The current directory is importable, as under ``python -m``; import specs on the
+    command line are the user's own choice, names read from saved files need ``--trust``.
+    """
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     given = _make_inputs(input_shapes) if input_shapes else None
-    path = Path(spec)
-    if path.is_file() or spec.endswith(".gp"):
-        if kwargs:
-            raise CLIError("--kwargs applies to zoo models and import specs, not to saved files")
-        model = gpio.load(path)
-        saved = gpio.make_inputs(model.meta["graphprune"]["inputs"])  # zeros of the saved shapes
-        inputs = given or _make_inputs([",".join(map(str, t.shape)) + ":" + str(t.dtype).removeprefix("torch.")
-                                        for t in saved])
-        return Source(path.name, model, inputs, model, "file")
-    if ":" in spec:
-        origin = {"factory": spec, "kwargs": kwargs}
-        model, inputs = gpio.build_origin(origin)
-        if given is None and inputs is None:
-            raise CLIError(f"{spec} needs --input-shape (e.g. --input-shape 1,3,32,32): its factory "
-                           "returns a model without example inputs")
-        return Source(spec.rpartition(":")[2], model, given or inputs, origin, "import", kwargs)
-    if spec not in gp.zoo.list_models():
-        raise CLIError(f"unknown MODEL {spec!r}: not a zoo model ('{PROG} zoo' lists them), an import "
-                       "spec package.module:factory, or an existing file")
-    model, inputs = gpio.build_origin({"zoo": spec, "kwargs": kwargs})
-    return Source(spec, model, given or inputs, {"zoo": spec, "kwargs": kwargs}, "zoo", kwargs)
+    return sources.resolve(spec, example_inputs=given, kwargs=kwargs, trust=tuple(trust))
 
 
 # --- output helpers --------------------------------------------------------------------------------
@@ -269,7 +242,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.svg and shutil.which("dot") is None:
         raise CLIError("--svg needs Graphviz's 'dot' program, which is not installed "
                        "(apt install graphviz); --dot FILE writes the DOT text without it")
-    src = resolve(args.model, args.input_shape, _kwargs(args.kwargs))
+    src = resolve(args.model, args.input_shape, _kwargs(args.kwargs), args.trust)
     dg = gp.DependencyGraph.build(src.model, src.inputs)
     counts = gp.count(src.model, src.inputs)
     _out(f"{src.name} ({src.kind}), example inputs {src.describe_inputs()}: "
@@ -296,7 +269,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    src = resolve(args.model, args.input_shape, _kwargs(args.kwargs))
+    src = resolve(args.model, args.input_shape, _kwargs(args.kwargs), args.trust)
     with _progress(4, "pruning") as bar:
         _step(bar, f"tracing and pruning {src.name}")
         result = _prune(src, args)
@@ -338,7 +311,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    src = resolve(args.model, args.input_shape, _kwargs(args.kwargs))
+    src = resolve(args.model, args.input_shape, _kwargs(args.kwargs), args.trust)
     args.macs = args.params = None
     with _progress(2, "bench") as bar:
         _step(bar, f"pruning {src.name} at ratio {args.ratio}")
@@ -415,6 +388,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "repeat for several inputs; required for import specs whose factory "
                         "returns no example inputs")
     p.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory, as JSON")
+    p.add_argument("--trust", action="append", default=[], metavar="MODULE",
+                   help="for a saved MODEL file: a module whose factories (and submodules') the file may "
+                        "call to rebuild the model (repeatable); zoo models need none")
 
 
 def _prune_args(p: argparse.ArgumentParser, ratio_default: float | None = 0.5) -> None:

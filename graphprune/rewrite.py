@@ -262,7 +262,11 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
         raise
     except Exception as exc:  # a rule's patch failed: report the node, not the internals
         raise RewriteError(f"could not rewrite the graph for this plan: {type(exc).__name__}: {exc}") from exc
-    slim.meta["graphprune"] = {"plan": plan.to_json(), "build": dict(getattr(dg, "build_options", {}))}
+    meta, step = getattr(model, "meta", None), {"plan": plan.to_json(), "build": dict(getattr(dg, "build_options", {}))}
+    prev = meta.get("graphprune") if isinstance(meta, dict) and isinstance(meta.get("graphprune"), dict) else {}
+    slim.meta["graphprune"] = {**copy.deepcopy({k: prev[k] for k in ("origin", "inputs") if k in prev}), **step,
+                               "plans": [*prev.get("plans", ()), step["plan"]],  # a slim input's chain goes on
+                               "builds": [*prev.get("builds", ()), step["build"]]}
     if check:
         _check_runs(slim, dg)
     return slim
