@@ -129,3 +129,25 @@ def test_parametrized_weights_are_pinned_with_a_reason_until_the_parametrization
     plan = {g.id: [0, 2] for g in dg.groups if g.prunable}
     assert len(plan) == 2
     assert gp.verify(model, x, plan, dg=dg) <= 1e-5
+
+
+def test_tied_layers_are_one_group_and_stay_tied():
+    # regression: two convs sharing a weight, added, were pinned as "combined with a non-channel axis"
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(3, 8, 1)
+            self.b.weight = self.a.weight
+            self.h = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.h(self.a(x) + self.b(x * 2))
+
+    model, x = Tied(), x2d()
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable and {m.param for m in g.members} == {"a.weight", "a.bias", "b.bias", "h.weight"}
+    slim = exact(model, x, {g.id: [0, 3]}, dg=dg)
+    assert slim.get_submodule("a").weight is slim.get_submodule("b").weight
+    assert slim.get_submodule("b").weight.shape[0] == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 from helpers import small_cnn, small_resnet
@@ -47,3 +48,30 @@ def test_residual_classes_share_nodes_via_fixed_edges():
         if not blk.kernel:  # merges join nodes of one channel class
             src = blk.src_matrix()[np.isfinite(blk.logw)].reshape(-1)
             assert set(cg.node_class[src]) <= set(cg.node_class[blk.dst])
+
+
+@pytest.mark.parametrize("name", ["resnet20", "unet", "msd", "densenet"])
+def test_export_fallback_gives_the_same_channel_graph_and_kernels(name):
+    # the channel graph is built from the rule table, so an ATen graph (torch.export) gives the
+    # same one as fx; it used to find 0 kernels there
+    class ForceExport(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            if x.shape[0] > 0:  # shape-dependent Python: symbolic tracing fails
+                return self.inner(x)
+            return self.inner(x) * 0
+
+    model, x = gp.zoo.create(name)
+    wrapped = ForceExport(model).eval()
+    fx, exported = gp.DependencyGraph.build(model, x), gp.DependencyGraph.build(wrapped, x)
+    assert any(isinstance(n.target, torch._ops.OpOverload) for n in exported.gm.graph.nodes)
+    lp1, cg1, _ = lean.lean_plan(model, fx, 0.3)
+    lp2, cg2, _ = lean.lean_plan(wrapped, exported, 0.3)
+    assert cg1.n_kernels == cg2.n_kernels > 0
+    masks = {k.removeprefix("inner."): v for k, v in lp2.kernel_masks.items()}
+    assert masks.keys() == lp1.kernel_masks.keys()
+    assert all(torch.equal(masks[k], v) for k, v in lp1.kernel_masks.items())
+    assert (lp1.kept_kernels, lp1.kept_channels) == (lp2.kept_kernels, lp2.kept_channels)

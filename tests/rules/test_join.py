@@ -98,3 +98,21 @@ def test_split_chunk_and_slices_rewrite_sizes():
     # surviving channels per piece: split 0..3 -> {1,2}; chunk 4..7 -> {4,5,7};
     # [2:4] -> {2}; [5:] -> {5,7}; chunk 0..3 then [-3:] -> {1,2}
     assert [slim.get_submodule(f"h{i}").in_channels for i in range(1, 6)] == [2, 3, 1, 2, 2]
+
+
+def test_cat_of_a_slice_of_chunks():
+    # regression: even the empty plan raised RewriteError ('Node' object is not iterable)
+    class CatChunks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.h = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.h(torch.cat(self.a(x).chunk(4, 1)[1:3], 1))
+
+    model, x = CatChunks(), x2d()
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    exact(model, x, {}, dg=dg)
+    exact(model, x, {g.id: [0, 2, 5]}, dg=dg, zero={"h.weight": (1, [0, 3])})

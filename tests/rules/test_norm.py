@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import build, exact, group_of, keys, member
+from helpers import build, exact, group_of, keys, member, x2d
 
 import graphprune as gp
 
@@ -204,3 +206,35 @@ def test_layer_norm_makes_the_residual_stream_inexact_and_verify_says_so():
         assert gp.verify(model, x, plan, dg=dg) == 0.0
     slim = gp.apply(model, dg, plan)
     assert slim(*x).shape == model(*x).shape
+
+
+class WeightStandardised(nn.Module):
+    """timm's ScaledStdConv2d: F.batch_norm over the weight reshaped to [1, out, in * k * k]."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        w = F.batch_norm(self.b.weight.reshape(1, 4, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-5).reshape_as(self.b.weight)
+        return F.conv2d(F.relu(self.a(x)), w, self.b.bias)
+
+
+def test_statistics_over_a_channel_axis_make_the_group_inexact():
+    # regression: the group claimed to be exact and the slim model differed by 4.75
+    model, x = WeightStandardised().eval(), x2d()
+    g = group_of(build(model, x), "a.weight", 0)
+    assert g.prunable and not g.exact and "takes statistics over channels" in g.inexact_reason
+
+
+def test_instance_norm_without_tensors_takes_the_slim_width():
+    # regression: num_features stayed 8 and every slim forward warned
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.InstanceNorm2d(8), nn.Conv2d(8, 4, 1))
+    x = x2d()
+    g = group_of(build(model, x), "0.weight", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slim = exact(model, x, {g.id: [1, 2, 6]})
+    assert slim.get_submodule("1").num_features == 5

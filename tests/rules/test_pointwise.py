@@ -164,3 +164,22 @@ def test_per_channel_scale_parameter_is_a_member():
     assert member(g, "scale", 1).indices([0, 5]) == [0, 5]
     slim = exact(model, x, {g.id: [0, 5]}, dg=dg, zero={"h.weight": (1, [0, 5])})
     assert torch.equal(slim.scale.detach(), model.scale.detach()[:, 1:5])
+
+
+def test_clamp_with_a_per_channel_bound_slices_the_bound():
+    # regression: the group was prunable but every plan failed (size 4 vs 8)
+    class ClampBound(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.h = nn.Conv2d(8, 4, 1)
+            self.register_buffer("low", torch.linspace(-0.3, 0.3, 8).view(8, 1, 1))
+
+        def forward(self, x):
+            return self.h(torch.clamp(self.a(x), min=self.low) + self.a(x).clip(max=self.low))
+
+    model, x = ClampBound(), x2d()
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert ("low", 0) in keys(g)
+    exact(model, x, {g.id: [1, 4]}, dg=dg)

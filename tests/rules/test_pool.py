@@ -49,3 +49,26 @@ def test_padding_a_channel_axis_pins_it():
     dg = gp.DependencyGraph.build(ChannelPad(), torch.randn(1, 3, 4, 4))
     assert not any(g.prunable for g in dg.groups)
     assert "pads a channel axis" in dg.describe(width=200)
+
+
+class ChannelsLastPool(nn.Module):
+    """[B, N, C] tokens: avg_pool1d and interpolate act on the last axis, which carries channels."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a = nn.Linear(4, 8)
+        self.h = nn.Linear(4 if how == "pool" else 16, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = F.avg_pool1d(y, 2) if self.how == "pool" else F.interpolate(y, scale_factor=2)
+        return self.h(y)
+
+
+def test_pooling_or_resampling_a_channel_axis_pins_it():
+    # regression: the group used to stay "prunable, exact" and every plan failed (or was wrong)
+    for how in ("pool", "interpolate"):
+        model, x = ChannelsLastPool(how).eval(), torch.randn(2, 5, 4)
+        g = group_of(build(model, x), "a.weight", 0)
+        assert not g.prunable and "pools or resamples a channel axis" in g.reason

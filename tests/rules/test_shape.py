@@ -110,3 +110,51 @@ def test_channel_shuffle_couples_matching_channels_of_both_halves():
             for g in dg.groups if g.prunable and g.size > 2}
     slim = gp.apply(model, dg, plan)
     assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-4
+
+
+class WidthArithmetic(nn.Module):
+    """Widths read as numbers: a mean written out, a hand-written attention scale, numel."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.h = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        mean = y.sum(1, keepdim=True) / y.size(1)
+        scaled = y * y.shape[1] ** -0.5
+        return self.h(scaled) + mean + y.sum() / y.numel()
+
+
+def test_widths_read_as_numbers_keep_their_original_value():
+    # regression: the slim model divided by the slim channel count (verify error 0.37)
+    model, x = WidthArithmetic(), x2d()
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable and g.exact
+    slim = exact(model, x, {g.id: [0, 2, 5]}, dg=dg)
+    assert "size" not in slim.code and "numel" not in slim.code  # folded to the original 8 and 8 * 8 * 8 * 2
+
+
+class HeadsFromWidth(nn.Module):
+    """A width used as a size: ``view(B, heads, C // heads, ...)`` follows the slim width."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.h = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        b, c, hh, ww = y.shape
+        z = y.view(b, 2, c // 2, hh * ww).softmax(-1).view(b, c, hh, ww)
+        return self.h(z * (c ** 0.5))
+
+
+def test_width_in_a_shape_argument_follows_the_slim_width():
+    model, x = HeadsFromWidth(), x2d()
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert g.size == 4  # the per-head dim is the free factor: a group channel is one channel of each head
+    exact(model, x, {g.id: [1]}, dg=dg)  # the view must now say 3, not 4, per head
