@@ -52,6 +52,9 @@ def _getitem_patch(rw, node):
             new_items.append(it)
             continue
         keep = rw.keep(labels[d])
+        if keep.all():  # nothing goes on this axis (bounds computed at run time pin theirs)
+            new_items.append(it)
+            continue
         if isinstance(it, int):
             new_items.append(int(keep[:it % shape[d]].sum()))
         else:
@@ -61,6 +64,22 @@ def _getitem_patch(rw, node):
     if k:
         rw.set_arg(node, 1, "index", tuple(new_items) if isinstance(index, tuple) or len(new_items) > 1 else new_items[0])
     del items
+
+
+def _concrete(ctx, item, labels):
+    """An index item with run-time numbers (``x[:, :n]``, ``x[:, k]``) as the numbers the example
+    gave. Positions the slim graph cannot recompute (numbers that are not widths, which the
+    rewrite folds) pin a channel axis they cut."""
+    def value(v):
+        if not isinstance(v, torch.fx.Node):
+            return v
+        if not ctx.is_width(v):
+            ctx.pin(labels, f"{ctx.describe_node()} indexes a channel axis at a position computed at run time")
+        return ctx.shape(v)
+
+    if isinstance(item, slice):
+        return slice(value(item.start), value(item.stop), value(item.step))
+    return value(item) if isinstance(ctx.shape(item), int) else item
 
 
 @register(operator.getitem, patch=_getitem_patch)
@@ -84,6 +103,8 @@ def getitem(ctx, node, module):
         return None
     out = []
     for d, it in _index_items(index, len(shape)):
+        if isinstance(it, (slice, torch.fx.Node)) and d is not None:
+            it = _concrete(ctx, it, labels[d])
         if d is None:
             out.append(None)
         elif isinstance(it, slice):
