@@ -32,7 +32,7 @@ from graphprune.errors import PlanError, RewriteError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.removal import Removal
-from graphprune.rules.base import CONCAT, SHAPE, Rule, find_rule, is_inplace, iter_arrays, operand
+from graphprune.rules.base import CONCAT, Rule, find_rule, is_inplace, iter_arrays, operand
 from graphprune.tracing import eval_mode, named_state, shape_of
 
 __all__ = ["apply", "RewriteContext", "iter_arrays", "copy_as_graph_module"]
@@ -159,10 +159,11 @@ def _slice_state(slim: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]],
     return changed
 
 
-def _freeze_widths(graph: torch.fx.Graph, dg: DependencyGraph, modules: dict[str, torch.nn.Module]) -> None:
-    """Numbers computed from channel widths (``x.size(1)``, ``C ** -0.5``) keep their original
-    values where they meet tensors, as the masked original computes them; only the size
-    arguments of shape-rewriting rules (``kind=SHAPE``) follow the slim widths."""
+def _freeze_widths(graph: torch.fx.Graph, dg: DependencyGraph) -> None:
+    """Numbers computed from channel widths (``x.size(1)``, ``C ** -0.5``, ``C // heads``) keep
+    their original values, as the masked original computes them. Sizes of axes that carry
+    channels are then set to the slim widths by the reshape rules' patches, which run after
+    this; every other size stays what it was."""
     widths = dg.width_values
     if not widths:
         return
@@ -171,9 +172,6 @@ def _freeze_widths(graph: torch.fx.Graph, dg: DependencyGraph, modules: dict[str
             continue
         used = {a: a.meta["shape"] for a in node.all_input_nodes if a.name in widths}
         if not used:
-            continue
-        rule = find_rule(node, modules.get(node.target) if node.op == "call_module" else None)
-        if rule is not None and rule.kind == SHAPE:
             continue
         node.args = torch.fx.node.map_arg(node.args, lambda a, used=used: used.get(a, a))
         node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a, used=used: used.get(a, a))
@@ -239,7 +237,7 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
     modules = dict(slim.named_modules())
     rw = RewriteContext(removal, modules, slim)
     try:
-        _freeze_widths(graph, dg, modules)
+        _freeze_widths(graph, dg)
         for node in list(graph.nodes):
             if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):
                 continue

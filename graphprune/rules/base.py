@@ -19,8 +19,7 @@ lists of its own):
   modules), read by labelling, rewrite, counting, LEAN and the criteria alike.
 - ``kind``: what other passes may assume about the op (``LAYER``: a weighted layer
   ``[out, in, *kernel]``; ``NORM``: a per-channel affine normalisation; ``CONCAT``: a
-  concatenation, which can do without an emptied input; ``SHAPE``: an op whose size
-  arguments the rewrite sets to the slim widths).
+  concatenation, which can do without an emptied input).
 
 Rules are registered in their op family's own file, with their module, functional
 and ATen forms::
@@ -50,12 +49,12 @@ import torch.fx
 __all__ = [
     "Rule", "Operands", "Shapes", "Multi", "Labels", "register", "find_rule", "find_module_rule",
     "has_own_module_rule", "layer_width", "operand", "operand_shape", "aten_ops", "op_name", "target_name", "arg",
-    "as_array", "norm_dim", "unlabelled", "iter_arrays", "is_inplace", "LAYER", "NORM", "CONCAT", "SHAPE",
+    "as_array", "norm_dim", "unlabelled", "iter_arrays", "is_inplace", "LAYER", "NORM", "CONCAT",
 ]
 
 Labels = tuple  # tuple[np.ndarray | None, ...] for a tensor; Multi for tuples of tensors
 
-LAYER, NORM, CONCAT, SHAPE = "layer", "norm", "concat", "shape"
+LAYER, NORM, CONCAT = "layer", "norm", "concat"
 
 
 class Multi(tuple):

@@ -6,9 +6,8 @@ are carried by matching runs of axes with equal products (a flatten into a Linea
 repeats each channel over a block; splitting a channel axis factorises it, as for
 attention heads, so that one factor can be pruned and the others kept whole). The
 slim graph's literal and computed sizes of channel axes become the slim widths
-(``kind=SHAPE``: these rules rewrite their size arguments). No values are mixed. A
-shape query (``x.size(1)``) reads a width as a number: where that number meets
-tensors, the slim graph keeps its original value (see ``shape_query``).
+(their ``patch``). No values are mixed. A shape query (``x.size(1)``) reads a width
+as a number: the slim graph keeps its original value (see ``shape_query``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import SHAPE, arg, aten_ops, norm_dim, register, target_name
+from graphprune.rules.base import arg, aten_ops, norm_dim, register, target_name
 
 
 def _runs(in_shape, out_shape):
@@ -143,7 +142,7 @@ def _reshape_patch(rw, node):
           torch.unflatten, "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten",
           "view_as", "reshape_as", *aten_ops("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
                    "unflatten.int", "squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default"),
-          patch=_reshape_patch, kind=SHAPE)
+          patch=_reshape_patch)
 def reshape(ctx, node, module):
     """flatten / view / reshape / squeeze / unsqueeze / unflatten, from recorded shapes."""
     x = node.args[0]
@@ -180,7 +179,7 @@ def permute(ctx, node, module):
     return tuple(labels[d] for d in order)
 
 
-@register("expand", "expand_as", "repeat", *aten_ops("expand.default"), patch=_reshape_patch, kind=SHAPE)
+@register("expand", "expand_as", "repeat", *aten_ops("expand.default"), patch=_reshape_patch)
 def expand(ctx, node, module):
     """Broadcast copies: axes that keep their size keep their labels."""
     labels, in_shape, out_shape = ctx.labels(node.args[0]), ctx.shape(node.args[0]), ctx.shape(node)
@@ -224,10 +223,11 @@ def pixel_unshuffle(ctx, node, module):
 def shape_query(ctx, node, module):
     """``x.size(1)``, ``x.shape``, ``x.numel()``, ``len(x)``: numbers read off a tensor.
 
-    A number read off a channel axis is a *width*: the slim graph keeps its original
-    value where it meets tensors (``y.sum(1) / y.size(1)``, ``x.shape[-1] ** -0.5``), as
-    the masked original computes, and the slim width where a reshape reads it as a size
-    (``ctx.mark_width``). Attributes that are tensors (``x.T``) have no rule: pinned.
+    A number read off a channel axis is a *width* (``ctx.mark_width``): the slim graph
+    keeps its original value (``y.sum(1) / y.size(1)``, ``x.shape[-1] ** -0.5``, the
+    ``C // heads`` of a reshape of another tensor), as the masked original computes;
+    where a reshape's output axis carries channels, the reshape's own patch writes the
+    slim width. Attributes that are tensors (``x.T``) have no rule: pinned.
     """
     out = ctx.shape(node)
     labels = ctx.labels(node.args[0])
