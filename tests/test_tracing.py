@@ -1,5 +1,5 @@
-"""tracing.trace: what it leaves untouched (model, attributes, inputs), thread safety, the
-torch.export fallback (eval mode, output structure, dynamic batch), code fingerprints."""
+"""tracing.trace: what it leaves untouched (model, attributes, inputs), thread safety, and the
+torch.export fallback (export_trace: eval mode, output structure, dynamic batch)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from helpers import assert_state, flat_outputs, snapshot
 
 import graphprune as gp
-from graphprune import tracing
 from graphprune.errors import InputError, TraceError
 
 X = torch.randn(2, 3, 8, 8)
@@ -304,81 +303,3 @@ def test_tracing_from_many_threads_gives_the_single_threaded_results():
     assert nn.Linear(4, 3)(torch.randn(1, 4)).shape == (1, 3)
     assert nn.Module.__call__ is torch.nn.modules.module.Module.__call__
     assert not torch.fx._symbolic_trace.is_fx_tracing()
-
-
-# --- F: code fingerprints -------------------------------------------------------------------
-class TwoLayers(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.b = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-class TwoLayersSigmoid(TwoLayers):
-    def forward(self, x):
-        return self.b(torch.sigmoid(self.a(x)))
-
-
-class TwoLayersHelper(TwoLayers):
-    def forward(self, x):
-        return self.b(self.act(self.a(x)))
-
-    def act(self, x):
-        return torch.relu(x)
-
-
-class TwoLayersHelperTanh(TwoLayersHelper):
-    def act(self, x):
-        return torch.tanh(x)
-
-
-class NoTrace(TwoLayers):
-    def forward(self, x):
-        raise AssertionError("fingerprinting must not run or trace forward")
-
-
-def test_code_fingerprint_tells_models_apart_by_their_code():
-    a, b = TwoLayers(), TwoLayersSigmoid()
-    b.load_state_dict(a.state_dict())
-    assert tracing.code_fingerprint(a) == tracing.code_fingerprint(copy.deepcopy(a)) == tracing.code_fingerprint(TwoLayers())
-    assert tracing.code_fingerprint(a) != tracing.code_fingerprint(b)  # same parameters, other forward
-    assert tracing.code_fingerprint(TwoLayersHelper()) != tracing.code_fingerprint(TwoLayersHelperTanh())  # a helper method
-    swapped = TwoLayers()
-    swapped.a = nn.Sequential(nn.Linear(4, 8))  # other submodule class, same shapes under other names
-    assert tracing.code_fingerprint(swapped) != tracing.code_fingerprint(a)
-    slope = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.1))
-    assert tracing.code_fingerprint(slope) != tracing.code_fingerprint(nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2)))
-    patched = TwoLayers()
-    patched.forward = lambda x: patched.b(patched.a(x))  # an instance-level forward
-    assert tracing.code_fingerprint(patched) != tracing.code_fingerprint(a)
-    trained = TwoLayers().train()
-    assert tracing.code_fingerprint(trained) == tracing.code_fingerprint(TwoLayers().eval())  # mode is not code
-    tracing.code_fingerprint(NoTrace())
-
-
-def test_code_fingerprints_name_the_module_that_differs():
-    a, b = TwoLayers(), TwoLayers()
-    b.b = nn.Linear(8, 2, bias=False)  # other attribute values
-    recorded = tracing.code_fingerprints(a)
-    assert set(recorded) == {"", "a", "b"}
-    tracing.check_same_code(copy.deepcopy(a), recorded)
-    with pytest.raises(InputError, match=r"'b'.*Linear.*build the DependencyGraph"):
-        tracing.check_same_code(b, recorded)
-    with pytest.raises(InputError, match=r"TwoLayersSigmoid"):
-        tracing.check_same_code(TwoLayersSigmoid(), recorded)
-
-
-def test_code_fingerprint_of_graph_modules_follows_their_graph():
-    model, x = gp.zoo.create("mlp")
-    dg = gp.DependencyGraph.build(model, x)
-    g = next(g for g in dg.groups if g.prunable)
-    one, two = gp.apply(model, dg, {g.id: [0]}), gp.apply(model, dg, {g.id: [0, 1]})
-    assert tracing.code_fingerprint(one) == tracing.code_fingerprint(gp.apply(model, dg, {g.id: [1]}))
-    traced = torch.fx.symbolic_trace(TwoLayers())
-    other = torch.fx.symbolic_trace(TwoLayersSigmoid())
-    assert tracing.code_fingerprint(traced) != tracing.code_fingerprint(other)
-    assert tracing.code_fingerprint(one) != tracing.code_fingerprint(two)  # widths are part of the modules' code
-    assert tracing.code_fingerprint(one) != tracing.code_fingerprint(model)
