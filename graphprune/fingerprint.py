@@ -152,13 +152,13 @@ def check_same_code(model: torch.nn.Module, recorded: dict[str, str]) -> None:
     for name in list(recorded) + [n for n in now if n not in recorded]:
         if now.get(name) == recorded.get(name):
             continue
-        label = repr(name) if name else "the root module"
+        label = f"module {name!r}" if name else "the root module"
         if name not in now:
-            what = f"module {label} is missing"
+            what = f"{label} is missing"
         elif name not in recorded:
-            what = f"module {label} ({type(modules[name]).__name__}) is new"
+            what = f"{label} ({type(modules[name]).__name__}) is new"
         else:
-            what = f"module {label} ({type(modules[name]).__name__}) runs other code or has other settings"
+            what = f"{label} ({type(modules[name]).__name__}) runs other code or has other settings"
         raise InputError(f"this model is not the one the dependency graph was built from: {what}. "
                          "A graph only describes the code it traced; build the DependencyGraph again "
                          "for this model (gp.DependencyGraph.build(model, example_inputs))")
