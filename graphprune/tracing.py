@@ -49,8 +49,9 @@ __all__ = ["trace", "normalize_inputs", "shape_of", "named_state", "GraphTracer"
            "code_fingerprint", "code_fingerprints", "check_same_code"]
 
 TRACE_LOCK = threading.RLock()
-"""Held while torch.fx or torch.export patch process-wide state; take it around any other
-``torch.export.export`` / ``symbolic_trace`` call that may run next to graphprune's."""
+"""Held by ``trace`` (torch.fx and torch.export patch process-wide state while they run);
+take it around any other ``torch.export.export`` / ``symbolic_trace`` call in a program
+that traces from several threads."""
 
 try:  # generates the traced graph's Python code only if something calls it (the shape run does not)
     from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
