@@ -16,9 +16,11 @@ from graphprune.graph import DependencyGraph, Group, Member
 from graphprune.importance import CRITERIA, score
 from graphprune.io import export, load, save, set_origin
 from graphprune.metrics import Counts, count, latency
-from graphprune.plan import Plan, select
+from graphprune.plan import Plan
 from graphprune.rewrite import apply
 from graphprune.rules import register
+from graphprune.select import select
+from graphprune.steps import Pruner
 from graphprune.tracing import trace
 from graphprune.verify import masked_model, verify
 
@@ -29,5 +31,5 @@ __all__ = [
     "PlanError", "PruneResult", "RewriteError", "SerializationError", "TraceError",
     "UnsupportedOpError", "apply", "count", "errors", "export", "latency", "lean", "load", "masked_model", "prune",
     "register", "save", "score", "select", "set_origin", "trace", "train", "verify", "zoo",
-    "CRITERIA", "LossError", "importance",
+    "CRITERIA", "LossError", "importance", "Pruner",
 ]

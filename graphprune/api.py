@@ -1,4 +1,14 @@
-"""One call that runs the pipeline: trace, group, score, select, rewrite, count."""
+"""One call that runs the pipeline: trace, group, score, select, rewrite, count.
+
+``prune(model, example_inputs, method, ratio, ...)`` picks the step planner for
+``method`` (a criterion, or LEAN) and runs the one pruning loop (``graphprune.steps``).
+
+>>> import graphprune as gp
+>>> model, x = gp.zoo.create("resnet20")
+>>> result = gp.prune(model, x, method="magnitude", ratio=0.5)
+>>> result.after.macs < result.before.macs
+True
+"""
 
 from __future__ import annotations
 
@@ -11,23 +21,46 @@ import torch
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.importance import score
-from graphprune.metrics import Counts, count
-from graphprune.plan import Plan, StepPlans, check_schedule, select
-from graphprune.rewrite import apply
+from graphprune.lean import prune as lean_prune
+from graphprune.metrics import count
+from graphprune.plan import Plan
+from graphprune.select import TARGETS, select
+from graphprune.steps import Pruner, PruneResult, Step, check_schedule
 
-__all__ = ["PruneResult", "prune"]
+__all__ = ["PruneResult", "prune", "ScorePlanner"]
 
 
 @dataclass
-class PruneResult:
-    """What ``prune`` returns: the slim model, its plan, and counts before and after."""
+class ScorePlanner:
+    """Each step: score with a criterion, then ``select`` the step's share of ``ratio``.
 
-    model: torch.fx.GraphModule
-    plan: Plan
-    before: Counts
-    after: Counts
-    graph: DependencyGraph
-    history: list[Plan] = field(default_factory=list)  # each step's plan, on that step's graph
+    Step ``k`` of ``n`` brings the amount removed to ``ratio * k / n`` of the original
+    (channels of every group, or the model's MACs or parameters).
+    """
+
+    method: str | Callable
+    ratio: float
+    example_inputs: Any
+    data: Iterable | None = None
+    target: str = "channels"
+    select_options: dict[str, Any] = field(default_factory=dict)
+    criterion_options: dict[str, Any] = field(default_factory=dict)
+    tolerance: float = 0.01
+    base: int | None = None  # MACs or parameters of the original model, for those targets
+
+    def plan(self, model: torch.nn.Module, dg: DependencyGraph, step: Step) -> Plan:
+        scores = score(self.method, model, dg, data=self.data, **self.criterion_options)
+        n, k = step.steps, step.index
+        done, goal = self.ratio * (k - 1) / n, self.ratio * k / n
+        options = dict(self.select_options, ignore=step.ignore)
+        if self.target == "channels":
+            return select(dg, scores, 1 - (1 - goal) / (1 - done), **options)
+        now = getattr(count(model, self.example_inputs), self.target)
+        if self.base is None:
+            self.base = now
+        r = min(max(0.0, 1 - self.base * (1 - goal) / now), 0.999999) if now else 0.0
+        return select(dg, scores, r, target=self.target, model=model, example_inputs=self.example_inputs,
+                      tolerance=self.tolerance * self.base / max(now, 1), **options)
 
 
 def prune(
@@ -66,7 +99,8 @@ def prune(
     - ``steps=N`` prunes iteratively: each step removes ``ratio / N`` of the original
       amount from the current slim model, re-tracing and re-scoring it, then calls
       ``callback(slim_model, step)`` (step = 1..N, after the last step too), e.g. to
-      fine-tune it; a module the callback returns replaces the slim model.
+      fine-tune it; a module the callback returns replaces the slim model. To step
+      through the loop yourself, iterate a ``graphprune.steps.Pruner``.
 
     ``model`` is not modified. ``result.plan`` is on the original model's graph
     (``result.graph``): applying it to ``model`` gives the architecture of
@@ -74,42 +108,14 @@ def prune(
     """
     check_schedule(ratio, steps, callback)
     if method == "lean":  # LEAN keeps kernels along chains, then channels: see graphprune.lean.prune
-        from graphprune.lean import prune as lean_prune
-
         return lean_prune(model, example_inputs, ratio, steps=steps, callback=callback, ignore=ignore,
                           leaf_modules=leaf_modules, **options)
+    if target not in TARGETS:
+        raise InputError(f"target must be 'channels', 'macs' or 'params', got {target!r}")
     if steps > 1 and data is not None and iter(data) is data:
         data = list(data)  # a one-shot iterator: every step scores on the same batches
-    dg0 = DependencyGraph.build(model, example_inputs, leaf_modules=leaf_modules)
-    before = count(model, example_inputs)
-    steps_done = StepPlans(dg0, ignore)
-    current, dg = model, dg0
-    base = before.macs if target == "macs" else before.params
-    for step in range(1, steps + 1):
-        if step > 1:
-            dg = DependencyGraph.build(current, example_inputs, leaf_modules=leaf_modules)
-        skip = steps_done.skip(dg)
-        scores = score(method, current, dg, data=data, **options)
-        done, goal = ratio * (step - 1) / steps, ratio * step / steps
-        if target == "channels":
-            r = 1 - (1 - goal) / (1 - done)
-            plan = select(dg, scores, r, scope=scope, min_keep=min_keep, round_to=round_to,
-                          ignore=skip, normalize=normalize)
-        elif target in ("macs", "params"):
-            now = count(current, example_inputs)
-            now = now.macs if target == "macs" else now.params
-            r = min(max(0.0, 1 - base * (1 - goal) / now), 0.999999) if now else 0.0
-            plan = select(dg, scores, r, target=target, scope=scope, min_keep=min_keep,
-                          round_to=round_to, ignore=skip, normalize=normalize, model=current,
-                          example_inputs=example_inputs, tolerance=tolerance * base / max(now, 1))
-        else:
-            raise InputError(f"target must be 'channels', 'macs' or 'params', got {target!r}")
-        slim = apply(current, dg, plan)
-        steps_done.record(dg, plan)
-        if callback is not None:
-            returned = callback(slim, step)
-            if isinstance(returned, torch.nn.Module):
-                slim = returned
-        current = slim
-    return PruneResult(current, steps_done.composed(), before, count(current, example_inputs), dg0,
-                       steps_done.history)
+    planner = ScorePlanner(method, ratio, example_inputs, data, target,
+                           dict(scope=scope, min_keep=min_keep, round_to=round_to, normalize=normalize),
+                           options, tolerance)
+    return Pruner(model, example_inputs, planner, steps=steps, ignore=ignore,
+                  leaf_modules=leaf_modules).run(callback)

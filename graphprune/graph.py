@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,19 +30,14 @@ import torch
 import torch.fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from torch.nn.utils import parametrize
 
-from graphprune import rules as _rules  # noqa: F401  (registers the built-in rules)
 from graphprune.errors import InputError
-from graphprune.rules.base import Multi, as_array, find_rule, op_name
+from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext
+from graphprune.removal import vanish_problems
+from graphprune.rules.base import iter_arrays, unlabelled  # noqa: F401  (importable from here too)
 from graphprune.tracing import named_state, normalize_inputs, trace
 
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
-
-PRODUCER, PARAM, PINNED = "producer", "param", "pinned"
-KIND_CODES = {PRODUCER: 0, PARAM: 1, PINNED: 2}  # element kinds are held as small ints
-CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default)
-ROLE_OUT, ROLE_IN, ROLE_PASS = "out", "in", "pass"
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,338 +98,8 @@ class Group:
                 "members": [m.to_dict() for m in self.members]}
 
 
-@dataclass
-class _Root:
-    kind: str
-    origin: str
-    reason: str
-    start: int
-    size: int
-
-
-class BuildContext:
-    """What rules see: labels of nodes, parameters as labelled axes, and couplings."""
-
-    def __init__(self, gm: torch.fx.GraphModule, factor: str = "largest", grouped: str = "groups") -> None:
-        if factor not in ("largest", "heads"):
-            raise InputError(f"factor must be 'largest' or 'heads', got {factor!r}")
-        if grouped not in ("groups", "channels"):
-            raise InputError(f"grouped must be 'groups' or 'channels', got {grouped!r}")
-        self.grouped_mode = grouped
-        self._head_axes: list[np.ndarray] = []
-        self.factor_mode = factor
-        self._relations: list[tuple[np.ndarray, list[np.ndarray], str, int | None]] = []
-        self._inexact: list[tuple[np.ndarray, str]] = []
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
-        self.state = named_state(gm)
-        self.roots: list[_Root] = []
-        self.n_elements = 0
-        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
-        self.member_labels: dict[tuple[str, int], np.ndarray] = {}
-        self.member_roles: dict[tuple[str, int], str] = {}
-        self.node_labels: dict[str, Any] = {}
-        self.node_info: dict[str, dict[str, Any]] = {}  # extra per-node facts for patches
-        self.node = None  # the node whose rule is running, for messages
-        self._produced: list[np.ndarray] = []
-        self._role_marks: list[tuple[np.ndarray, str]] = []
-
-    # --- elements ---------------------------------------------------------------
-    def _new_root(self, kind: str, size: int, origin: str, reason: str = "") -> np.ndarray:
-        start = self.n_elements
-        self.roots.append(_Root(kind, origin, reason, start, size))
-        self.n_elements += size
-        return np.arange(start, start + size, dtype=np.int64)
-
-    def produce(self, size: int, origin: str | None = None) -> np.ndarray:
-        """Fresh output channels of a layer (a conv's or linear's output rows)."""
-        return self._new_root(PRODUCER, size, origin or self.node.name)
-
-    def mark_produced(self, labels: np.ndarray | None) -> None:
-        """Declare ``labels`` (a weight axis) to be a layer's output channels."""
-        if labels is not None:
-            self._produced.append(labels[labels >= 0])
-
-    def set_role(self, x: Any, dim: int, role: str) -> None:
-        """Record that axis ``dim`` of weight argument ``x`` is a layer's ``role`` axis.
-
-        ``x`` may be a parameter (get_attr) or computed from parameters
-        (``self.w * self.mask``): the parameters whose labels reach that axis get the role.
-        """
-        name = self.attr_name(x)
-        if name is not None and (name, dim) in self.member_roles:
-            self.member_roles[(name, dim)] = role
-            return
-        labels = self.labels(x)
-        if isinstance(labels, tuple) and dim < len(labels) and labels[dim] is not None:
-            self._role_marks.append((labels[dim], role))
-
-    def factorize(self, composite: np.ndarray, free: int | None = None) -> list[np.ndarray]:
-        """Split a multi-axis block of channels into one label array per axis.
-
-        ``composite[i, j, ...]`` is removed exactly when the factor labels of its axes
-        say so. A slimmed reshape needs a product of kept indices, so at the end one
-        factor per block is left free to prune and the others are kept whole: ``free``
-        forces which one; otherwise the build's ``factor`` mode picks it (``largest``
-        prunes the per-head dim of attention and within-group channels of a shuffle,
-        ``outer`` prunes whole heads).
-        """
-        factors = [self._new_root(PARAM, n, self.node.name) for n in composite.shape]
-        self._relations.append((composite, factors, self.node.name, free))
-        return factors
-
-    def compose(self, factors: Sequence[np.ndarray]) -> np.ndarray:
-        """Labels of the axis obtained by merging several labelled axes (their product)."""
-        shape = [len(f) for f in factors]
-        composite = self._new_root(PARAM, int(np.prod(shape)), self.node.name).reshape(shape)
-        self._relations.append((composite, list(factors), self.node.name, None))
-        return composite
-
-    def mark_heads(self, labels: np.ndarray | None) -> None:
-        """Record an axis that attention treats as a batch of heads (for ``factor='heads'``)."""
-        if labels is not None:
-            self._head_axes.append(labels[labels >= 0])
-
-    def inexact(self, labels: np.ndarray | None, reason: str) -> None:
-        """Mark channels whose removal changes other channels' values (normalisation)."""
-        if labels is not None and (labels >= 0).any():
-            self._inexact.append((labels[labels >= 0], reason))
-
-    def pin(self, labels: np.ndarray | None, reason: str) -> None:
-        """Make every element in ``labels`` unprunable, for ``reason``."""
-        if labels is None:
-            return
-        sel = labels[labels >= 0]
-        if sel.size:
-            self._edges.append((sel, self._new_root(PINNED, sel.size, self.node.name, reason)))
-
-    def pin_all(self, labels: Any, reason: str) -> None:
-        """Pin every labelled element in a nested labels structure."""
-        for arr in iter_arrays(labels):
-            self.pin(arr, reason)
-
-    def couple(self, arrays: Sequence[np.ndarray | None], size: int, reason: str) -> np.ndarray | None:
-        """Tie arrays of labels position by position; return the coupled labels.
-
-        A labelled position tied to an unlabelled one (``-1`` or a ``None`` dimension)
-        is pinned with ``reason``: its partner is not a prunable channel.
-        """
-        if all(a is None for a in arrays):
-            return None
-        out = None
-        for a in arrays:
-            a = as_array(a, size)
-            if out is None:
-                out = a.copy()
-                continue
-            both = (out >= 0) & (a >= 0)
-            if both.any():
-                self._edges.append((out[both], a[both]))
-            self.pin(out[(out >= 0) & (a < 0)], reason)
-            self.pin(a[(a >= 0) & (out < 0)], reason)
-            out = np.where(out >= 0, out, a)
-        return out
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Tie two equally long label arrays; unlabelled positions pin their partner."""
-        self.couple([a, b], len(a), f"coupled to a non-channel axis by {self.describe_node()}")
-
-    # --- nodes and parameters -----------------------------------------------------
-    def labels(self, x: Any) -> Any:
-        """Labels of an argument: a Node's labels, or None for constants."""
-        if isinstance(x, torch.fx.Node):
-            return self.node_labels.get(x.name)
-        if isinstance(x, (list, tuple)):
-            return Multi(self.labels(v) for v in x)
-        if isinstance(x, dict):
-            return Multi(self.labels(v) for v in x.values())
-        return None
-
-    def shape(self, x: Any) -> Any:
-        """The recorded output shape of a node (``torch.Size`` for tensors)."""
-        return x.meta.get("shape") if isinstance(x, torch.fx.Node) else None
-
-    def param(self, name: str, dim: int, role: str) -> np.ndarray:
-        """Labels of axis ``dim`` of parameter or buffer ``name``, registered as a member."""
-        key = (name, dim)
-        if key not in self.member_labels:
-            size = self.state[name].shape[dim]
-            self.member_labels[key] = self._new_root(PARAM, size, name)
-            self.member_roles[key] = role
-        elif role != ROLE_PASS:
-            self.member_roles[key] = role
-        if role == ROLE_OUT:
-            self.mark_produced(self.member_labels[key])
-        return self.member_labels[key]
-
-    def module_param(self, module_name: str, attr: str, dim: int, role: str) -> np.ndarray | None:
-        """Like ``param`` for ``module.attr``; None when the module has no such tensor."""
-        name = f"{module_name}.{attr}" if module_name else attr
-        if name in self.state:
-            return self.param(name, dim, role)
-        module = self.modules.get(module_name)
-        if module is not None and parametrize.is_parametrized(module, attr):
-            # torch.nn.utils.parametrize computes the tensor from others (weight norm,
-            # spectral norm, ...): which of their slices a channel owns is not known here
-            kinds = ", ".join(type(p).__name__ for p in module.parametrizations[attr])
-            labels = self._new_root(PARAM, getattr(module, attr).shape[dim], name)
-            if role == ROLE_OUT:  # still a group, so that describe() says why it stays
-                self.mark_produced(labels)
-            self.pin(labels, f"{name} is parametrized ({kinds}); remove the parametrization "
-                             "(torch.nn.utils.parametrize.remove_parametrizations) to prune it")
-            return labels
-        return None
-
-    def attr_name(self, x: Any) -> str | None:
-        """The parameter name behind a ``get_attr`` node, else None."""
-        if isinstance(x, torch.fx.Node) and x.op == "get_attr" and x.target in self.state:
-            return x.target
-        return None
-
-    def describe_node(self) -> str:
-        node = self.node
-        mod = self.modules.get(node.target) if node.op == "call_module" else None
-        return op_name(node, mod)
-
-    # --- the walk -------------------------------------------------------------------
-    def run(self) -> None:
-        for node in self.gm.graph.nodes:
-            self.node = node
-            self.node_labels[node.name] = self._visit(node)
-
-    def _visit(self, node: torch.fx.Node) -> Any:
-        if node.op == "placeholder":
-            shape = self.shape(node)
-            return tuple(None for _ in shape) if isinstance(shape, torch.Size) else None
-        if node.op == "get_attr":
-            return self._get_attr(node)
-        if node.op == "output":
-            self.pin_all(self.labels(node.args[0]), "reaches a model output")
-            return None
-        module = self.modules.get(node.target) if node.op == "call_module" else None
-        rule = find_rule(node, module)
-        if rule is None:
-            return self._no_rule(node, module)
-        try:
-            return rule.build(self, node, module)
-        except Exception as exc:  # an unusual call the rule does not follow: pin, never guess
-            warnings.warn(f"rule {rule.name!r} could not follow {op_name(node, module)}: "
-                          f"{type(exc).__name__}: {exc}; its channels are kept", stacklevel=2)
-            return self._no_rule(node, module, f"rule {rule.name!r} failed on {op_name(node, module)}")
-
-    def _get_attr(self, node: torch.fx.Node) -> Any:
-        shape = self.shape(node)
-        if not isinstance(shape, torch.Size):
-            return None
-        if node.target in self.state:
-            # A size-1 axis broadcasts (class tokens, [C, 1, 1] scales): not a channel axis.
-            return tuple(self.param(node.target, d, ROLE_PASS) if n > 1 else None
-                         for d, n in enumerate(shape))
-        return tuple(self._new_root(PINNED, n, node.name, f"constant tensor {node.target!r}")
-                     for n in shape)
-
-    def _no_rule(self, node: torch.fx.Node, module: torch.nn.Module | None, reason: str = "") -> Any:
-        reason = reason or f"no rule for {op_name(node, module)}"
-        for a in node.all_input_nodes:
-            self.pin_all(self.labels(a), reason)
-        shape = self.shape(node)
-        return unlabelled(shape)
-
-    # --- result ---------------------------------------------------------------------
-    def _components(self) -> np.ndarray:
-        n = self.n_elements
-        if self._edges:
-            a = np.concatenate([e[0] for e in self._edges])
-            b = np.concatenate([e[1] for e in self._edges])
-        else:
-            a = b = np.zeros(0, dtype=np.int64)
-        adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-        return connected_components(adj, directed=False)[1]
-
-    def _kinds(self) -> np.ndarray:
-        """Kind of every element's root as a ``KIND_CODES`` code; produced params become producers."""
-        kinds = np.repeat(np.array([KIND_CODES[r.kind] for r in self.roots], dtype=np.int8),
-                          [r.size for r in self.roots]) if self.roots else np.zeros(0, np.int8)
-        if self._produced:
-            produced = np.concatenate(self._produced)
-            kinds[produced[kinds[produced] == KIND_CODES[PARAM]]] = KIND_CODES[PRODUCER]
-        return kinds
-
-    def _resolve_factors(self, kinds: np.ndarray) -> None:
-        """Leave one factor of every split block free; keep the others whole."""
-        if not self._relations:
-            return
-        cls = self._components()
-        pinned = np.zeros(int(cls.max()) + 1, bool)
-        pinned[cls[kinds == KIND_CODES[PINNED]]] = True
-        status: dict[int, bool] = {}
-        nodes = {n.name: n for n in self.gm.graph.nodes}
-        heads = np.zeros(len(pinned), bool)
-        if self._head_axes:
-            heads[cls[np.concatenate(self._head_axes)]] = True
-        for composite, factors, origin, forced in self._relations:
-            live = [k for k, f in enumerate(factors) if len(f) > 1]
-            cand = [k for k in live if (factors[k] >= 0).all() and not pinned[cls[factors[k]]].any()
-                    and status.get(int(cls[factors[k][0]])) is not False]
-            if forced is not None:
-                cand = [k for k in cand if k == forced]
-            chosen = next((k for k in cand if status.get(int(cls[factors[k][0]]))), None)
-            if chosen is None and cand:
-                head_cand = [k for k in cand if heads[cls[factors[k]]].any()]
-                if self.factor_mode == "heads" and head_cand:
-                    chosen = head_cand[0]
-                else:
-                    chosen = max(cand, key=lambda k: (len(factors[k]), k))
-            reason = (f"kept whole: {origin} splits channels into axes "
-                      f"{list(composite.shape)} and only one of them can be pruned")
-            self.node = nodes[origin]
-            for k in live:
-                if k != chosen:
-                    status[int(cls[factors[k][0]])] = False
-                    self.pin(factors[k], reason)
-            if chosen is None:
-                self.pin(composite.reshape(-1), reason)
-                continue
-            status[int(cls[factors[chosen][0]])] = True
-            moved = np.moveaxis(composite, chosen, 0).reshape(len(factors[chosen]), -1)
-            rep = np.repeat(factors[chosen], moved.shape[1])
-            self.couple([moved.reshape(-1), rep], rep.size, reason)
-
-    def _apply_role_marks(self) -> None:
-        for marked, role in self._role_marks:
-            marked = set(marked[marked >= 0].tolist())
-            for key, labels in self.member_labels.items():
-                if self.member_roles[key] == ROLE_PASS and marked.intersection(labels.tolist()):
-                    self.member_roles[key] = role
-
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        """Channel class of every element, and the kind of every element's root."""
-        self._apply_role_marks()
-        if self._relations:
-            self._resolve_factors(self._kinds())  # pins add elements: kinds are taken again
-        return self._components(), self._kinds()
-
-
 def _join(reasons: list[str]) -> str:
     return "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
-
-
-def unlabelled(shape: Any) -> Any:
-    """Labels for an output that carries no channels."""
-    if isinstance(shape, torch.Size):
-        return tuple(None for _ in shape)
-    if isinstance(shape, tuple):
-        return Multi(unlabelled(s) for s in shape)
-    return None
-
-
-def iter_arrays(labels: Any):
-    """Every label array inside a nested labels structure."""
-    if isinstance(labels, np.ndarray):
-        yield labels
-    elif isinstance(labels, tuple):
-        for item in labels:
-            yield from iter_arrays(item)
 
 
 class DependencyGraph:
@@ -449,9 +113,12 @@ class DependencyGraph:
         self.gm = gm
         self.inexact_marks = ctx._inexact
         self.node_info = ctx.node_info
+        self.width_values = ctx.width_values
+        self.width_axes = ctx.width_axes
         self.node_labels = ctx.node_labels
         self.member_labels = ctx.member_labels
         self.member_roles = ctx.member_roles
+        self.member_operands = ctx.member_operands
         self.state_shapes = {k: tuple(v.shape) for k, v in ctx.state.items()}
         self.n_elements = ctx.n_elements
         self.roots = ctx.roots
@@ -598,33 +265,9 @@ class DependencyGraph:
         """Which positions of a labelled axis survive the removed classes."""
         return ~removed[self.cls[labels]]
 
-    def vanish_blockers(self, removed: np.ndarray) -> tuple[set[str], list[str]]:
-        """Nodes whose output loses every channel of an axis, and why that breaks the graph.
-
-        A layer may vanish only if what reads its output is itself vanishing or a
-        ``torch.cat`` that keeps other inputs.
-        """
-        vanished: set[str] = set()
-        for node in self.gm.graph.nodes:
-            labels = self.node_labels.get(node.name)
-            for arr in iter_arrays(labels):
-                if arr.size and not self.keep_mask(arr, removed).any():
-                    vanished.add(node.name)
-                    break
-        problems = [p for node in self.gm.graph.nodes if node.name in vanished
-                    for p in self._vanish_problems(node, vanished)]
-        return vanished, problems
-
-    @staticmethod
-    def _vanish_problems(node: torch.fx.Node, vanished: Container[str]) -> list[str]:
-        """Users of a vanished ``node`` that cannot do without it."""
-        return [f"{node.name!r} feeds {user.name!r} ({user.op} {getattr(user.target, '__name__', user.target)})"
-                for user in node.users
-                if user.name not in vanished and not (user.op == "call_function" and user.target in CAT_TARGETS)]
-
     def _mark_removable(self) -> None:
         # Removing a group whole empties exactly the axes whose every element is one of its
-        # channels: one pass over the axes instead of ``vanish_blockers`` per group.
+        # channels: one pass over the axes instead of a ``Removal`` per group.
         vanishing: dict[int, dict[str, torch.fx.Node]] = {}
         for node in self.gm.graph.nodes:
             for arr in iter_arrays(self.node_labels.get(node.name)):
@@ -638,7 +281,7 @@ class DependencyGraph:
             vanished = vanishing.get(g.id, {})
             # no vanishing axis at all: the channels live inside a layer (attention's inner
             # dims), which cannot become zero-width
-            if vanished and not any(self._vanish_problems(node, vanished) for node in vanished.values()):
+            if vanished and not any(vanish_problems(node, vanished) for node in vanished.values()):
                 self.groups[i] = dataclasses.replace(g, removable=True)
 
     # --- inspection ------------------------------------------------------------------------
@@ -713,9 +356,10 @@ class DependencyGraph:
         """The groups as JSON (sizes, reasons, members), for tools and reports."""
         return json.dumps([g.to_dict() for g in self.groups], indent=1)
 
+    def operand_members(self, group: Group, kind: str, operand: str) -> list[Member]:
+        """Members of ``group`` that are operand ``operand`` of ops of rule kind ``kind``: e.g. the
+        scales of its normalisation layers, ``dg.operand_members(g, rules.base.NORM, "weight")``."""
+        return [m for m in group.members if self.member_operands.get((m.param, m.dim)) == (kind, operand)]
+
     def group(self, gid: int) -> Group:
         return self.groups[gid]
-
-
-from graphprune.rules import aten as _aten  # noqa: E402, F401  (needs this module)
-from graphprune.rules import attention as _attention  # noqa: E402, F401  (needs this module)

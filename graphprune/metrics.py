@@ -1,29 +1,32 @@
 """Size and speed of a model: parameters, multiply-accumulates, CPU latency.
 
 MACs follow the convention of common counters (fvcore, thop for conv/linear): one MAC
-per multiply-add of convolutions, transposed convolutions, linear layers and matrix
-products, counted for the batch of the example inputs. Normalisation, activations,
-pooling and additions are not counted (they fold or are memory-bound).
+per multiply-add of convolutions, transposed convolutions, linear layers, matrix
+products and attention, counted for the batch of the example inputs. Normalisation,
+activations, pooling and additions are not counted (they fold or are memory-bound).
+Each op is counted by its rule's ``macs`` facet (``graphprune.rules``), over the traced
+shapes (``count``) or over the slim shapes a plan would give (``estimate``), so the
+two agree by construction.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 import statistics
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from graphprune.modules import SlimMultiheadAttention
-from graphprune.tracing import normalize_inputs, trace
+from graphprune.removal import Removal
+from graphprune.rules.base import Rule, Shapes, find_rule
+from graphprune.tracing import named_state, normalize_inputs, trace
 
-__all__ = ["Counts", "count", "latency"]
+__all__ = ["Counts", "count", "estimate", "CountEstimator", "graph_macs", "latency"]
 
 
 @dataclass(frozen=True)
@@ -37,69 +40,37 @@ class Counts:
         return asdict(self)
 
 
-def _numel(shape: Any) -> int:
-    return math.prod(shape) if isinstance(shape, torch.Size) else 0
+class TracedShapes:
+    """``rules.base.Shapes`` over a traced graph: the recorded shapes, the module's tensors."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.state = named_state(gm)
+
+    def of(self, x: Any) -> Any:
+        return x.meta.get("shape") if isinstance(x, torch.fx.Node) else None
+
+    def param(self, name: str) -> tuple[int, ...] | None:
+        t = self.state.get(name)
+        return tuple(t.shape) if t is not None else None
 
 
-def _module_macs(module: nn.Module, node: torch.fx.Node) -> int:
-    out = _numel(node.meta.get("shape"))
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        x = node.args[0].meta["shape"]
-        return _numel(x) * module.weight.shape[1] * math.prod(module.weight.shape[2:])
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return out * math.prod(module.weight.shape[1:])
-    if isinstance(module, nn.Linear):
-        return out * module.in_features
-    if isinstance(module, nn.Bilinear):
-        return out * module.in1_features * module.in2_features
-    if isinstance(module, (nn.MultiheadAttention, SlimMultiheadAttention)):
-        return _attention_macs(module, node)
-    return 0
+def _macs_terms(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.Module | None, Rule]]:
+    """The nodes whose rule counts MACs, with their module and rule."""
+    modules = dict(gm.named_modules())
+    terms = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        rule = find_rule(node, module)
+        if rule is not None and rule.macs is not None:
+            terms.append((node, module, rule))
+    return terms
 
 
-def _attention_macs(module: nn.Module, node: torch.fx.Node) -> int:
-    """Projections plus q k^T and attn v for (Slim)MultiheadAttention."""
-    q = node.args[0].meta["shape"]
-    k = (node.args[1] if len(node.args) > 1 else node.kwargs["key"]).meta["shape"]
-    if isinstance(module, SlimMultiheadAttention):
-        inner, e_in, e_out = module.num_heads * module.head_dim, module.in_dim, module.out_dim
-    else:
-        inner = e_in = e_out = module.embed_dim
-    batch_first = module.batch_first
-    n_q = q[1] if batch_first else q[0]
-    n_k = k[1] if batch_first else k[0]
-    batch = q[0] if batch_first else q[1]
-    proj = batch * (n_q + 2 * n_k) * e_in * inner + batch * n_q * inner * e_out
-    return proj + 2 * batch * n_q * n_k * inner
-
-
-_aten = torch.ops.aten
-_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default, _aten.conv2d.default,
-                   _aten.conv3d.default)
-_CONVT_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                    _aten.conv_transpose1d.default, _aten.conv_transpose2d.input,
-                    _aten.conv_transpose3d.input)
-_LINEAR = (F.linear, _aten.linear.default)
-_MATMUL = (torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm",
-           _aten.matmul.default, _aten.bmm.default, _aten.mm.default)
-_SDPA = (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default)
-
-
-def _function_macs(node: torch.fx.Node) -> int:
-    out = _numel(node.meta.get("shape"))
-    if node.target in _CONV_FUNCTIONS or node.target in _LINEAR:
-        w = node.args[1].meta["shape"] if len(node.args) > 1 else node.kwargs["weight"].meta["shape"]
-        return out * math.prod(w[1:])
-    if node.target in _CONVT_FUNCTIONS:
-        w = node.args[1].meta["shape"]
-        return _numel(node.args[0].meta["shape"]) * math.prod(w[1:])
-    if node.target in _SDPA:
-        q, v = node.args[0].meta["shape"], node.args[2].meta["shape"]
-        return math.prod(q[:-1]) * v[-2] * (q[-1] + v[-1])
-    if node.target in _MATMUL:
-        a = node.args[0].meta.get("shape") if isinstance(node.args[0], torch.fx.Node) else None
-        return out * (a[-1] if isinstance(a, torch.Size) and len(a) else 1)
-    return 0
+def graph_macs(gm: torch.fx.GraphModule, shapes: Shapes) -> int:
+    """MACs of a traced graph, each node counted by its rule's ``macs`` facet over ``shapes``."""
+    return int(sum(rule.macs(shapes, node, module, rule) for node, module, rule in _macs_terms(gm)))
 
 
 def count(model: nn.Module, example_inputs: Any) -> Counts:
@@ -109,15 +80,44 @@ def count(model: nn.Module, example_inputs: Any) -> Counts:
     Counts(params=15, macs=24)
     """
     gm = trace(model, example_inputs)
-    modules = dict(gm.named_modules())
-    macs = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            macs += _module_macs(modules[node.target], node)
-        elif node.op in ("call_function", "call_method"):
-            macs += _function_macs(node)
     params = sum(p.numel() for p in model.parameters())
-    return Counts(params=int(params), macs=int(macs))
+    return Counts(params=int(params), macs=graph_macs(gm, TracedShapes(gm)))
+
+
+class CountEstimator:
+    """Parameters and MACs of the slim model a plan would give, without building it.
+
+    The same rule facets as ``count``, over the slim shapes of a ``Removal``: for every
+    plan, ``counts(plan)`` equals ``count(gp.apply(model, dg, plan), example_inputs)``
+    (parameters of modules the traced graph never uses are not part of the slim model).
+
+    >>> import graphprune as gp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> dg = gp.DependencyGraph.build(model, torch.randn(1, 4))
+    >>> CountEstimator(dg).counts({0: [0, 1, 2, 3]})
+    (30, 24)
+    """
+
+    def __init__(self, dg: Any) -> None:
+        self.dg = dg
+        self.params = [n for n, _ in dg.gm.named_parameters()]
+        self.terms = _macs_terms(dg.gm)
+
+    def estimate(self, removal: Removal) -> Counts:
+        """``Counts`` of the slim model ``removal`` describes."""
+        params = sum(math.prod(removal.param(n) or ()) for n in self.params)
+        macs = sum(rule.macs(removal, node, module, rule) for node, module, rule in self.terms)
+        return Counts(params=int(params), macs=int(macs))
+
+    def counts(self, plan: Mapping[int, Iterable[int]]) -> tuple[int, int]:
+        """``(params, macs)`` of the model ``plan`` would give."""
+        c = self.estimate(Removal(self.dg, plan))
+        return c.params, c.macs
+
+
+def estimate(dg: Any, plan: Mapping[int, Iterable[int]]) -> Counts:
+    """``Counts`` of ``gp.apply(model, dg, plan)`` from the graph alone (see ``CountEstimator``)."""
+    return CountEstimator(dg).estimate(Removal(dg, plan))
 
 
 def latency(

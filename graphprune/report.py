@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from graphprune.rules.base import layer_width
+
 __all__ = ["human", "table", "truncate", "layer_widths", "group_rows", "counts_table",
            "build_report", "to_markdown", "write_report", "plot_widths"]
 
@@ -59,19 +61,9 @@ def truncate(text: str, width: int) -> str:
                      for line in text.splitlines())
 
 
-def _width(module: nn.Module) -> int | None:
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return module.out_channels
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels
-    if isinstance(module, (nn.Linear, nn.Bilinear)):
-        return module.out_features
-    return None
-
-
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every conv and linear layer, by qualified name, in model order."""
-    return {name: w for name, m in model.named_modules() if (w := _width(m)) is not None}
+    return {name: w for name, m in model.named_modules() if (w := layer_width(m)) is not None}
 
 
 def group_rows(dg: Any, plan: Mapping[int, Sequence[int]]) -> list[dict[str, Any]]:

@@ -1,19 +1,25 @@
 """Rewrite a model into a slimmed ``torch.fx.GraphModule`` that follows a plan.
 
-``apply`` copies the model, slices every parameter and buffer along the axes the plan's
-groups own, updates width attributes of the modules (``in_channels``, ``groups``,
-``num_features`` ...), rewrites literal widths in the graph (``view`` sizes, ``split``
-sections, slice bounds, functional ``groups=``), drops layers whose every channel went
-(from the ``torch.cat`` that read them), and checks the result runs with the original
+``apply`` copies the modules and tensors the traced graph uses (``graphprune.copying``),
+slices every parameter and buffer along the axes the plan's groups own (``Removal``),
+then walks the graph once asking each node's rule (``graphprune.rules``) to update
+width attributes (``resize``: ``in_channels``, ``groups``, ``num_features`` ...) and
+literal widths in the graph (``patch``: ``view`` sizes, ``split`` sections, slice
+bounds, functional ``groups=``); it drops layers whose every channel went (from the
+concatenations that read them) and checks that the result runs with the original
 output shapes. The user's model is never touched.
+
+>>> import torch, graphprune as gp
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+>>> dg = gp.DependencyGraph.build(model, torch.randn(1, 3, 16, 16))
+>>> slim = apply(model, dg, {0: [0, 1, 2]})
+>>> slim.get_submodule("0").out_channels, slim.get_submodule("2").in_channels, model[0].out_channels
+(5, 5, 8)
 """
 
 from __future__ import annotations
 
-import collections
 import copy
-import functools
-import operator
 from collections.abc import Container
 from typing import Any
 
@@ -21,22 +27,27 @@ import numpy as np
 import torch
 import torch.fx
 
+from graphprune.copying import copy_as_graph_module, copy_targets, empty_graph_module, set_graph
 from graphprune.errors import PlanError, RewriteError
-from graphprune.graph import CAT_TARGETS, DependencyGraph, iter_arrays
+from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
-from graphprune.rules.base import Multi, find_rule
+from graphprune.removal import Removal
+from graphprune.rules.base import CONCAT, SHAPE, Rule, find_rule, is_inplace, iter_arrays, operand
 from graphprune.tracing import eval_mode, named_state, shape_of
 
-__all__ = ["apply"]
+__all__ = ["apply", "RewriteContext", "iter_arrays", "copy_as_graph_module"]
 
 
 class RewriteContext:
     """What rule patches see while rewriting: old and new shapes, labels, node edits."""
 
-    def __init__(self, dg: DependencyGraph, removed: np.ndarray, modules: dict) -> None:
-        self.dg = dg
-        self.removed = removed
+    def __init__(self, removal: Removal, modules: dict, slim: torch.fx.GraphModule) -> None:
+        self.dg = removal.dg
+        self.removal = removal
+        self.removed = removal.removed
         self.modules = modules
+        self.slim = slim
+        self.rule: Rule | None = None  # the rule of the node being patched
 
     def module(self, node: torch.fx.Node) -> torch.nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None
@@ -55,23 +66,21 @@ class RewriteContext:
         return self.dg.node_labels.get(node.name)
 
     def keep(self, labels: np.ndarray) -> np.ndarray:
-        return self.dg.keep_mask(labels, self.removed)
+        return self.removal.keep(labels)
 
     def old_shape(self, node: torch.fx.Node) -> Any:
         return node.meta.get("shape")
 
     def new_shape(self, node: torch.fx.Node) -> Any:
-        return self._new(self.old_shape(node), self.labels(node))
+        return self.removal.of(node)
 
-    def _new(self, shape: Any, labels: Any) -> Any:
-        if isinstance(shape, torch.Size):
-            if labels is None:
-                return tuple(shape)
-            return tuple(int(self.keep(lab).sum()) if lab is not None else s
-                         for s, lab in zip(shape, labels))
-        if isinstance(shape, tuple) and isinstance(labels, Multi):
-            return tuple(self._new(s, lab) for s, lab in zip(shape, labels))
-        return shape
+    def operand(self, node: torch.fx.Node, name: str, default: Any = None) -> Any:
+        """Operand ``name`` of ``node``, where its rule's ``Operands`` say it is."""
+        return operand(self.rule, node, self.module(node), name, default)
+
+    def set_operand(self, node: torch.fx.Node, name: str, value: Any) -> None:
+        """Set argument operand ``name`` of ``node`` (positional or keyword, as the rule declares)."""
+        self.set_arg(node, getattr(self.rule.operands, name), name, value)
 
     def set_arg(self, node: torch.fx.Node, index: int, name: str, value: Any) -> None:
         if len(node.args) > index:
@@ -88,171 +97,21 @@ class RewriteContext:
         node.op, node.target, node.args, node.kwargs = "call_function", target, args, kwargs
 
 
-def _assign(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    if attr in owner._parameters:
-        old = owner._parameters[attr]
-        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        setattr(owner, attr, value)
-
-
-def _get_attr(root: torch.nn.Module, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-_ATOMS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
-
-
-def _is_atom(value: Any) -> bool:
-    return isinstance(value, _ATOMS) or (type(value) is tuple and all(isinstance(v, _ATOMS) for v in value))
-
-
-@functools.cache
-def _plain_copyable(cls: type) -> bool:
-    """Whether ``copy.deepcopy`` of a ``cls`` instance is ``cls.__setstate__`` of a deep copy
-    of its ``__dict__`` (no copy protocol of its own)."""
-    return ("__deepcopy__" not in dir(cls) and cls.__reduce_ex__ is object.__reduce_ex__
-            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is torch.nn.Module.__getstate__)
-
-
-def _copy_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
-    """``copy.deepcopy(t, memo)``; a plain clone for ordinary tensors and parameters."""
-    if id(t) in memo:
-        return memo[id(t)]
-    if (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.__dict__ or t._base is not None
-            or t.is_sparse or t.grad is not None):
-        return copy.deepcopy(t, memo)  # views, subclasses, tensors with attributes or gradients
-    with torch.no_grad():
-        new = t.clone(memory_format=torch.preserve_format)
-    if type(t) is torch.nn.Parameter:
-        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
-    else:
-        new.requires_grad_(t.requires_grad)
-    memo[id(t)] = new
-    return new
-
-
-def _copy_module(module: torch.nn.Module, memo: dict[int, Any]) -> torch.nn.Module:
-    """``copy.deepcopy(module, memo)``, several times faster for ordinary modules.
-
-    Plain values (numbers, strings, tuples of them) are shared, empty hook tables are
-    made anew, tensors and submodules are copied through ``memo`` (so ties survive);
-    anything else, and modules with their own copy protocol, go through ``deepcopy``.
-    """
-    if id(module) in memo:
-        return memo[id(module)]
-    cls = type(module)
-    if not _plain_copyable(cls):
-        return copy.deepcopy(module, memo)
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    state: dict[str, Any] = {}
-    for key, value in module.__dict__.items():
-        if key == "_modules":
-            state[key] = {k: None if c is None else _copy_module(c, memo) for k, c in value.items()}
-        elif key in ("_parameters", "_buffers"):
-            state[key] = {k: None if t is None else _copy_tensor(t, memo) for k, t in value.items()}
-        elif _is_atom(value):
-            state[key] = value
-        elif type(value) in (dict, set, list, collections.OrderedDict) and not value:
-            state[key] = type(value)()
+def _assign(root: torch.nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Install ``value`` under every name in ``names`` (one tensor: ties stay ties)."""
+    first_owner, _, first_attr = names[0].rpartition(".")
+    old = getattr(root.get_submodule(first_owner) if first_owner else root, first_attr)
+    if isinstance(old, torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        if attr in owner._parameters:
+            owner._parameters[attr] = value
+        elif attr in owner._buffers:
+            owner._buffers[attr] = value
         else:
-            state[key] = copy.deepcopy(value, memo)
-    new.__setstate__(state)
-    return new
-
-
-def _copy_targets(model: torch.nn.Module, dg: DependencyGraph, root: torch.nn.Module,
-                  replace: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-    """Install into ``root`` deep copies of every module and tensor ``dg``'s graph uses.
-
-    ``replace`` maps names of parameters and buffers to ``(original, new)``: the copy
-    holds ``new`` instead of a copy of the original (so sliced weights are copied once,
-    at their new size). One memo serves the whole copy, so shared modules and tied
-    weights stay shared. Containers on the way to a used module become plain
-    ``nn.Module``s, as in ``torch.fx.GraphModule``; entries go straight into the
-    ``_modules``/``_parameters``/``_buffers`` tables (the checks of ``Module.__setattr__``
-    hold by construction and cost more than the copy).
-    """
-    memo: dict[int, Any] = {}
-    if replace:
-        for old, new in replace.values():
-            if isinstance(old, torch.nn.Parameter):
-                new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
-            if old.__dict__:
-                new.__dict__.update(copy.deepcopy(old.__dict__, memo))
-            memo[id(old)] = new
-    # in graph order, as GraphModule installs them: parameters keep the order they had
-    targets = dict.fromkeys(n.target for n in dg.gm.graph.nodes if n.op in ("call_module", "get_attr"))
-    for target in targets:
-        try:
-            source = _get_attr(model, target)
-        except AttributeError:  # constants that tracing created live on the traced module only
-            source = _get_attr(dg.gm, target)
-        if isinstance(source, torch.nn.Module):
-            value = _copy_module(source, memo)
-        else:
-            value = _copy_tensor(source, memo) if isinstance(source, torch.Tensor) else copy.deepcopy(source, memo)
-        *path, field = target.split(".")
-        owner = root
-        for part in path:
-            if owner._modules.get(part) is None:
-                owner._modules[part] = torch.nn.Module()
-            owner = owner._modules[part]
-        if getattr(owner, field, None) is value:
-            continue
-        if isinstance(value, torch.nn.Module):
-            owner._modules[field] = value
-        elif isinstance(value, torch.nn.Parameter):
-            owner._parameters[field] = value
-        elif isinstance(value, torch.Tensor):
-            owner.register_buffer(field, value)
-        else:
-            setattr(owner, field, value)
-
-
-def _empty_graph_module(model: torch.nn.Module, name: str) -> torch.fx.GraphModule:
-    """A GraphModule named ``name`` with ``model``'s training flag and nothing in it yet."""
-    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph(), name)
-    gm.training = model.training
-    return gm
-
-
-def _set_graph(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> None:
-    """Give ``gm`` its graph (one code generation), as ``GraphModule.__init__`` would."""
-    gm.graph = graph
-    if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:
-        gm._tracer_cls = graph._tracer_cls
-    if graph._tracer_extras:
-        gm._tracer_extras = graph._tracer_extras
-
-
-def copy_as_graph_module(model: torch.nn.Module, dg: DependencyGraph, name: str,
-                         replace: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-                         ) -> torch.fx.GraphModule:
-    """A deep copy of ``model`` as a GraphModule running ``dg``'s traced graph
-    (``replace`` as in ``_copy_targets``)."""
-    gm = _empty_graph_module(model, name)
-    _copy_targets(model, dg, gm, replace)
-    _set_graph(gm, copy.deepcopy(dg.gm.graph))
-    return gm
-
-
-def _cuts(dg: DependencyGraph, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
-    """Kept positions of every parameter/buffer axis that loses channels."""
-    cuts: dict[str, dict[int, np.ndarray]] = {}
-    for (param, dim), labels in dg.member_labels.items():
-        keep = dg.keep_mask(labels, removed)
-        if not keep.all():
-            cuts.setdefault(param, {})[dim] = np.flatnonzero(keep)
-    return cuts
+            setattr(owner, attr, value)
 
 
 def _sliced(t: torch.Tensor, dims: dict[int, np.ndarray]) -> torch.Tensor:
@@ -283,16 +142,44 @@ def _presliced(model: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]]
 
 def _slice_state(slim: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]],
                  done: Container[str] = ()) -> set[str]:
-    """Slice parameters and buffers (those in ``done`` already are); return the changed modules."""
+    """Slice parameters and buffers (those in ``done`` already are); return the changed modules.
+    A tensor held under several names (tied weights) is sliced once and stays tied."""
     state = named_state(slim)
+    names: dict[int, list[str]] = {}
+    for name, t in [*slim.named_parameters(remove_duplicate=False), *slim.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
     changed = set()
     for param, dims in cuts.items():
         if param not in state:
             continue
+        aliases = names.get(id(state[param]), [param])
         if param not in done:
-            _assign(slim, param, _sliced(state[param], dims))
-        changed.add(param.rpartition(".")[0])
+            _assign(slim, aliases, _sliced(state[param], dims))
+        changed.update(a.rpartition(".")[0] for a in aliases)
     return changed
+
+
+def _freeze_widths(graph: torch.fx.Graph, dg: DependencyGraph, modules: dict[str, torch.nn.Module]) -> None:
+    """Numbers computed from channel widths (``x.size(1)``, ``C ** -0.5``) keep their original
+    values where they meet tensors, as the masked original computes them; only the size
+    arguments of shape-rewriting rules (``kind=SHAPE``) follow the slim widths."""
+    widths = dg.width_values
+    if not widths:
+        return
+    for node in graph.nodes:
+        if node.name in widths or node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        used = {a: a.meta["shape"] for a in node.all_input_nodes if a.name in widths}
+        if not used:
+            continue
+        rule = find_rule(node, modules.get(node.target) if node.op == "call_module" else None)
+        if rule is not None and rule.kind == SHAPE:
+            continue
+        node.args = torch.fx.node.map_arg(node.args, lambda a, used=used: used.get(a, a))
+        node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a, used=used: used.get(a, a))
+    for node in reversed(list(graph.nodes)):  # size queries nothing reads any more
+        if not node.users and (node.name in widths or node.name in dg.width_axes):
+            graph.erase_node(node)
 
 
 def _drop_vanished(graph: torch.fx.Graph, vanished: set[str], modules: dict[str, torch.nn.Module]) -> None:
@@ -300,7 +187,8 @@ def _drop_vanished(graph: torch.fx.Graph, vanished: set[str], modules: dict[str,
     for node in graph.nodes:
         if node.name in vanished or node.op != "call_function":
             continue
-        if node.target in CAT_TARGETS and any(
+        rule = find_rule(node, None)
+        if rule is not None and rule.kind == CONCAT and isinstance(node.args[0], (list, tuple)) and any(
                 isinstance(t, torch.fx.Node) and t.name in vanished for t in node.args[0]):
             kept = [t for t in node.args[0] if not (isinstance(t, torch.fx.Node) and t.name in vanished)]
             node.args = (kept,) + tuple(node.args[1:])
@@ -311,27 +199,16 @@ def _drop_vanished(graph: torch.fx.Graph, vanished: set[str], modules: dict[str,
         graph.eliminate_dead_code(is_impure_node=lambda n: _has_effect(n, modules))
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul}
-
-
 def _has_effect(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     """Whether dead-code elimination must keep ``node`` although nothing reads its output:
-    fx's impure nodes, and in-place operations (``nn.ReLU(inplace=True)``, ``x.relu_()``,
-    ``torch.relu_``, ``x += y``), which change a tensor that other nodes read."""
-    if node.kwargs.get("inplace") is True:
-        return True
+    fx's impure nodes, and in-place operations, which change a tensor that other nodes read."""
+    module = modules.get(node.target) if node.op == "call_module" else None
     if node.op == "call_module":  # fx's own purity check needs a GraphModule; the graph has none yet
-        module = modules.get(node.target)
-        return getattr(module, "_is_impure", False) is True or getattr(module, "inplace", False) is True
-    if node.is_impure():
+        if getattr(module, "_is_impure", False) is True:
+            return True
+    elif node.is_impure():
         return True
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
-        return True
-    return node.op in ("call_method", "call_function") and isinstance(name, str) \
-        and name.endswith("_") and not name.endswith("__")
+    return is_inplace(node, module)
 
 
 def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, check: bool = True) -> torch.fx.GraphModule:
@@ -345,24 +222,24 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     plan.validate(dg)
     dg.check_model(model)
-    removed = dg.removed_classes(plan)
-    vanished, problems = dg.vanish_blockers(removed)
+    removal = Removal(dg, plan)
+    vanished, problems = removal.vanished, removal.problems
     if problems:
         raise PlanError("the plan empties layers whose outputs are still needed: "
                         + "; ".join(problems[:5]) + ". Keep at least one channel in those groups")
 
-    cuts = _cuts(dg, removed)
+    cuts = removal.cuts()
     presliced = _presliced(model, cuts)
-    slim = _empty_graph_module(model, type(model).__name__ + "Slim")
-    _copy_targets(model, dg, slim, replace=presliced)
+    slim = empty_graph_module(model, type(model).__name__ + "Slim")
+    copy_targets(model, dg, slim, replace=presliced)
     graph = copy.deepcopy(dg.gm.graph)
     changed = _slice_state(slim, cuts, done=presliced)
     # a module is touched when it or a submodule of it holds a sliced tensor
     touched_modules = {".".join(c.split(".")[:i]) for c in changed for i in range(1, c.count(".") + 2)}
     modules = dict(slim.named_modules())
-    rw = RewriteContext(dg, removed, modules)
-    rw.slim = slim
+    rw = RewriteContext(removal, modules, slim)
     try:
+        _freeze_widths(graph, dg, modules)
         for node in list(graph.nodes):
             if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):
                 continue
@@ -370,6 +247,7 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
             rule = find_rule(node, module)
             if rule is None:
                 continue
+            rw.rule = rule
             touched = module is not None and node.target in touched_modules
             if rule.resize is not None and touched:
                 rule.resize(module)
@@ -377,14 +255,18 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
                 rule.patch(rw, node)
         _drop_vanished(graph, vanished, modules)
         graph.lint()
-        _set_graph(slim, graph)  # code is generated once, for the final graph
+        set_graph(slim, graph)  # code is generated once, for the final graph
         if vanished:
             slim.delete_all_unused_submodules()
     except (PlanError, RewriteError):
         raise
     except Exception as exc:  # a rule's patch failed: report the node, not the internals
         raise RewriteError(f"could not rewrite the graph for this plan: {type(exc).__name__}: {exc}") from exc
-    slim.meta["graphprune"] = {"plan": plan.to_json(), "build": dict(getattr(dg, "build_options", {}))}
+    meta, step = getattr(model, "meta", None), {"plan": plan.to_json(), "build": dict(getattr(dg, "build_options", {}))}
+    prev = meta.get("graphprune") if isinstance(meta, dict) and isinstance(meta.get("graphprune"), dict) else {}
+    slim.meta["graphprune"] = {**copy.deepcopy({k: prev[k] for k in ("origin", "inputs") if k in prev}), **step,
+                               "plans": [*prev.get("plans", ()), step["plan"]],  # a slim input's chain goes on
+                               "builds": [*prev.get("builds", ()), step["build"]]}
     if check:
         _check_runs(slim, dg)
     return slim
@@ -419,6 +301,3 @@ def _flat(s: Any) -> list:
     if isinstance(s, (tuple, list)):
         return [x for item in s for x in _flat(item)]
     return [s]
-
-
-__all__ += ["RewriteContext", "iter_arrays"]

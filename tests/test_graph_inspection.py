@@ -1,131 +1,16 @@
-"""Inspecting a dependency graph (describe, networkx, DOT, JSON) and what tracing records."""
+"""graphprune.tracing: what tracing records (node shapes, the user's model and state left as they were)."""
 
 from __future__ import annotations
 
-import json
-import re
-
-import networkx as nx
 import pytest
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
+from helpers import Block
 
 import graphprune as gp
 
-
-class Block(nn.Module):
-    """Residual block, a concat and a pinned branch: groups of several kinds."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.a = nn.Conv2d(8, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 1)
-        self.c = nn.Conv2d(8, 6, 1)
-        self.head = nn.Linear(10, 3)
-
-    def forward(self, x):
-        y = F.relu(self.bn(self.stem(x)))
-        y = y + self.a(y)
-        z = torch.cat([self.b(y), torch.cumsum(self.c(y), 1)], dim=1)
-        return self.head(z.mean((2, 3)))
-
-
 X = torch.randn(2, 3, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def dg():
-    return gp.DependencyGraph.build(Block().eval(), X)
-
-
-def test_groups_of_the_fixture_model_are_varied(dg):
-    # the inspection tests below need prunable and unprunable groups
-    assert any(g.prunable for g in dg.groups) and any(not g.prunable for g in dg.groups)
-    assert [g.id for g in dg.groups] == list(range(len(dg.groups)))
-
-
-def test_describe_has_one_row_per_group(dg):
-    text = dg.describe()
-    assert isinstance(text, str)
-    rows = {}
-    for line in text.splitlines():
-        m = re.match(r"\s*(\d+)\s+(\d+)\s+(.*)$", line)
-        if m:
-            rows.setdefault(int(m.group(1)), []).append((int(m.group(2)), m.group(3)))
-    assert sorted(rows) == [g.id for g in dg.groups]
-    for g in dg.groups:
-        [(size, rest)] = rows[g.id]
-        assert size == g.size
-        if g.prunable:
-            assert "yes" in rest
-        else:
-            assert g.reason and g.reason[:40] in rest
-
-
-def test_to_networkx(dg):
-    graph = dg.to_networkx()
-    assert isinstance(graph, nx.Graph)
-    groups = [n for n, d in graph.nodes(data=True) if d.get("kind") == "group"]
-    tensors = {n for n, d in graph.nodes(data=True) if d.get("kind") == "tensor"}
-    assert len(groups) == len(dg.groups)
-    params = {m.param for g in dg.groups for m in g.members}
-    assert params <= tensors
-    sizes = sorted(graph.nodes[n]["size"] for n in groups)
-    assert sizes == sorted(g.size for g in dg.groups)
-    # every member is an edge from its group's node to its tensor, with the sliced axis
-    for g in dg.groups:
-        node = _group_node(graph, g)
-        assert graph.nodes[node]["prunable"] == g.prunable
-        for m in g.members:
-            assert m.param in graph[node]
-            assert _edge_dims(graph, node, m.param) <= {mm.dim for mm in g.members if mm.param == m.param}
-
-
-def _group_node(graph, g):
-    params = {m.param for m in g.members}
-    found = [n for n, d in graph.nodes(data=True) if d.get("kind") == "group"
-             and d["size"] == g.size and set(graph.neighbors(n)) == params]
-    assert len(found) == 1, g.id
-    return found[0]
-
-
-def _edge_dims(graph, u, v):
-    data = graph.get_edge_data(u, v)
-    items = data.values() if graph.is_multigraph() else [data]
-    dims = set()
-    for d in items:
-        dims |= set(d["dims"]) if "dims" in d else {d["dim"]}
-    return dims
-
-
-def test_to_networkx_keeps_every_axis_a_group_owns(dg):
-    graph = dg.to_networkx()
-    g = next(g for g in dg.groups if {("a.weight", 0), ("a.weight", 1)} <= {(m.param, m.dim) for m in g.members})
-    assert _edge_dims(graph, _group_node(graph, g), "a.weight") == {0, 1}
-
-
-def test_to_dot(dg):
-    dot = dg.to_dot()
-    assert dot.lstrip().startswith(("graph", "digraph", "strict"))
-    assert dot.count("{") == dot.count("}") >= 1
-    assert dot.rstrip().endswith("}")
-    assert dot.count('"') % 2 == 0
-    for g in dg.groups:
-        assert re.search(rf"group\s*{g.id}\b", dot)
-    for param in {m.param for g in dg.groups for m in g.members}:
-        assert param in dot
-
-
-def test_to_json(dg):
-    data = json.loads(dg.to_json())
-    assert isinstance(data, list) and len(data) == len(dg.groups)
-    for item, g in zip(data, dg.groups, strict=True):
-        assert (item["id"], item["size"], item["prunable"]) == (g.id, g.size, g.prunable)
-        assert {m["param"] for m in item["members"]} == {m.param for m in g.members}
 
 
 def _interpret(gm, *inputs):

@@ -1,4 +1,4 @@
-"""Plan selection: scopes, floors, rounding, targets, ignore lists, iterative pruning."""
+"""graphprune.select: scopes, floors, rounding, MACs/params targets and ignore lists."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import graphprune as gp
-from graphprune.plan import CountEstimator
 
 
 def _two_layer() -> tuple[nn.Module, torch.Tensor, gp.DependencyGraph]:
@@ -120,17 +119,6 @@ def test_bad_arguments_and_scores(resnet20) -> None:
     assert 0 not in gp.select(dg, partial, 0.5)
 
 
-def test_count_estimator_matches_exact_counts(resnet20) -> None:
-    for model, x, dg in (resnet20, (*gp.zoo.create("densenet"), None)):
-        dg = dg or gp.DependencyGraph.build(model, x)
-        est = CountEstimator(dg)
-        before = gp.count(model, x)
-        assert est.counts({}) == (before.params, before.macs)
-        plan = gp.select(dg, gp.score("random", model, dg, seed=1), 0.6)
-        after = gp.count(gp.apply(model, dg, plan), x)
-        assert est.counts(plan) == (after.params, after.macs)
-
-
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "inception"])
 def test_macs_and_params_targets_are_hit_within_one_percent(name: str) -> None:
     model, x = gp.zoo.create(name)
@@ -151,56 +139,6 @@ def test_macs_target_keeps_split_channels_valid() -> None:
     plan = gp.select(dg, gp.score("l2", model, dg), 0.7, target="macs", scope="global", normalize="mean")
     slim = gp.apply(model, dg, plan)
     assert abs(1 - gp.count(slim, x).macs / gp.count(model, x).macs - 0.7) <= 0.01
-
-
-def test_prune_with_targets_rounding_and_scope(resnet20) -> None:
-    model, x, _ = resnet20
-    r = gp.prune(model, x, "l1", 0.5, target="macs", scope="global", normalize="mean")
-    assert abs(1 - r.after.macs / r.before.macs - 0.5) <= 0.01
-    r = gp.prune(model, x, "l1", 0.5, round_to=4)
-    for g in r.graph.groups:
-        if g.id in r.plan:
-            assert (g.size - len(r.plan[g.id])) % 4 == 0
-
-
-def test_iterative_pruning_rescores_and_calls_back(resnet20) -> None:
-    model, x, _ = resnet20
-    seen = []
-
-    def callback(slim, step):
-        seen.append((step, gp.count(slim, x).macs))
-
-    r = gp.prune(model, x, "l2", 0.6, target="macs", scope="global", steps=3, callback=callback)
-    assert [s for s, _ in seen] == [1, 2, 3]
-    macs = [m for _, m in seen]
-    assert macs[0] > macs[1] > macs[2] == r.after.macs
-    for i, m in enumerate(macs, 1):  # each step removes its share of the original MACs
-        assert abs(1 - m / r.before.macs - 0.6 * i / 3) <= 0.01
-    assert len(r.history) == 3
-    # the composed plan, applied in one go to the original model, gives the same network
-    again = gp.apply(model, r.graph, r.plan)
-    assert gp.count(again, x) == r.after
-    with torch.no_grad():
-        assert torch.allclose(again(*x), r.model(*x), atol=1e-5)
-
-
-def test_iterative_channel_ratio_and_replacing_callback(resnet20) -> None:
-    model, x, dg = resnet20
-    marker = []
-
-    def finetune(slim, step):
-        with torch.no_grad():
-            slim.fc.bias.add_(1.0)  # stands in for training
-        marker.append(step)
-        return slim
-
-    r = gp.prune(model, x, "l1", 0.5, steps=2, callback=finetune, ignore=["conv1"])
-    assert marker == [1, 2]
-    assert torch.allclose(r.model.fc.bias, model.fc.bias + 2.0)
-    one = gp.prune(model, x, "l1", 0.5, ignore=["conv1"])
-    assert abs(one.after.params - r.after.params) <= 0.05 * one.after.params
-    group0 = next(g.id for g in dg.groups if any(m.param == "conv1.weight" for m in g.members))
-    assert group0 not in r.plan
 
 
 def test_unreachable_target_warns(resnet20) -> None:

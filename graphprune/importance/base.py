@@ -32,6 +32,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from graphprune.errors import GraphPruneError, InputError, LossError
+from graphprune.rules.base import is_inplace
 from graphprune.tracing import eval_mode
 
 __all__ = [
@@ -172,21 +173,6 @@ def normalize_scores(scores: Mapping[int, np.ndarray], how: str | bool | None) -
 
 
 # --- ablations ---------------------------------------------------------------------------------------
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
-
-
-def _inplace(node: torch.fx.Node, modules: Mapping[str, torch.nn.Module]) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(modules.get(str(node.target)), "inplace", False))
-    if node.op == "call_method":
-        return str(node.target).endswith("_") and not str(node.target).startswith("_")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace")) or (
-            name.endswith("_") and not name.startswith("_"))
-    return False
-
-
 def group_axes(dg: Any, gid: int, labels: Any, shape: Any) -> list[tuple[int, np.ndarray]]:
     """``(dim, channel per position or -1)`` for each axis of a tensor carrying group ``gid``."""
     if not isinstance(shape, torch.Size) or not isinstance(labels, tuple) or type(labels) is not tuple:
@@ -260,7 +246,8 @@ class Ablator:
             env[n] = out
         self.prefix = torch.fx.GraphModule(gm, prefix)
         self.suffix = torch.fx.GraphModule(gm, suffix)
-        self.copy_live = any(_inplace(n, modules) for n in nodes[cut:])
+        self.copy_live = any(is_inplace(n, modules.get(n.target) if n.op == "call_module" else None)
+                             for n in nodes[cut:])
 
         self.batches = batches
         self.total = float(sum(b[2] for b in batches))

@@ -1,8 +1,9 @@
 """Normalisation scale (network slimming, Liu et al. ICCV 2017): ``|gamma|`` per channel.
 
 A channel's score is the mean ``|gamma|`` over the normalisation layers of its group
-(BatchNorm, InstanceNorm, GroupNorm and LayerNorm with per-channel affine weights; a
-residual group holds one per branch). Groups without such a layer are not scored, so
+(the ``weight`` operands of ops whose rule is a ``NORM``: BatchNorm, InstanceNorm,
+GroupNorm, LayerNorm and RMSNorm with per-channel affine weights, module or functional;
+a residual group holds one per branch). Groups without such a layer are not scored, so
 selection leaves them whole.
 """
 
@@ -13,15 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from graphprune.errors import InputError
+from graphprune.rules.base import NORM
 
 __all__ = ["bn_scale"]
-
-NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
-
 
 def bn_scale(model: torch.nn.Module, dg: Any, *, reduce: str = "mean", **_: Any) -> dict[int, np.ndarray]:
     """Mean (or ``reduce="sum"``/``"max"``) ``|gamma|`` of each channel's norm layers.
@@ -36,16 +33,14 @@ def bn_scale(model: torch.nn.Module, dg: Any, *, reduce: str = "mean", **_: Any)
     """
     if reduce not in ("mean", "sum", "max"):
         raise InputError(f"bn_scale: reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
-    modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     scores: dict[int, np.ndarray] = {}
     for g in dg.groups:
         if not g.prunable:
             continue
         rows = []
-        for m in g.members:
-            owner, _, attr = m.param.rpartition(".")
-            if attr != "weight" or not isinstance(modules.get(owner), NORMS) or m.param not in params:
+        for m in dg.operand_members(g, NORM, "weight"):
+            if m.param not in params:
                 continue
             w = params[m.param].detach().double()
             if w.dim() != 1:

@@ -1,10 +1,37 @@
-"""Op rules: one small function per op family, looked up by module type, function or method.
+"""The op table: one ``Rule`` per op family, registered in the family's own file.
 
-Importing this package registers the built-in rules. Register your own with
-``graphprune.rules.register`` (see ``docs/extending.md``).
+Importing this package registers the built-in rules. Each family file registers the
+module, functional and ATen forms of its ops and says, in its docstring, what its ops
+do to values along channel axes:
+
+=================  =================================================================
+``pointwise``      activations, dropout, casts, broadcasting arithmetic
+``conv``           convolutions: plain, grouped, depthwise, transposed
+``linear``         nn.Linear, F.linear, nn.Bilinear, matrix products
+``norm``           BatchNorm, InstanceNorm, LayerNorm, RMSNorm, GroupNorm
+``attention``      nn.MultiheadAttention, scaled dot-product attention
+``pool``           pooling, upsampling, padding
+``reduce``         sum, mean, max, var, norm, softmax along an axis
+``shape``          view/reshape/flatten, permute, expand, pixel shuffle, size queries
+``join``           cat, stack, split, chunk, unbind
+``index``          indexing, ATen slice/select, roll, flip
+=================  =================================================================
+
+Register your own with ``graphprune.rules.register`` (see ``docs/extending.md``).
 """
 
-from graphprune.rules import layers, pointwise, shape, tensor_ops  # noqa: F401  (registration)
-from graphprune.rules.base import Multi, Rule, find_rule, register
+from graphprune.rules import (  # noqa: F401  (registration)
+    attention,
+    conv,
+    index,
+    join,
+    linear,
+    norm,
+    pointwise,
+    pool,
+    reduce,
+    shape,
+)
+from graphprune.rules.base import Multi, Operands, Rule, find_rule, register
 
-__all__ = ["Multi", "Rule", "find_rule", "register"]
+__all__ = ["Multi", "Operands", "Rule", "find_rule", "register"]

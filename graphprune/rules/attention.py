@@ -1,22 +1,39 @@
-"""nn.MultiheadAttention: heads or per-head dims, consistently in q, k, v and out_proj."""
+"""Attention: nn.MultiheadAttention (and its slim form) and scaled dot-product attention.
+
+Channel flow: q, k and v share their batch and head axes; q and k share their last
+(per-head) axis; the output has v's last axis. ``nn.MultiheadAttention``'s in_proj rows
+factor into (q|k|v, head, head dim) and out_proj reads (head, head dim). Values are
+mixed along the per-head axis of q and k (a dot product: exact, a removed channel adds
+zero) and the softmax runs over tokens, not channels. The one width read as a value is
+the softmax scale ``1 / sqrt(head dim)``: the rewrite keeps the original scale.
+"""
 
 from __future__ import annotations
 
-import torch.nn as nn
+import math
 
-from graphprune.graph import unlabelled
+import torch.nn as nn
+import torch.nn.functional as F
+
 from graphprune.modules import SlimMultiheadAttention, original_scale
-from graphprune.rules.base import Multi, arg, register
+from graphprune.rules.base import Multi, Operands, arg, aten_ops, register, unlabelled
+from graphprune.rules.linear import tie_batch
 
 
 def _mha_patch(rw, node):
-    """Replace a pruned MultiheadAttention by an equivalent SlimMultiheadAttention."""
+    """Give a pruned attention module its slim widths, in a SlimMultiheadAttention when
+    ``nn.MultiheadAttention`` cannot express them."""
     info = rw.info(node)
     module = rw.module(node)
-    if not info or isinstance(module, SlimMultiheadAttention):
+    if not info:
         return
     heads = int(rw.keep(info["heads"]).sum())
     head_dim = int(rw.keep(info["head_dim"]).sum())
+    if isinstance(module, SlimMultiheadAttention):
+        module.num_heads, module.head_dim = heads, head_dim
+        module.in_dim, module.out_dim = module.in_proj_weight.shape[1], module.out_proj.weight.shape[0]
+        module.out_proj.in_features, module.out_proj.out_features = heads * head_dim, module.out_dim
+        return
     unchanged = (module.in_proj_weight.shape[1] == module.embed_dim
                  and module.out_proj.weight.shape == (module.embed_dim, module.embed_dim)
                  and heads == module.num_heads and head_dim * heads == module.embed_dim)
@@ -25,38 +42,92 @@ def _mha_patch(rw, node):
             module, heads, head_dim, info["scale"]))
 
 
-@register(nn.MultiheadAttention, patch=_mha_patch)
+def _mha_macs(shapes, node, module, rule) -> int:
+    """Projections plus ``q k^T`` and ``attn v``, from the projection weights' shapes."""
+    q = shapes.of(node.args[0])
+    k = shapes.of(arg(node, 1, "key"))
+    w_in = shapes.param(f"{node.target}.in_proj_weight")
+    w_out = shapes.param(f"{node.target}.out_proj.weight")
+    if q is None or k is None or w_in is None or w_out is None:
+        return 0
+    inner, e_in, e_out = w_in[0] // 3, w_in[1], w_out[0]
+    first = 1 if module.batch_first else 0
+    n_q, n_k, batch = q[first], k[first], q[1 - first]
+    proj = batch * (n_q + 2 * n_k) * e_in * inner + batch * n_q * inner * e_out
+    return proj + 2 * batch * n_q * n_k * inner
+
+
+@register(nn.MultiheadAttention, SlimMultiheadAttention, patch=_mha_patch, macs=_mha_macs,
+          operands=Operands(weight="in_proj_weight", bias="in_proj_bias"))
 def multihead_attention(ctx, node, module):
     """in_proj rows factor into (q|k|v, head, head dim); out_proj reads (head, head dim)."""
     name = node.target
     inputs = [arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
-    supported = (module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn)
+    slim = isinstance(module, SlimMultiheadAttention)
+    supported = slim or (module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn)
     if not supported:
         reason = f"{ctx.describe_node()} uses kdim/vdim, bias_kv or add_zero_attn"
         for x in inputs:
             ctx.pin_all(ctx.labels(x), reason)
         return unlabelled(ctx.shape(node))
-    e, h = module.embed_dim, module.num_heads
+    if slim:
+        e_in, h, hd, e_out = module.in_dim, module.num_heads, module.head_dim, module.out_dim
+    else:
+        e_in = e_out = module.embed_dim
+        h, hd = module.num_heads, module.embed_dim // module.num_heads
     reason = f"input of {ctx.describe_node()} is not a channel axis"
     cols = ctx.module_param(name, "in_proj_weight", 1, "in")
     for x in inputs:
         lab = ctx.labels(x)
-        ctx.couple([cols, lab[-1] if lab else None], e, reason)
+        ctx.couple([cols, lab[-1] if lab else None], e_in, reason)
     rows = ctx.module_param(name, "in_proj_weight", 0, "out")
     bias = ctx.module_param(name, "in_proj_bias", 0, "pass")
     if bias is not None:
-        ctx.couple([rows, bias], 3 * e, reason)
-    which, heads, head_dim = ctx.factorize(rows.reshape(3, h, e // h))
+        ctx.couple([rows, bias], 3 * h * hd, reason)
+    which, heads, head_dim = ctx.factorize(rows.reshape(3, h, hd))
     ctx.pin(which, f"{ctx.describe_node()}: q, k and v blocks are kept")
     ctx.mark_heads(heads)
     inner = ctx.compose([heads, head_dim]).reshape(-1)
-    ctx.couple([ctx.module_param(f"{name}.out_proj", "weight", 1, "in"), inner], e, reason)
+    ctx.couple([ctx.module_param(f"{name}.out_proj", "weight", 1, "in"), inner], h * hd, reason)
     out = ctx.module_param(f"{name}.out_proj", "weight", 0, "out")
     out_bias = ctx.module_param(f"{name}.out_proj", "bias", 0, "pass")
     if out_bias is not None:
-        ctx.couple([out, out_bias], e, reason)
-    ctx.node_info[node.name] = {"heads": heads, "head_dim": head_dim, "scale": original_scale(module)}
+        ctx.couple([out, out_bias], e_out, reason)
+    scale = module.scale if slim else original_scale(module)
+    ctx.node_info[node.name] = {"heads": heads, "head_dim": head_dim, "scale": scale}
     q_labels = ctx.labels(inputs[0])
     shapes = ctx.shape(node)
     attn_out = (tuple(q_labels[:-1]) if q_labels else (None,) * (len(shapes[0]) - 1)) + (out,)
     return Multi([attn_out, unlabelled(shapes[1])])
+
+
+def _sdpa_patch(rw, node):
+    """Keep the softmax scale of the original head dim when head dims are pruned."""
+    if rw.operand(node, "scale") is None:
+        q = node.args[0]
+        rw.set_operand(node, "scale", 1.0 / math.sqrt(rw.old_shape(q)[-1]))
+
+
+def _sdpa_macs(shapes, node, module, rule) -> int:
+    """``q k^T`` and ``attn v``: ``prod(q[:-1]) * n_k * (d_qk + d_v)``."""
+    q, v = shapes.of(node.args[0]), shapes.of(node.args[2])
+    if q is None or v is None:
+        return 0
+    return math.prod(q[:-1]) * v[-2] * (q[-1] + v[-1])
+
+
+@register(F.scaled_dot_product_attention, *aten_ops("scaled_dot_product_attention.default"),
+          patch=_sdpa_patch, macs=_sdpa_macs, operands=Operands(scale=6))
+def scaled_dot_product_attention(ctx, node, module):
+    """softmax(q k^T) v: q and k share their last axis; q, k, v share batch/head axes."""
+    q, k, v = node.args[:3]
+    sq, sk, sv = ctx.shape(q), ctx.shape(k), ctx.shape(v)
+    lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)
+    reason = f"attention axis mixed with a non-channel axis in {ctx.describe_node()}"
+    ctx.couple([lq[-1], lk[-1]], sq[-1], reason)
+    out_shape = ctx.shape(node)
+    batch = tie_batch(ctx, [(sq[:-2], lq[:-2]), (sk[:-2], lk[:-2]), (sv[:-2], lv[:-2])],
+                      out_shape[:-2], reason)
+    for lab in batch:
+        ctx.mark_heads(lab)
+    return tuple(batch) + (lq[-2], lv[-1])

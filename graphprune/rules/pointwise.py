@@ -1,4 +1,9 @@
-"""Ops that keep every axis: activations, dropout, identity, elementwise arithmetic."""
+"""Ops that keep every axis: activations, dropout, identity, casts, elementwise arithmetic.
+
+Channel flow: output channel ``i`` is input channel ``i``. Broadcasting arithmetic ties
+axes of equal size channel by channel (an axis of size 1 broadcasts). These ops mix
+no values across positions and read no channel count, so removal is exact.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import register
+from graphprune.rules.base import aten_ops, register
 
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -22,17 +27,26 @@ _ACTIVATION_FUNCTIONS = (
     F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign,
     F.logsigmoid, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg,
-    torch.sqrt, torch.square, torch.clamp, torch.clip, torch.sign, torch.log,
+    torch.sqrt, torch.square, torch.sign, torch.log,
     torch.nn.functional.threshold, operator.neg, operator.pos, torch.clone,
 )
 _ACTIVATION_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt",
-    "square", "clamp", "clamp_", "clip", "sign", "log", "contiguous", "clone", "detach",
+    "square", "sign", "log", "contiguous", "clone", "detach",
     "float", "double", "to", "type_as", "requires_grad_", "hardswish", "silu",
+)
+_ACTIVATION_ATEN = aten_ops(
+    "relu.default", "relu_.default", "relu6.default", "gelu.default", "silu.default",
+    "silu_.default", "sigmoid.default", "sigmoid_.default", "tanh.default", "hardswish.default",
+    "hardswish_.default", "hardsigmoid.default", "hardtanh.default", "hardtanh_.default",
+    "leaky_relu.default", "elu.default", "mish.default", "dropout.default", "dropout_.default",
+    "feature_dropout.default", "clone.default",
+    "detach.default", "alias.default", "abs.default", "exp.default", "neg.default",
+    "sqrt.default", "contiguous.default", "_to_copy.default", "to.dtype",
 )
 
 
-@register(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, *_ACTIVATION_METHODS)
+@register(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, *_ACTIVATION_METHODS, *_ACTIVATION_ATEN)
 def pointwise(ctx, node, module):
     """Output channels are the input's channels, position by position."""
     return ctx.labels(node.args[0])
@@ -52,33 +66,41 @@ def prelu(ctx, node, module):
         return labels[:1] + (coupled,) + labels[2:]
     return labels
 
+
 _BINARY = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
     operator.isub, operator.imul, operator.itruediv, operator.floordiv, operator.pow,
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div,
     torch.divide, torch.true_divide, torch.maximum, torch.minimum, torch.where, torch.pow,
-    torch.lerp, torch.addcmul,
+    torch.lerp, torch.addcmul, torch.clamp, torch.clip,
 )
 _BINARY_METHODS = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum",
-    "minimum", "where", "masked_fill", "lerp",
+    "minimum", "where", "masked_fill", "lerp", "clamp", "clamp_", "clip",
+)
+_BINARY_ATEN = aten_ops(
+    "add.Tensor", "add_.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor",
+    "mul_.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar", "pow.Tensor_Scalar",
+    "maximum.default", "minimum.default", "where.self", "clamp.default", "clamp.Tensor", "clamp_min.default",
+    "clamp_max.default",
 )
 
 
-@register(*_BINARY, *_BINARY_METHODS)
+@register(*_BINARY, *_BINARY_METHODS, *_BINARY_ATEN)
 def elementwise(ctx, node, module):
     """Broadcasting arithmetic: axes of equal size are tied channel by channel.
 
-    An axis of size 1 broadcasts (a squeeze-excitation gate of shape [N, C, 1, 1]
+    Every tensor argument counts, positional or keyword (``torch.clamp(x, min=lo)``
+    with a per-channel ``lo`` ties ``lo``'s channels to ``x``'s). An axis of size 1 broadcasts (a squeeze-excitation gate of shape [N, C, 1, 1]
     ties only its channel axis). Ints from ``x.size()`` pass through untouched.
     """
     out_shape = ctx.shape(node)
-    if not isinstance(out_shape, torch.Size):
+    if not isinstance(out_shape, torch.Size):  # arithmetic on numbers: a width stays a width
+        if any(ctx.is_width(a) for a in (*node.args, *node.kwargs.values())):
+            ctx.mark_width(node)
         return None
     tensors = [a for a in (*node.args, *node.kwargs.values())
                if isinstance(a, torch.fx.Node) and isinstance(ctx.shape(a), torch.Size)]
-    if node.target == "expand_as":
-        tensors = tensors[:1]
     ndim = len(out_shape)
     reason = f"combined with a non-channel axis in {ctx.describe_node()}"
     labels = []

@@ -1,222 +1,26 @@
-"""Ops that move, join, cut or reduce axes: pooling, resize, cat, split, indexing,
-reshape/flatten/view, permute, reductions, softmax, shape queries."""
+"""Ops that reshape or move axes: view/reshape/flatten/unflatten/squeeze, permute/transpose,
+expand/repeat, pixel (un)shuffle, and shape queries.
+
+Channel flow: labels follow their axis through a permutation; through a reshape they
+are carried by matching runs of axes with equal products (a flatten into a Linear
+repeats each channel over a block; splitting a channel axis factorises it, as for
+attention heads, so that one factor can be pruned and the others kept whole). The
+slim graph's literal and computed sizes of channel axes become the slim widths
+(``kind=SHAPE``: these rules rewrite their size arguments). No values are mixed. A
+shape query (``x.size(1)``) reads a width as a number: where that number meets
+tensors, the slim graph keeps its original value (see ``shape_query``).
+"""
 
 from __future__ import annotations
 
 import builtins
-import operator
 
 import numpy as np
 import torch
-import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import Multi, arg, as_array, register, target_name
-
-# --- pooling and resizing: leading axes pass, spatial axes are new ------------------------
-
-
-def _spatial(n_spatial: int | None):
-    def build(ctx, node, module):
-        labels = ctx.labels(node.args[0] if node.args else node.kwargs.get("input"))
-        out_shape = ctx.shape(node)
-        if labels is None or not isinstance(out_shape, torch.Size):
-            return None
-        k = n_spatial if n_spatial is not None else max(len(out_shape) - 2, 0)
-        keep = len(out_shape) - k
-        return tuple(labels[:keep]) + (None,) * k
-    build.__name__ = f"spatial{n_spatial or ''}d"
-    return build
-
-
-for _k, _mods, _fns in (
-    (1, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d),
-     (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)),
-    (2, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d),
-     (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)),
-    (3, (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
-     (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d)),
-):
-    register(*_mods, *_fns)(_spatial(_k))
-register(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate,
-         F.upsample, F.upsample_nearest, F.upsample_bilinear)(_spatial(None))
-
-
-@register(F.pad)
-def pad(ctx, node, module):
-    """Padding of spatial axes keeps channels; padding a channel axis pins it."""
-    labels = ctx.labels(node.args[0])
-    widths = arg(node, 1, "pad", ())
-    n = len(widths) // 2
-    out = list(labels)
-    for d in range(len(out) - n, len(out)):
-        ctx.pin(out[d], f"{ctx.describe_node()} pads a channel axis")
-        out[d] = None
-    return tuple(out)
-
-
-# --- joining and cutting ----------------------------------------------------------------
-
-
-def _dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
-
-@register(torch.cat, torch.concat, torch.concatenate)
-def cat(ctx, node, module):
-    """Channels of the inputs sit side by side along ``dim``; other axes are tied."""
-    tensors = list(arg(node, 0, "tensors"))
-    out_shape = ctx.shape(node)
-    d = _dim(arg(node, 1, "dim", 0), len(out_shape))
-    labels = [ctx.labels(t) for t in tensors]
-    out = []
-    reason = f"joined with a non-channel axis by {ctx.describe_node()}"
-    for k, size in enumerate(out_shape):
-        if k == d:
-            parts = [lab[k] for lab in labels]
-            out.append(None if all(p is None for p in parts) else np.concatenate(
-                [as_array(p, ctx.shape(t)[k]) for p, t in zip(parts, tensors)]))
-        else:
-            out.append(ctx.couple([lab[k] for lab in labels], size, reason))
-    return tuple(out)
-
-
-@register(torch.stack)
-def stack(ctx, node, module):
-    tensors = list(arg(node, 0, "tensors"))
-    out_shape = ctx.shape(node)
-    d = _dim(arg(node, 1, "dim", 0), len(out_shape))
-    labels = [ctx.labels(t) for t in tensors]
-    reason = f"stacked with a non-channel axis by {ctx.describe_node()}"
-    tied = [ctx.couple([lab[k] for lab in labels], ctx.shape(tensors[0])[k], reason)
-            for k in range(len(out_shape) - 1)]
-    return tuple(tied[:d]) + (None,) + tuple(tied[d:])
-
-
-def _split_patch(rw, node):
-    """Rewrite split/chunk as ``torch.split`` with the surviving size of every piece."""
-    x = node.args[0]
-    old = rw.old_shape(node)
-    ndim = len(old[0])
-    d = _split_dim(node, ndim)
-    pieces = rw.labels(node)
-    if all(p[d] is None for p in pieces):
-        return
-    sizes = [int(rw.keep(p[d]).sum()) if p[d] is not None else s[d] for p, s in zip(pieces, old)]
-    rw.replace(node, torch.split, (x, sizes), {"dim": d})
-
-
-def _split_dim(node, ndim):
-    return _dim(arg(node, 2, "dim", 0), ndim)
-
-
-@register(torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split",
-          patch=_split_patch)
-def split(ctx, node, module):
-    """Pieces of one axis: each output keeps its slice of the input's labels."""
-    labels = ctx.labels(node.args[0])
-    shapes = ctx.shape(node)
-    d = _split_dim(node, len(shapes[0]))
-    out, offset = [], 0
-    for s in shapes:
-        piece = list(labels)
-        if labels[d] is not None:
-            piece[d] = labels[d][offset:offset + s[d]]
-        offset += s[d]
-        out.append(tuple(piece))
-    return Multi(out)
-
-
-def _index_items(index, ndim):
-    """Expand an index into (input axis or None, item) pairs."""
-    items = list(index) if isinstance(index, tuple) else [index]
-    n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
-    out, d = [], 0
-    for it in items:
-        if it is Ellipsis:
-            for _ in range(ndim - n_real):
-                out.append((d, slice(None)))
-                d += 1
-        elif it is None:
-            out.append((None, None))
-        else:
-            out.append((d, it))
-            d += 1
-    while d < ndim:
-        out.append((d, slice(None)))
-        d += 1
-    return out
-
-
-def _getitem_patch(rw, node):
-    x, index = node.args
-    if not isinstance(x, torch.fx.Node) or isinstance(rw.labels(x), Multi):
-        return
-    labels, shape = rw.labels(x), rw.old_shape(x)
-    if not isinstance(shape, torch.Size):
-        return
-    items = list(index) if isinstance(index, tuple) else [index]
-    new_items, k = [], 0
-    for d, it in _index_items(index, len(shape)):
-        if d is None or labels[d] is None or not isinstance(it, (slice, int)):
-            new_items.append(it)
-            continue
-        keep = rw.keep(labels[d])
-        if isinstance(it, int):
-            new_items.append(int(keep[:it % shape[d]].sum()))
-        else:
-            start, stop, _ = it.indices(shape[d])
-            new_items.append(slice(int(keep[:start].sum()), int(keep[:stop].sum())))
-        k += 1
-    if k:
-        rw.set_arg(node, 1, "index", tuple(new_items) if isinstance(index, tuple) or len(new_items) > 1 else new_items[0])
-    del items
-
-
-@register(operator.getitem, patch=_getitem_patch)
-def getitem(ctx, node, module):
-    """Picking a piece of a split, or slicing a tensor with ints, slices, None, ``...``."""
-    x, index = node.args
-    labels = ctx.labels(x)
-    shape = ctx.shape(x)
-    if isinstance(labels, Multi):
-        return labels[index] if isinstance(index, int) else None
-    if not isinstance(shape, torch.Size):
-        return None
-    out = []
-    for d, it in _index_items(index, len(shape)):
-        if d is None:
-            out.append(None)
-        elif isinstance(it, slice):
-            if labels[d] is not None and it.step not in (None, 1):
-                ctx.pin(labels[d], f"{ctx.describe_node()} slices a channel axis with a step")
-                out.append(None)
-            else:
-                out.append(labels[d][it] if labels[d] is not None else None)
-        elif isinstance(it, int):
-            if labels[d] is not None:
-                k = it % shape[d]
-                ctx.pin(labels[d][k:k + 1], f"{ctx.describe_node()} picks one channel")
-        else:
-            # Advanced indexing (a gather along axis d): the index's axes replace axis d.
-            # Gathering channels would reorder them, so a channel axis is pinned.
-            ctx.pin(labels[d], f"{ctx.describe_node()} gathers channels with a tensor index")
-            index_shape = ctx.shape(it) if isinstance(it, torch.fx.Node) else np.shape(it)
-            if sum(1 for _, x in _index_items(index, len(shape))
-                   if not isinstance(x, (slice, int)) and x is not None) > 1 \
-                    or not isinstance(index_shape, (torch.Size, tuple)):
-                ctx.pin_all(labels, f"{ctx.describe_node()} indexes with several tensors")
-                return tuple(None for _ in ctx.shape(node))
-            out.extend([None] * len(index_shape))
-    out_shape = ctx.shape(node)
-    if len(out) != len(out_shape):
-        ctx.pin_all(labels, f"{ctx.describe_node()} indexes in a way graphprune does not follow")
-        return tuple(None for _ in out_shape)
-    return tuple(out)
-
-
-# --- reshaping ------------------------------------------------------------------------
+from graphprune.rules.base import SHAPE, arg, aten_ops, norm_dim, register, target_name
 
 
 def _runs(in_shape, out_shape):
@@ -306,10 +110,10 @@ def _reshape_patch(rw, node):
     first, sizes, packed = found
     out_labels, new_shape = rw.labels(node), rw.new_shape(node)
     if isinstance(module, nn.Unflatten):
-        d0 = _dim(module.dim, len(new_shape) - len(sizes) + 1)
+        d0 = norm_dim(module.dim, len(new_shape) - len(sizes) + 1)
         axes = range(d0, d0 + len(sizes))
     elif target_name(node) == "unflatten":
-        d0 = _dim(arg(node, 1, "dim"), len(new_shape) - len(sizes) + 1)
+        d0 = norm_dim(arg(node, 1, "dim"), len(new_shape) - len(sizes) + 1)
         axes = range(d0, d0 + len(sizes))
     else:
         if len(sizes) != len(out_labels):
@@ -332,7 +136,9 @@ def _reshape_patch(rw, node):
 
 @register(torch.flatten, torch.reshape, nn.Flatten, nn.Unflatten, torch.squeeze, torch.unsqueeze,
           torch.unflatten, "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten",
-          "view_as", "reshape_as", patch=_reshape_patch)
+          "view_as", "reshape_as", *aten_ops("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
+                   "unflatten.int", "squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default"),
+          patch=_reshape_patch, kind=SHAPE)
 def reshape(ctx, node, module):
     """flatten / view / reshape / squeeze / unsqueeze / unflatten, from recorded shapes."""
     x = node.args[0]
@@ -343,7 +149,8 @@ def reshape(ctx, node, module):
 
 
 @register(torch.permute, torch.transpose, torch.swapaxes, torch.t, "permute", "transpose",
-          "swapaxes", "t", "movedim")
+          "swapaxes", "t", "movedim",
+          *aten_ops("permute.default", "transpose.int", "t.default"))
 def permute(ctx, node, module):
     """Axes are reordered; labels follow their axis."""
     labels = ctx.labels(node.args[0])
@@ -353,78 +160,83 @@ def permute(ctx, node, module):
     if name == "t":
         order = list(range(ndim))[::-1]
     elif name in ("transpose", "swapaxes"):
-        a, b = (_dim(int(v), ndim) for v in rest[:2])
+        a, b = (norm_dim(int(v), ndim) for v in rest[:2])
         order = list(range(ndim))
         order[a], order[b] = order[b], order[a]
     elif name == "movedim":
-        src, dst = _dim(rest[0], ndim), _dim(rest[1], ndim)
+        src, dst = norm_dim(rest[0], ndim), norm_dim(rest[1], ndim)
         order = [d for d in range(ndim) if d != src]
         order.insert(dst, src)
     else:
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
         if not dims:
             dims = arg(node, 1, "dims", ())
-        order = [_dim(int(v), ndim) for v in dims]
+        order = [norm_dim(int(v), ndim) for v in dims]
     return tuple(labels[d] for d in order)
 
 
-# --- reductions and normalisation over an axis --------------------------------------------
-
-
-@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
-          torch.norm, "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm")
-def reduction(ctx, node, module):
-    """Reducing spatial axes keeps channels.
-
-    A sum over channels stays exact (a removed channel adds nothing); a mean, max or
-    variance over channels changes with the channel count, so those channels are
-    marked inexact (hand-written LayerNorm, channel statistics).
-    """
-    labels = ctx.labels(node.args[0])
-    out_shape = ctx.shape(node)
-    if labels is None:
-        return None
-    name = target_name(node)
-    dim_index = 2 if name == "norm" else 1
-    dims = arg(node, dim_index, "dim", None)
-    if dims is None:
-        axes = list(range(len(labels)))
-    else:
-        axes = [_dim(int(d), len(labels)) for d in ([dims] if isinstance(dims, int) else dims)]
-    keepdim = bool(arg(node, dim_index + 1, "keepdim", False))
-    out = []
+@register("expand", "expand_as", "repeat", *aten_ops("expand.default"), patch=_reshape_patch, kind=SHAPE)
+def expand(ctx, node, module):
+    """Broadcast copies: axes that keep their size keep their labels."""
+    labels, in_shape, out_shape = ctx.labels(node.args[0]), ctx.shape(node.args[0]), ctx.shape(node)
+    offset = len(out_shape) - len(in_shape)
+    out = [None] * len(out_shape)
     for d, lab in enumerate(labels):
-        if d in axes:
-            if name != "sum":
-                ctx.inexact(lab, f"{ctx.describe_node()} reduces over channels")
-            if keepdim:
-                out.append(None)
+        if out_shape[d + offset] == in_shape[d]:
+            out[d + offset] = lab
         else:
-            out.append(lab)
-    if not isinstance(out_shape, torch.Size) or len(out) != len(out_shape):
-        return tuple(None for _ in out_shape) if isinstance(out_shape, torch.Size) else None
+            ctx.pin(lab, f"{ctx.describe_node()} repeats a channel axis")
     return tuple(out)
 
 
-@register(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, nn.Softmax, nn.LogSoftmax,
-          "softmax", "log_softmax")
-def softmax(ctx, node, module):
-    """Softmax keeps every axis; over a channel axis the channels become inexact."""
+@register(nn.PixelShuffle, F.pixel_shuffle, *aten_ops("pixel_shuffle.default"))
+def pixel_shuffle(ctx, node, module):
+    """[C r^2, H, W] -> [C, H r, W r]: each output channel owns a block of r^2 inputs."""
     labels = ctx.labels(node.args[0])
-    dim = module.dim if module is not None else arg(node, 1, "dim", None)
-    if dim is None:
-        ctx.pin_all(labels, f"{ctx.describe_node()} normalises without a dim")
-        return tuple(None for _ in labels)
-    d = _dim(dim, len(labels))
-    ctx.inexact(labels[d], f"{ctx.describe_node()} normalises over channels")
-    return labels
+    r = module.upscale_factor if module is not None else arg(node, 1, "upscale_factor")
+    cin = ctx.shape(node.args[0])[-3]
+    lab = labels[-3]
+    if lab is None:
+        return tuple(None for _ in ctx.shape(node))
+    heads = lab[:: r * r]
+    ctx.couple([lab, np.repeat(heads, r * r)], cin, f"{ctx.describe_node()} with unlabelled input")
+    return tuple(labels[:-3]) + (heads, None, None)
+
+
+@register(nn.PixelUnshuffle, F.pixel_unshuffle)
+def pixel_unshuffle(ctx, node, module):
+    labels = ctx.labels(node.args[0])
+    r = module.downscale_factor if module is not None else arg(node, 1, "downscale_factor")
+    lab = labels[-3]
+    return tuple(labels[:-3]) + (None if lab is None else np.repeat(lab, r * r), None, None)
 
 
 @register("size", "dim", "numel", builtins.getattr, builtins.len)
 def shape_query(ctx, node, module):
-    """``x.size(1)``, ``x.shape``: metadata, no channels flow (the value adapts at run time)."""
+    """``x.size(1)``, ``x.shape``, ``x.numel()``, ``len(x)``: numbers read off a tensor.
+
+    A number read off a channel axis is a *width*: the slim graph keeps its original
+    value where it meets tensors (``y.sum(1) / y.size(1)``, ``x.shape[-1] ** -0.5``), as
+    the masked original computes, and the slim width where a reshape reads it as a size
+    (``ctx.mark_width``). Attributes that are tensors (``x.T``) have no rule: pinned.
+    """
     out = ctx.shape(node)
+    labels = ctx.labels(node.args[0])
     if isinstance(out, torch.Size):
-        ctx.pin_all(ctx.labels(node.args[0]), f"{ctx.describe_node()} returns a tensor")
+        ctx.pin_all(labels, f"{ctx.describe_node()} returns a tensor")
         return tuple(None for _ in out)
+    if type(labels) is not tuple:
+        return None
+    widths = [d for d, lab in enumerate(labels) if lab is not None]
+    name = target_name(node)
+    if name == "size":
+        dim = arg(node, 1, "dim")
+        if dim is None:
+            ctx.width_axes[node.name] = widths
+        elif norm_dim(dim, len(labels)) in widths:
+            ctx.mark_width(node)
+    elif name == "getattr" and node.args[1] == "shape":
+        ctx.width_axes[node.name] = widths
+    elif (name == "numel" and widths) or (name == "len" and 0 in widths):
+        ctx.mark_width(node)
     return None

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from graphprune.errors import InputError
+
 Batch = tuple[Any, torch.Tensor]
 Plugin = Callable[[nn.Module], "torch.Tensor | None"]
 
@@ -113,7 +115,7 @@ def make_optimizer(
             return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         if name == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        raise ValueError(f"unknown optimizer {optimizer!r}; use 'sgd', 'adam', 'adamw' or an optimizer class")
+        raise InputError(f"unknown optimizer {optimizer!r}; use 'sgd', 'adam', 'adamw' or an optimizer class")
     return optimizer(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -168,7 +170,7 @@ def finetune(
     elif schedule == "step" and total:
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(total * 0.5), int(total * 0.75)], 0.1)
     elif schedule not in (None, "cosine", "step", "constant"):
-        raise ValueError(f"unknown schedule {schedule!r}")
+        raise InputError(f"unknown schedule {schedule!r}")
 
     penalties = [_penalty_of(p) for p in plugins]
     penalties = [fn for fn in penalties if fn is not None]

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from graphprune.plan import Plan
+from graphprune.rewrite import apply
 
 __all__ = ["ChannelMasker", "channel_rows", "member_params", "position_keys"]
 
@@ -179,7 +180,6 @@ class ChannelMasker:
 
     def slim(self) -> torch.fx.GraphModule:
         """``gp.apply`` of ``plan()`` to the model (the model itself stays masked)."""
-        from graphprune.rewrite import apply
 
         with self.suspended():
             return apply(self.model, self.dg, self.plan())

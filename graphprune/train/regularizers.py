@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.importance.bn_scale import NORMS
+from graphprune.rules.base import NORM
 from graphprune.train.masking import channel_rows
 
 __all__ = ["GroupRegularizer", "L1", "L2", "GroupLasso", "BNSparsity", "AutoBalanced"]
@@ -96,13 +96,11 @@ class BNSparsity(GroupRegularizer):
         self._names: list[tuple[str, torch.Tensor]] | None = None
 
     def _scales(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        modules = dict(model.named_modules())
         params = dict(model.named_parameters())
         out = []
         for gid in self.groups:
-            for m in self.dg.groups[gid].members:
-                owner, _, attr = m.param.rpartition(".")
-                if attr == "weight" and isinstance(modules.get(owner), NORMS) and m.param in params:
+            for m in self.dg.operand_members(self.dg.groups[gid], NORM, "weight"):
+                if m.param in params:
                     out.append((params[m.param], torch.as_tensor(m.positions)))
         return out
 

@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
@@ -74,11 +75,11 @@ def restart(
     earlier in training (``snapshot`` / ``Snapshot``).
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     if mode == "rewind":
         if checkpoint is None:
-            raise ValueError("mode='rewind' needs checkpoint=<state dict of the model from earlier>")
+            raise InputError("mode='rewind' needs checkpoint=<state dict of the model from earlier>")
         source = copy.deepcopy(model)
         source.load_state_dict(checkpoint)
         return apply(source, dg, plan)

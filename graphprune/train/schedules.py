@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,17 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.importance import score
-from graphprune.importance.base import normalize_scores
-from graphprune.metrics import count
-from graphprune.plan import CountEstimator, Plan, resolve_ignore, select
-from graphprune.rewrite import apply
+from graphprune.metrics import CountEstimator, count
+from graphprune.plan import Plan
+from graphprune.select import resolve_ignore, select
+from graphprune.steps import Pruner, PruneResult, Step
 from graphprune.train.finetune import finetune
 from graphprune.verify import masked_model
 
-__all__ = ["capped_select", "Sensitivity", "sensitivity", "ScheduleResult", "iterative_prune",
-           "schedule_fractions", "group_keys"]
+__all__ = ["capped_select", "Sensitivity", "sensitivity", "ScheduleResult", "SchedulePlanner",
+           "iterative_prune", "schedule_fractions", "group_keys"]
 
 
 def schedule_fractions(ratio: float, steps: int, kind: str = "constant") -> list[float]:
@@ -47,13 +49,7 @@ def schedule_fractions(ratio: float, steps: int, kind: str = "constant") -> list
         return [ratio * k / steps for k in range(1, steps + 1)]
     if kind == "geometric":
         return [1 - (1 - ratio) ** (k / steps) for k in range(1, steps + 1)]
-    raise ValueError(f"schedule must be 'constant' or 'geometric', got {kind!r}")
-
-
-def _floor_keep(size: int, min_keep: int | float) -> int:
-    if isinstance(min_keep, float) and 0 < min_keep < 1:
-        return max(1, math.ceil(size * min_keep - 1e-9))
-    return max(1, int(min_keep))
+    raise InputError(f"schedule must be 'constant' or 'geometric', got {kind!r}")
 
 
 def capped_select(
@@ -68,71 +64,49 @@ def capped_select(
     ignore: Iterable[int | str] = (),
     normalize: str | None = None,
 ) -> Plan:
-    """Like ``gp.select`` (lowest scores first) but group ``g`` loses at most ``ceilings[g]`` of its
-    channels. ``ratio`` is the fraction of channels (of the scored groups), MACs or params to remove;
-    if the ceilings do not allow it, as much as they allow is removed. Without ceilings this is
+    """``gp.select`` where group ``g`` loses at most ``ceilings[g]`` of its channels, and the others
+    make up for it: ``ratio`` is the fraction of all scored channels, or of the MACs or params, to
+    remove in total (at least that much, as close as the channel granularity allows). If the
+    ceilings do not allow it, as much as they allow is removed. Without ceilings this is
     ``gp.select``.
 
-    ``scope="local"`` removes the same fraction ``t`` from every group (``min(t, ceiling)``), ``t``
-    found by bisection; ``"global"`` walks one ranking of all channels, skipping full groups.
+    ``gp.select(..., ceilings=ceilings)`` removes a fraction ``t`` of every group (``"local"``) or
+    the ``t`` lowest-ranked channels (``"global"``), each group capped by its ceiling; ``t`` is
+    found by bisection so that the total reaches ``ratio``.
     """
+    options = dict(scope=scope, min_keep=min_keep, ignore=ignore, normalize=normalize)
     if ceilings is None:
-        return select(dg, scores, ratio, target=target, scope=scope, min_keep=min_keep, ignore=ignore,
-                      normalize=normalize)
-    skip = resolve_ignore(dg, ignore)
-    gids = [g.id for g in dg.groups if g.prunable and g.id in scores and g.id not in skip]
-    orders = {gid: np.argsort(np.asarray(scores[gid], dtype=np.float64), kind="stable") for gid in gids}
-    size = {gid: dg.groups[gid].size for gid in gids}
-    cap = {gid: min(int(math.floor(max(0.0, float(ceilings.get(gid, 1.0))) * size[gid] + 1e-9)),
-                    size[gid] - _floor_keep(size[gid], min_keep)) for gid in gids}
-    est = CountEstimator(dg) if target in ("macs", "params") else None
-    which = 0 if target == "params" else 1
-    base = est.counts({})[which] if est is not None else sum(size.values())
+        return select(dg, scores, ratio, target=target, **options)
+    if target == "channels":
+        skip = resolve_ignore(dg, ignore)
+        total = sum(g.size for g in dg.groups if g.prunable and g.id in scores and g.id not in skip)
 
-    def reduction(plan: Plan) -> float:
-        if est is None:
-            return plan.n_removed / max(base, 1)
-        return 1 - est.counts(plan)[which] / max(base, 1)
+        def reduction(plan: Plan) -> float:
+            return plan.n_removed / max(total, 1)
+    else:
+        est = CountEstimator(dg)
+        which = 0 if target == "params" else 1
+        base = est.counts({})[which]
 
-    if scope == "local":
-        def plan_at(t: float) -> Plan:
-            return Plan({gid: orders[gid][:min(int(math.floor(t * size[gid] + 1e-9)), cap[gid])].tolist()
-                         for gid in gids})
-        if reduction(plan_at(1.0)) <= ratio:
-            return plan_at(1.0)
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if reduction(plan_at(mid)) >= ratio - 1e-12:
-                hi = mid
-            else:
-                lo = mid
-        return plan_at(hi)
-    if scope != "global":
-        raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
-    norm = normalize_scores({gid: np.asarray(scores[gid], dtype=np.float64) for gid in gids}, normalize)
-    ranked = sorted((float(norm[gid][c]), gid, int(c)) for gid in gids for c in range(size[gid]))
-    seq, taken = [], dict.fromkeys(gids, 0)
-    for _, gid, c in ranked:
-        if taken[gid] < cap[gid]:
-            taken[gid] += 1
-            seq.append((gid, c))
+        def reduction(plan: Plan) -> float:
+            return 1 - est.counts(plan)[which] / max(base, 1)
 
-    def prefix(k: int) -> Plan:
-        out: dict[int, list[int]] = {}
-        for gid, c in seq[:k]:
-            out.setdefault(gid, []).append(c)
-        return Plan(out)
-    lo, hi = 0, len(seq)
-    if reduction(prefix(hi)) <= ratio:
-        return prefix(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if reduction(prefix(mid)) >= ratio - 1e-12:
+    def plan_at(t: float) -> Plan:
+        with warnings.catch_warnings():  # the ceilings may stop a group short: that is the point
+            warnings.filterwarnings("ignore", message="select: asked to remove", category=RuntimeWarning)
+            return select(dg, scores, t, ceilings=ceilings, **options)
+
+    top = 1.0 - 1e-9
+    if reduction(plan_at(top)) <= ratio:
+        return plan_at(top)
+    lo, hi = 0.0, top
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if reduction(plan_at(mid)) >= ratio - 1e-12:
             hi = mid
         else:
             lo = mid
-    return prefix(hi)
+    return plan_at(hi)
 
 
 @dataclass
@@ -192,13 +166,71 @@ def _allowed(s0: int, s: int, frac: float) -> float:
 
 
 @dataclass
-class ScheduleResult:
-    """Slim model after the last step; per-step history rows and plans (each on its step's graph)."""
+class ScheduleResult(PruneResult):
+    """A ``PruneResult`` with the per-group ceilings the schedule followed. ``records`` holds
+    one row per step (goal, params, MACs, evaluations before and after retraining)."""
 
-    model: nn.Module
-    history: list[dict[str, float]] = field(default_factory=list)
-    plans: list[Plan] = field(default_factory=list)
     ceilings: dict[int, float] | None = None
+
+
+@dataclass
+class SchedulePlanner:
+    """Each step: score, then select the step's cumulative goal (a fraction of the original
+    channels, MACs or params) under ceilings followed from the original graph's groups."""
+
+    method: str | Callable
+    goals: Sequence[float]
+    target: str
+    scope: str
+    min_keep: int | float
+    options: dict[str, Any]
+    example_inputs: Any
+    ceilings: Mapping[int, float] | None
+    keys0: dict[int, frozenset[tuple[str, int]]]
+    sizes0: dict[int, int]
+    base: int
+    eval_fn: Callable[[nn.Module], float] | None = None
+
+    def plan(self, model: nn.Module, dg: DependencyGraph, step: Step) -> Plan:
+        goal = self.goals[step.index - 1]
+        scores = score(self.method, model, dg, **self.options)
+        # Follow the original groups through the re-trace: original size, ceiling.
+        orig_of: dict[int, int] = {}
+        for g in dg.groups:
+            keys = frozenset((m.param, m.dim) for m in g.members)
+            hit = [gid for gid, k in self.keys0.items() if k & keys]
+            if hit and g.prunable:
+                orig_of[g.id] = hit[0]
+        orig = self.sizes0
+        caps = None
+        if self.ceilings is not None:
+            caps = {gid: _allowed(orig[o], dg.groups[gid].size, float(self.ceilings.get(o, 1.0)))
+                    for gid, o in orig_of.items()}
+        if self.target == "channels" and self.scope == "local":
+            # Exactly floor(goal * original size) gone from every group, without rounding drift.
+            per = {gid: _allowed(orig[o], dg.groups[gid].size, goal) for gid, o in orig_of.items()}
+            caps = {gid: min(v, caps.get(gid, 1.0)) if caps else v for gid, v in per.items()}
+            r = 1.0 - 1e-9
+        elif self.target == "channels":
+            n0 = sum(orig[o] for o in orig_of.values())
+            n = sum(dg.groups[gid].size for gid in orig_of)
+            r = min(max(0.0, (goal * n0 - (n0 - n)) / max(n, 1)), 0.999)
+        else:
+            now = getattr(count(model, self.example_inputs), self.target)
+            r = min(max(0.0, 1 - self.base * (1 - goal) / max(now, 1)), 0.999)
+        step.record["goal"] = goal
+        return capped_select(dg, scores, r, caps, target=self.target, scope=self.scope, min_keep=self.min_keep,
+                             ignore=step.ignore)
+
+    def slimmed(self, step: Step) -> None:
+        if self.eval_fn is not None:
+            step.record["eval_pruned"] = float(self.eval_fn(step.model))
+
+    def settled(self, step: Step) -> None:
+        c = count(step.model, self.example_inputs)
+        step.record.update(params=c.params, macs=c.macs)
+        if self.eval_fn is not None:
+            step.record["eval"] = float(self.eval_fn(step.model))
 
 
 def iterative_prune(
@@ -232,12 +264,14 @@ def iterative_prune(
     - ``ceilings``: ``{group id of model's graph: max fraction}``, ``"auto"`` (gradient-singularity
       redundancy; needs ``data``), or ``"sensitivity"`` (per-group sensitivity analysis with
       ``eval_fn``, keeping each group's drop within ``max_drop``).
-    - ``eval_fn(model) -> float`` is recorded in the history before and after each retrain.
+    - ``eval_fn(model) -> float`` is recorded in ``records`` before and after each retrain.
+
+    It runs the one pruning loop (``graphprune.steps.Pruner``) with a ``SchedulePlanner``.
     """
-    if not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise InputError(f"ratio must be in [0, 1), got {ratio!r}")
     if target not in ("channels", "macs", "params"):
-        raise ValueError(f"target must be 'channels', 'macs' or 'params', got {target!r}")
+        raise InputError(f"target must be 'channels', 'macs' or 'params', got {target!r}")
     opts = dict(criterion_options or {})
     if data is not None:
         opts.setdefault("data", data)
@@ -248,73 +282,36 @@ def iterative_prune(
             from graphprune.train.redundancy import redundancy
 
             if data is None:
-                raise ValueError("ceilings='auto' needs data (the gradient redundancy estimate)")
+                raise InputError("ceilings='auto' needs data (the gradient redundancy estimate)")
             ceilings = redundancy(model, dg0, data, loss_fn=loss_fn).ceilings
         elif ceilings == "sensitivity":
             if eval_fn is None:
-                raise ValueError("ceilings='sensitivity' needs eval_fn")
+                raise InputError("ceilings='sensitivity' needs eval_fn")
             sc = score(method, model, dg0, **opts)
             ceilings = sensitivity(model, dg0, eval_fn, scores=sc, progress=progress).ceilings(max_drop)
         else:
-            raise ValueError(f"ceilings must be a dict, 'auto' or 'sensitivity', got {ceilings!r}")
-    keys0 = group_keys(dg0)
-    orig = {g.id: g.size for g in dg0.groups}
-    result = ScheduleResult(model, ceilings=dict(ceilings) if ceilings is not None else None)
-    base = count(model, example_inputs)
-    base_n = base.macs if target == "macs" else base.params
-    fracs = schedule_fractions(ratio, steps, schedule)
-    current, dg = model, dg0
-    for step, goal in enumerate(tqdm(fracs, desc="iterative prune", disable=not progress, leave=False), 1):
-        if step > 1:
-            dg = DependencyGraph.build(current, example_inputs)
-        scores = score(method, current, dg, **opts)
-        # Follow the original groups through the re-trace: original size, ceiling.
-        orig_of: dict[int, int] = {}
-        for g in dg.groups:
-            keys = frozenset((m.param, m.dim) for m in g.members)
-            hit = [gid for gid, k in keys0.items() if k & keys]
-            if hit and g.prunable:
-                orig_of[g.id] = hit[0]
+            raise InputError(f"ceilings must be a dict, 'auto' or 'sensitivity', got {ceilings!r}")
+    base = getattr(count(model, example_inputs), target) if target != "channels" else 0
+    planner = SchedulePlanner(method, schedule_fractions(ratio, steps, schedule), target, scope, min_keep, opts,
+                              example_inputs, ceilings, group_keys(dg0), {g.id: g.size for g in dg0.groups},
+                              base, eval_fn)
 
-        caps = None
-        if ceilings is not None:
-            caps = {gid: _allowed(orig[o], dg.groups[gid].size, float(ceilings.get(o, 1.0)))
-                    for gid, o in orig_of.items()}
-        if target == "channels" and scope == "local":
-            # Exactly floor(goal * original size) gone from every group, without rounding drift.
-            per = {gid: _allowed(orig[o], dg.groups[gid].size, goal) for gid, o in orig_of.items()}
-            caps = {gid: min(v, caps.get(gid, 1.0)) if caps else v for gid, v in per.items()}
-            r = 1.0 - 1e-9
-        elif target == "channels":
-            n0 = sum(orig[o] for o in orig_of.values())
-            n = sum(dg.groups[gid].size for gid in orig_of)
-            r = min(max(0.0, (goal * n0 - (n0 - n)) / max(n, 1)), 0.999)
-        else:
-            c = count(current, example_inputs)
-            now = c.macs if target == "macs" else c.params
-            r = min(max(0.0, 1 - base_n * (1 - goal) / max(now, 1)), 0.999)
-        plan = capped_select(dg, scores, r, caps, target=target, scope=scope, min_keep=min_keep)
-        slim = apply(current, dg, plan)
-        row: dict[str, float] = {"step": step, "goal": goal}
-        if eval_fn is not None:
-            row["eval_pruned"] = float(eval_fn(slim))
+    def callback(slim: nn.Module, step: int) -> nn.Module | None:
+        if callable(retrain):
+            return retrain(slim, step)
         if retrain is not None:
-            if callable(retrain):
-                returned = retrain(slim, step)
-                if isinstance(returned, nn.Module):
-                    slim = returned
-            else:
-                kw = dict(retrain)
-                train_data = kw.pop("data", data)
-                kw.setdefault("progress", progress)
-                kw.setdefault("loss_fn", loss_fn)
-                finetune(slim, train_data, **kw)
-        c = count(slim, example_inputs)
-        row.update(params=c.params, macs=c.macs)
-        if eval_fn is not None:
-            row["eval"] = float(eval_fn(slim))
-        result.history.append(row)
-        result.plans.append(plan)
-        current = slim
-    result.model = current
-    return result
+            kw = dict(retrain)
+            train_data = kw.pop("data", data)
+            kw.setdefault("progress", progress)
+            kw.setdefault("loss_fn", loss_fn)
+            finetune(slim, train_data, **kw)
+        return None
+
+    pruner = Pruner(model, example_inputs, planner, steps=steps)
+    for step in tqdm(pruner, total=steps, desc="iterative prune", disable=not progress, leave=False):
+        returned = callback(step.model, step.index)
+        if isinstance(returned, nn.Module):
+            step.model = returned
+    r = pruner.result
+    return ScheduleResult(r.model, r.plan, r.before, r.after, r.graph, r.history, r.records,
+                          ceilings=dict(ceilings) if ceilings is not None else None)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphprune.errors import InputError
 from graphprune.plan import Plan
 from graphprune.train.masking import ChannelMasker, channel_rows, member_params, train_then_slim
 
@@ -41,7 +42,7 @@ def spp_increment(ranks: np.ndarray, n_prune: float, A: float = 0.05, u: float =
     True
     """
     if not 0 < u < 0.5:
-        raise ValueError("SPP needs 0 < u < 0.5")
+        raise InputError("SPP needs 0 < u < 0.5")
     r = np.asarray(ranks, dtype=np.float64)
     zero = max(float(n_prune) - 0.5, 1e-6)
     nc = zero / (2 - math.log(2 * u) / math.log(u))

@@ -23,6 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
@@ -40,7 +41,7 @@ def magnitude_sparsify(model: nn.Module, sparsity: float, *, scope: str = "globa
     parameters. ``scope="global"`` uses one threshold over all of them, ``"layer"`` one per tensor.
     """
     if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        raise InputError(f"sparsity must be in [0, 1), got {sparsity!r}")
     chosen = set(names) if names is not None else None
     params = {n: p for n, p in model.named_parameters()
               if (chosen is None or n in chosen) and (p.dim() >= 2 or include_1d)}
@@ -58,7 +59,7 @@ def magnitude_sparsify(model: nn.Module, sparsity: float, *, scope: str = "globa
                 thr = p.detach().abs().flatten().kthvalue(k).values if k > 0 else torch.tensor(-1.0)
                 masks[n] = p.detach().abs() > thr
         else:
-            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+            raise InputError(f"scope must be 'global' or 'layer', got {scope!r}")
         for n, p in params.items():
             p.mul_(masks[n])
     return masks
@@ -99,7 +100,7 @@ def dead_channels(model: nn.Module, dg: DependencyGraph, *, atol: float = 0.0,
     unless it may vanish entirely (``removable``).
     """
     if mode not in ("outgoing", "incoming", "both"):
-        raise ValueError(f"mode must be 'outgoing', 'incoming' or 'both', got {mode!r}")
+        raise InputError(f"mode must be 'outgoing', 'incoming' or 'both', got {mode!r}")
     state = member_params(model)
     params = member_params(model, buffers=False)
     removed: dict[int, list[int]] = {}

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrizations
 
-from graphprune.rewrite import _copy_module
+from graphprune.copying import copy_module
 
 
 class WithState(nn.Module):
@@ -66,7 +66,7 @@ def test_fast_copy_matches_deepcopy(name):
     model = CASES[name]()
     x = torch.randn(3, 2, 4) if name == "lstm" else torch.randn(3, 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fast, ref = _copy_module(model, {}), copy.deepcopy(model)
+    fast, ref = copy_module(model, {}), copy.deepcopy(model)
     assert type(fast) is type(ref)
     assert list(fast.state_dict()) == list(ref.state_dict())
     for (k, a), b, orig in zip(fast.state_dict().items(), ref.state_dict().values(), model.state_dict().values()):

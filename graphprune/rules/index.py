@@ -1,0 +1,184 @@
+"""Indexing and shifting: ``x[...]``, ATen slice and select, roll and flip.
+
+Channel flow: an int/slice/None/``...`` index keeps the labels of what it selects and
+the slim graph's bounds follow the surviving channels; picking one channel, slicing a
+channel axis with a step, gathering with a tensor index, rolling or flipping a channel
+axis reorder or single out channels, so those axes are pinned. No values are mixed.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx
+
+from graphprune.rules.base import Multi, arg, aten_ops, norm_dim, register, target_name
+
+
+def _index_items(index, ndim):
+    """Expand an index into (input axis or None, item) pairs."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
+    out, d = [], 0
+    for it in items:
+        if it is Ellipsis:
+            for _ in range(ndim - n_real):
+                out.append((d, slice(None)))
+                d += 1
+        elif it is None:
+            out.append((None, None))
+        else:
+            out.append((d, it))
+            d += 1
+    while d < ndim:
+        out.append((d, slice(None)))
+        d += 1
+    return out
+
+
+def _getitem_patch(rw, node):
+    x, index = node.args
+    if not isinstance(x, torch.fx.Node) or isinstance(rw.labels(x), Multi):
+        return
+    labels, shape = rw.labels(x), rw.old_shape(x)
+    if not isinstance(shape, torch.Size):
+        return
+    items = list(index) if isinstance(index, tuple) else [index]
+    new_items, k = [], 0
+    for d, it in _index_items(index, len(shape)):
+        if d is None or labels[d] is None or not isinstance(it, (slice, int)):
+            new_items.append(it)
+            continue
+        keep = rw.keep(labels[d])
+        if isinstance(it, int):
+            new_items.append(int(keep[:it % shape[d]].sum()))
+        else:
+            start, stop, _ = it.indices(shape[d])
+            new_items.append(slice(int(keep[:start].sum()), int(keep[:stop].sum())))
+        k += 1
+    if k:
+        rw.set_arg(node, 1, "index", tuple(new_items) if isinstance(index, tuple) or len(new_items) > 1 else new_items[0])
+    del items
+
+
+@register(operator.getitem, patch=_getitem_patch)
+def getitem(ctx, node, module):
+    """Picking a piece of a split, or slicing a tensor with ints, slices, None, ``...``."""
+    x, index = node.args
+    if isinstance(x, torch.fx.Node) and x.name in ctx.width_axes:  # an entry of x.shape / x.size()
+        axes, picked = ctx.width_axes[x.name], list(range(len(ctx.shape(x))))[index]
+        if isinstance(picked, int) and picked in axes:
+            ctx.mark_width(node)
+        elif isinstance(picked, list):
+            ctx.width_axes[node.name] = [i for i, d in enumerate(picked) if d in axes]
+        return None
+    labels = ctx.labels(x)
+    shape = ctx.shape(x)
+    if isinstance(labels, Multi):
+        if isinstance(index, slice):
+            return Multi(labels[index])
+        return labels[index] if isinstance(index, int) else None
+    if not isinstance(shape, torch.Size):
+        return None
+    out = []
+    for d, it in _index_items(index, len(shape)):
+        if d is None:
+            out.append(None)
+        elif isinstance(it, slice):
+            if labels[d] is not None and it.step not in (None, 1):
+                ctx.pin(labels[d], f"{ctx.describe_node()} slices a channel axis with a step")
+                out.append(None)
+            else:
+                out.append(labels[d][it] if labels[d] is not None else None)
+        elif isinstance(it, int):
+            if labels[d] is not None:
+                k = it % shape[d]
+                ctx.pin(labels[d][k:k + 1], f"{ctx.describe_node()} picks one channel")
+        else:
+            # Advanced indexing (a gather along axis d): the index's axes replace axis d.
+            # Gathering channels would reorder them, so a channel axis is pinned.
+            ctx.pin(labels[d], f"{ctx.describe_node()} gathers channels with a tensor index")
+            index_shape = ctx.shape(it) if isinstance(it, torch.fx.Node) else np.shape(it)
+            if sum(1 for _, x in _index_items(index, len(shape))
+                   if not isinstance(x, (slice, int)) and x is not None) > 1 \
+                    or not isinstance(index_shape, (torch.Size, tuple)):
+                ctx.pin_all(labels, f"{ctx.describe_node()} indexes with several tensors")
+                return tuple(None for _ in ctx.shape(node))
+            out.extend([None] * len(index_shape))
+    out_shape = ctx.shape(node)
+    if len(out) != len(out_shape):
+        ctx.pin_all(labels, f"{ctx.describe_node()} indexes in a way graphprune does not follow")
+        return tuple(None for _ in out_shape)
+    return tuple(out)
+
+
+def _slice_patch(rw, node):
+    """aten.slice(x, dim, start, end, step): bounds follow the surviving channels."""
+    x = node.args[0]
+    labels, size = rw.labels(x), rw.old_shape(x)
+    d = norm_dim(arg(node, 1, "dim", 0), len(size))
+    if labels is None or labels[d] is None:
+        return
+    start, stop, _ = slice(arg(node, 2, "start", None), arg(node, 3, "end", None)).indices(size[d])
+    keep = rw.keep(labels[d])
+    rw.set_arg(node, 2, "start", int(keep[:start].sum()))
+    rw.set_arg(node, 3, "end", int(keep[:stop].sum()))
+
+
+@register(*aten_ops("slice.Tensor"), patch=_slice_patch)
+def aten_slice(ctx, node, module):
+    labels = ctx.labels(node.args[0])
+    size = ctx.shape(node.args[0])
+    d = norm_dim(arg(node, 1, "dim", 0), len(size))
+    step = arg(node, 4, "step", 1)
+    out = list(labels)
+    if out[d] is not None:
+        if step != 1:
+            ctx.pin(out[d], f"{ctx.describe_node()} slices a channel axis with a step")
+            out[d] = None
+        else:
+            start, stop, _ = slice(arg(node, 2, "start", None), arg(node, 3, "end", None)).indices(size[d])
+            out[d] = out[d][start:stop]
+    return tuple(out)
+
+
+def _select_patch(rw, node):
+    """aten.select(x, dim, index): the picked channel (kept, it is pinned) moves to its slim position."""
+    x = node.args[0]
+    labels, size = rw.labels(x), rw.old_shape(x)
+    d = norm_dim(arg(node, 1, "dim", 0), len(size))
+    if labels is None or labels[d] is None:
+        return
+    k = arg(node, 2, "index") % size[d]
+    rw.set_arg(node, 2, "index", int(rw.keep(labels[d])[:k].sum()))
+
+
+@register(*aten_ops("select.int"), patch=_select_patch)
+def aten_select(ctx, node, module):
+    labels = ctx.labels(node.args[0])
+    size = ctx.shape(node.args[0])
+    d = norm_dim(arg(node, 1, "dim", 0), len(size))
+    if labels[d] is not None:
+        k = arg(node, 2, "index") % size[d]
+        ctx.pin(labels[d][k:k + 1], f"{ctx.describe_node()} picks one channel")
+    return tuple(labels[:d]) + tuple(labels[d + 1:])
+
+
+@register(torch.roll, torch.flip, "roll", "flip", *aten_ops("roll.default", "flip.default"))
+def roll(ctx, node, module):
+    """Cyclic shifts and flips of spatial axes keep channels; of a channel axis they pin it."""
+    labels = ctx.labels(node.args[0])
+    name = target_name(node)
+    dims = arg(node, 2, "dims", None) if name == "roll" else arg(node, 1, "dims", None)
+    if dims is None:
+        ctx.pin_all(labels, f"{ctx.describe_node()} shifts the flattened tensor")
+        return tuple(None for _ in labels)
+    dims = [dims] if isinstance(dims, int) else dims
+    out = list(labels)
+    for d in dims:
+        d = norm_dim(d, len(labels))
+        ctx.pin(out[d], f"{ctx.describe_node()} permutes channels")
+        out[d] = None
+    return tuple(out)

@@ -1,0 +1,135 @@
+"""Linear maps over the last axis: nn.Linear, F.linear, nn.Bilinear, matrix products.
+
+Channel flow: a Linear's input features are its weight's columns and its outputs are
+fresh channels; a matrix product ties the contracted axes channel by channel and
+broadcasts its batch axes (a parameter on either side is a layer whose free axis
+produces channels). Values are mixed along the contracted axis only, which is exact:
+a removed channel contributes zero. Nothing reads a channel count as a value.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphprune.rules.base import LAYER, Operands, aten_ops, operand_shape, register
+
+MODULE = Operands(weight="weight", bias="bias", width="out_features")
+FUNCTION = Operands(weight=1, bias=2)
+
+
+def linear_core(ctx, x, w, b, weight_node=None):
+    """Couple ``x``'s last axis to the weight's columns; the weight's rows are the output."""
+    x_lab = ctx.labels(x)
+    fin = ctx.shape(x)[-1]
+    ctx.couple([w[1], x_lab[-1] if x_lab else None], fin,
+               f"input of {ctx.describe_node()} is not a channel axis")
+    ctx.set_role(weight_node, 1, "in")
+    ctx.set_role(weight_node, 0, "out")
+    out = w[0]
+    ctx.mark_produced(out)
+    if b is not None:
+        ctx.couple([b[0], out], len(out), f"bias of {ctx.describe_node()}")
+    rest = x_lab[:-1] if x_lab else (None,) * (len(ctx.shape(ctx.node)) - 1)
+    return tuple(rest) + (out,)
+
+
+def linear_macs(shapes, node, module, rule) -> int:
+    """``out * prod(w[1:])``: one multiply-add per output element and input feature."""
+    w, out = operand_shape(shapes, rule, node, "weight"), shapes.of(node)
+    return math.prod(out) * math.prod(w[1:]) if w is not None and out is not None else 0
+
+
+def _resize_linear(module: nn.Linear) -> None:
+    module.out_features, module.in_features = module.weight.shape
+
+
+@register(nn.Linear, resize=_resize_linear, macs=linear_macs, operands=MODULE, kind=LAYER)
+def linear(ctx, node, module):
+    """nn.Linear: weight [out, in] over the last axis; other axes pass through."""
+    w = [ctx.operand_param("weight", 0, "out"), ctx.operand_param("weight", 1, "in")]
+    b = ctx.operand_param("bias", 0, "pass")
+    return linear_core(ctx, node.args[0], w, (b,) if b is not None else None)
+
+
+@register(F.linear, *aten_ops("linear.default"), macs=linear_macs, operands=FUNCTION, kind=LAYER)
+def linear_function(ctx, node, module):
+    """F.linear / aten.linear with a free weight (a parameter or a computed tensor)."""
+    weight, bias = ctx.operand("weight"), ctx.operand("bias")
+    b = ctx.weight_labels(bias, "bias") if bias is not None else None
+    return linear_core(ctx, node.args[0], ctx.weight_labels(weight), b, weight)
+
+
+def _resize_bilinear(module: nn.Bilinear) -> None:
+    module.out_features, module.in1_features, module.in2_features = module.weight.shape
+
+
+@register(nn.Bilinear, resize=_resize_bilinear, macs=linear_macs,
+          operands=Operands(weight="weight", bias="bias", width="out_features"))
+def bilinear(ctx, node, module):
+    """nn.Bilinear: y_k = x1^T W_k x2 + b_k, weight [out, in1, in2]; x1, x2 on their last axes."""
+    x1, x2 = node.args[:2]
+    reason = f"input of {ctx.describe_node()} is not a channel axis"
+    for x, d in ((x1, 1), (x2, 2)):
+        lab = ctx.labels(x)
+        ctx.couple([ctx.operand_param("weight", d, "in"), lab[-1] if lab else None], ctx.shape(x)[-1], reason)
+    out = ctx.operand_param("weight", 0, "out")
+    b = ctx.operand_param("bias", 0, "pass")
+    if b is not None:
+        ctx.couple([b, out], len(out), f"bias of {ctx.describe_node()}")
+    rest = ctx.labels(x1)
+    rest = rest[:-1] if rest else (None,) * (len(ctx.shape(node)) - 1)
+    return tuple(rest) + (out,)
+
+
+def tie_batch(ctx, shapes_labels, out_batch_shape, reason):
+    """Broadcast-tie the leading (batch) axes of several operands, as elementwise ops do."""
+    out = []
+    nb = len(out_batch_shape)
+    for d, size in enumerate(out_batch_shape):
+        arrays = []
+        for shape, lab in shapes_labels:
+            k = d - (nb - len(shape))
+            if k >= 0 and shape[k] == size:
+                arrays.append(lab[k])
+        out.append(ctx.couple(arrays, size, reason) if arrays else None)
+    return out
+
+
+def _matmul_macs(shapes, node, module, rule) -> int:
+    """``out * a[-1]``: one multiply-add per output element and contracted position."""
+    out, a = shapes.of(node), shapes.of(node.args[0])
+    if out is None:
+        return 0
+    return math.prod(out) * (a[-1] if a is not None and len(a) else 1)
+
+
+@register(torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm",
+          *aten_ops("matmul.default", "bmm.default", "mm.default"), macs=_matmul_macs)
+def matmul(ctx, node, module):
+    """``a @ b``: the contracted axes are tied channel by channel; batch axes broadcast.
+
+    A parameter on either side is a layer: its free axis produces new channels.
+    """
+    a, b = node.args[:2]
+    sa, sb, out_shape = ctx.shape(a), ctx.shape(b), ctx.shape(node)
+    la, lb = ctx.labels(a), ctx.labels(b)
+    if len(sa) < 2 or len(sb) < 2 or la is None or lb is None:
+        ctx.pin_all((la, lb), f"{ctx.describe_node()} multiplies vectors")
+        return tuple(None for _ in out_shape)
+    reason = f"contracted with a non-channel axis in {ctx.describe_node()}"
+    ctx.couple([la[-1], lb[-2]], sa[-1], reason)
+    for x, lab, free in ((a, la, -2), (b, lb, -1)):
+        name = ctx.attr_name(x)
+        if name is not None:
+            ctx.mark_produced(lab[free])
+            ctx.set_role(x, len(ctx.shape(x)) + free, "out")
+            ctx.set_role(x, len(ctx.shape(x)) + (-1 if free == -2 else -2), "in")
+    batch = tie_batch(ctx, [(sa[:-2], la[:-2]), (sb[:-2], lb[:-2])], out_shape[:-2], reason)
+    for lab in batch:
+        ctx.mark_heads(lab)
+    return tuple(batch) + (la[-2], lb[-1])

@@ -1,0 +1,63 @@
+"""Spatial ops: pooling, resizing (upsample, interpolate) and padding.
+
+Channel flow: the leading (batch, channel) axes pass through; the spatial axes are new
+(unlabelled). These ops mix values along their spatial axes, so removal is exact as
+long as those axes carry no channels; where one does (a channels-last ``[B, N, C]``
+tensor through ``avg_pool1d`` or ``F.interpolate``), its channels are pinned.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphprune.rules.base import aten_ops, register
+
+
+def _spatial(n_spatial: int | None):
+    def build(ctx, node, module):
+        labels = ctx.labels(node.args[0] if node.args else node.kwargs.get("input"))
+        out_shape = ctx.shape(node)
+        if labels is None or not isinstance(out_shape, torch.Size):
+            return None
+        k = n_spatial if n_spatial is not None else max(len(out_shape) - 2, 0)
+        keep = len(out_shape) - k
+        for lab in labels[keep:]:  # values are mixed along these axes: channels there cannot go
+            ctx.pin(lab, f"{ctx.describe_node()} pools or resamples a channel axis")
+        return tuple(labels[:keep]) + (None,) * k
+    build.__name__ = f"spatial{n_spatial or ''}d"
+    return build
+
+
+for _k, _mods, _fns, _aten in (
+    (1, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d),
+     (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d),
+     ("max_pool1d.default", "avg_pool1d.default", "adaptive_avg_pool1d.default")),
+    (2, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d),
+     (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d),
+     ("max_pool2d.default", "avg_pool2d.default", "adaptive_avg_pool2d.default",
+      "_adaptive_avg_pool2d.default")),
+    (3, (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
+     (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d),
+     ("max_pool3d.default", "avg_pool3d.default", "adaptive_avg_pool3d.default")),
+):
+    register(*_mods, *_fns, *aten_ops(*_aten))(_spatial(_k))
+register(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate,
+         F.upsample, F.upsample_nearest, F.upsample_bilinear,
+         *aten_ops("upsample_nearest2d.vec", "upsample_bilinear2d.vec", "upsample_nearest2d.default",
+                   "upsample_bilinear2d.default", "upsample_nearest1d.vec", "upsample_linear1d.vec"))(
+    _spatial(None))
+
+
+@register(F.pad, *aten_ops("constant_pad_nd.default"))
+def pad(ctx, node, module):
+    """Padding of spatial axes keeps channels; padding a channel axis pins it."""
+    labels = ctx.labels(node.args[0])
+    widths = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+    n = len(widths) // 2
+    out = list(labels)
+    for d in range(len(out) - n, len(out)):
+        ctx.pin(out[d], f"{ctx.describe_node()} pads a channel axis")
+        out[d] = None
+    return tuple(out)

@@ -1,0 +1,1 @@
+"""Tests of graphprune.lean, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of graphprune.rules, one file per op family (the checks live in tests/helpers.py)."""

@@ -1,0 +1,86 @@
+"""graphprune.rules.attention: scaled_dot_product_attention, MultiheadAttention, heads vs head dims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphprune as gp
+from graphprune.modules import SlimMultiheadAttention
+
+
+class SDPA(nn.Module):
+    """q, k, v from Linears, split into heads, F.scaled_dot_product_attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(16, 24)
+        self.out = nn.Linear(24, 16)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, 4, 8).transpose(1, 2)
+        k = self.k(x).view(b, n, 4, 8).transpose(1, 2)
+        v = self.v(x).view(b, n, 4, 6).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, n, 24))
+
+
+@pytest.mark.parametrize("factor, sizes", [("largest", [8, 6]), ("heads", [4])])
+def test_scaled_dot_product_attention(factor, sizes):
+    model, x = SDPA().eval(), torch.randn(2, 5, 16)
+    dg = gp.DependencyGraph.build(model, x, factor=factor)
+    groups = [g for g in dg.groups if g.prunable]
+    assert sorted(g.size for g in groups) == sorted(sizes)
+    plan = {g.id: [0, 1] for g in groups}
+    slim = gp.apply(model, dg, plan)
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+    # the default scale 1/sqrt(head_dim) of the original is kept when head dims shrink
+    sdpa = next(n for n in slim.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert sdpa.kwargs.get("scale") == pytest.approx(8 ** -0.5)
+
+
+def _sizes(dg):
+    return [g.size for g in dg.groups if g.prunable]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_mha"])
+def test_attention_prunes_head_dims_or_whole_heads(name):
+    model, x = gp.zoo.create(name)
+    by_dim = gp.DependencyGraph.build(model, x)
+    by_head = gp.DependencyGraph.build(model, x, factor="heads")
+    # vit: embed 64, 4 heads of 16, MLP hidden 128, depth 4
+    assert _sizes(by_dim).count(16) == 4 and _sizes(by_head).count(4) == 4
+    for dg, attn_size in ((by_dim, 16), (by_head, 4)):
+        attn_groups = [g for g in dg.groups if g.prunable and g.size == attn_size]
+        plan = {g.id: [0, 1] for g in attn_groups}
+        slim = gp.apply(model, dg, plan)
+        assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-4
+        assert gp.count(slim, x).macs < gp.count(model, x).macs
+
+
+def test_head_pruning_rewrites_reshapes_and_projections():
+    model, x = gp.zoo.create("vit_tiny")
+    dg = gp.DependencyGraph.build(model, x, factor="heads")
+    first = next(g for g in dg.groups if g.prunable and g.size == 4)
+    slim = gp.apply(model, dg, {first.id: [1, 3]})
+    params = dict(slim.named_parameters())
+    qkv = next(k for k in params if k.endswith("attn.qkv.weight"))
+    proj = qkv.replace("qkv.weight", "proj.weight")
+    assert params[qkv].shape == (3 * 2 * 16, 64) and params[proj].shape == (64, 2 * 16)
+    assert any(n.op == "call_method" and n.target == "reshape" and 2 in n.args and 16 in n.args
+               for n in slim.graph.nodes)
+
+
+def test_multihead_attention_is_replaced_by_an_equivalent_slim_module():
+    model, x = gp.zoo.create("vit_mha")
+    dg = gp.DependencyGraph.build(model, x)
+    head_dim_groups = [g for g in dg.groups if g.prunable and g.size == 16]
+    plan = {g.id: list(range(0, 16, 2)) for g in head_dim_groups}
+    slim = gp.apply(model, dg, plan)
+    replaced = [m for m in slim.modules() if isinstance(m, SlimMultiheadAttention)]
+    assert len(replaced) == len(head_dim_groups) and replaced[0].head_dim == 8
+    assert replaced[0].scale == pytest.approx(16 ** -0.5)  # the original scale survives
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-4
