@@ -25,6 +25,7 @@ fake tensors and flips training flags while it runs) and on copies of the inputs
 from __future__ import annotations
 
 import collections
+import inspect
 import operator
 import warnings
 from typing import Any
@@ -58,11 +59,27 @@ def _mode_dependent(model: torch.nn.Module) -> list[str]:
     return found
 
 
+def _batch_dynamic(model: torch.nn.Module, inputs: tuple) -> tuple | dict:
+    """``dynamic_shapes`` with the first dimension of every input ``Dim.AUTO`` (export keeps
+    it static where it must), shaped as ``forward``'s signature takes the inputs."""
+    def spec(x: torch.Tensor) -> dict[int, Any] | None:
+        return {0: torch.export.Dim.AUTO} if x.dim() else None
+
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*inputs)
+    except (TypeError, ValueError):
+        return tuple(spec(x) for x in inputs)
+    return {name: tuple(spec(v) for v in value)
+            if signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL else spec(value)
+            for name, value in bound.arguments.items()}
+
+
 def _export(model: torch.nn.Module, inputs: tuple, dynamic: bool) -> torch.export.ExportedProgram:
-    """``torch.export`` (non-strict) on copies of ``inputs``; with ``dynamic``, the first
-    dimension of every input is ``Dim.AUTO`` (export keeps it static where it must)."""
+    """``torch.export`` (non-strict) on copies of ``inputs``, with a dynamic batch dimension
+    if ``dynamic``."""
     fresh = tuple(x.detach().clone() for x in inputs)
-    shapes = tuple({0: torch.export.Dim.AUTO} if x.dim() else None for x in inputs) if dynamic else None
+    shapes = _batch_dynamic(model, inputs) if dynamic else None
     return torch.export.export(model, fresh, dynamic_shapes=shapes, strict=False)
 
 
