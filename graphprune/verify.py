@@ -3,8 +3,10 @@
 The masked original is the traced graph over a copy of the model's tensors in which
 every removed channel is zeroed, in the parameter slices it owns and in every tensor
 the graph computes. Each model gets its own copy of the inputs (a forward may change
-its inputs in place), and a tensor the model holds under several names is masked only
-under the name whose slices the plan cuts, as the slim model (which unties it) has it.
+its inputs in place). Member names are resolved by path in each copy (not by which name
+of a tied tensor comes first there), and a tied tensor is masked once for all the names
+that share it, as the slim model slices it once and keeps the tie; ``verify`` warns if a
+slim model it is given holds a cut tensor untied.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def masked_model(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict)
     """A copy of ``model`` (its own classes) that computes what the slim model computes.
 
     Every parameter and buffer slice a removed channel owns is zeroed (producers' rows,
-    norm parameters and statistics, consumers' input columns), each under the name the
-    graph uses: a tensor the model also holds under another name is untied first, as the
-    slim model unties it. That masks a channel exactly unless its value reaches an op
+    norm parameters and statistics, consumers' input columns), found by the path the
+    graph names it by (a tied tensor is zeroed once, for all its names, as the slim
+    model slices it once). That masks a channel exactly unless its value reaches an op
     that mixes channels through something that does not keep zeros (``sigmoid(h).sum(1)``);
     the copy is checked against the graph-level mask on inputs shaped like the example
     ones, and where it differs a module that masks every tensor the graph computes is
@@ -74,31 +76,14 @@ def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] | No
 
 
 def _zero_removed(root: torch.nn.Module, dg: DependencyGraph, removed: np.ndarray) -> None:
-    """Zero, in ``root``, every member slice of a removed channel; names that share their
-    tensor with other names of ``root`` get their own copy first (as the slim model does)."""
-    owners: dict[int, int] = {}  # tensor -> number of distinct (module, attribute) slots holding it
-    for m in {id(m): m for m in root.modules()}.values():
-        for table in (m._parameters, m._buffers):
-            for t in table.values():
-                if t is not None:
-                    owners[id(t)] = owners.get(id(t), 0) + 1
-    untied: set[tuple[int, str]] = set()
+    """Zero, in ``root``, every member slice of a removed channel (found by path)."""
     with torch.no_grad():
         for (param, dim), labels in dg.member_labels.items():
             drop = np.flatnonzero(~dg.keep_mask(labels, removed))
             found = _owner(root, param) if drop.size else None
-            if found is None:
-                continue
-            owner, attr = found
-            table = owner._parameters if attr in owner._parameters else owner._buffers
-            t = table[attr]
-            if owners.get(id(t), 0) > 1 and (id(owner), attr) not in untied:
-                new = t.detach().clone()
-                table[attr] = torch.nn.Parameter(new, requires_grad=t.requires_grad) \
-                    if isinstance(t, torch.nn.Parameter) else new
-                untied.add((id(owner), attr))
-                t = table[attr]
-            t.index_fill_(dim, torch.as_tensor(drop, device=t.device), 0.0)
+            if found is not None:
+                t = getattr(*found)
+                t.index_fill_(dim, torch.as_tensor(drop, device=t.device), 0.0)
 
 
 def _flatten(out: Any) -> list:
@@ -213,30 +198,31 @@ def masked_forward(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dic
         return reference(*fresh_inputs(normalize_inputs(inputs)))
 
 
-def _warn_untied(model: torch.nn.Module, dg: DependencyGraph, plan: Plan) -> None:
-    """Say when the plan cuts a tensor the model holds under several names: the slim
-    model holds the cut copy under one name and the full tensor under the others."""
+def _tied_slots(module: torch.nn.Module) -> dict[int, list[str]]:
+    """Tensors held under more than one name (distinct module attributes): id -> names."""
     slots: dict[int, list[str]] = {}
-    for prefix, m in model.named_modules():
+    for prefix, m in module.named_modules():
         for table in (m._parameters, m._buffers):
             for key, t in table.items():
                 if t is not None:
                     slots.setdefault(id(t), []).append(f"{prefix}.{key}" if prefix else key)
-    for g in dg.groups:
-        if g.id not in plan:
+    return {k: v for k, v in slots.items() if len(v) > 1}
+
+
+def _warn_untied(model: torch.nn.Module, dg: DependencyGraph, plan: Plan, slim: torch.nn.Module) -> None:
+    """Say when the plan cuts a tensor the model holds under several names and ``slim``
+    holds those names as different tensors: the slim model no longer ties them."""
+    cut = {m.param for g in dg.groups if g.id in plan for m in g.members}
+    for names in _tied_slots(model).values():
+        if not cut.intersection(names):
             continue
-        for member in g.members:
-            found = _owner(model, member.param)
-            if found is None:
-                continue
-            names = slots.get(id(getattr(found[0], found[1])), [])
-            others = [n for n in names if n != member.param]
-            if others:
-                warnings.warn(f"the plan cuts group {g.id}, whose channels own slices of {member.param!r}, which "
-                              f"the model also holds as {', '.join(map(repr, others))}: the slim model unties "
-                              "them (those keep their full shape). Leave the group out of the plan to keep the tie",
-                              stacklevel=3)
-                return
+        held = {name: _owner(slim, name) for name in names}
+        tensors = {id(getattr(*found)) for found in held.values() if found is not None}
+        if len(tensors) > 1:
+            warnings.warn(f"the plan cuts {', '.join(map(repr, names))}, which the model ties (one tensor), "
+                          "and the slim model holds them as different tensors: it no longer ties them",
+                          stacklevel=3)
+            return
 
 
 def verify(
@@ -270,7 +256,7 @@ def verify(
                          "leave dg out to build a graph for these")
     dg = dg or DependencyGraph.build(model, inputs)
     slim = slim if slim is not None else apply(model, dg, plan)
-    _warn_untied(model, dg, plan)
+    _warn_untied(model, dg, plan, slim)
     want = _flatten(masked_forward(model, dg, plan, inputs))
     with torch.no_grad(), eval_mode(slim):
         got = _flatten(slim(*fresh_inputs(inputs)))
