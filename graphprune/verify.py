@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import torch.fx
 
+from graphprune.copying import copy_as_graph_module
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
-from graphprune.rewrite import apply, copy_as_graph_module
+from graphprune.rewrite import apply
 from graphprune.rules.base import Multi
 from graphprune.tracing import eval_mode, fresh_inputs, normalize_inputs
 
