@@ -21,7 +21,6 @@ op has no batching rule the ablations run one by one. The model is never modifie
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -188,6 +187,12 @@ def group_axes(dg: Any, gid: int, labels: Any, shape: Any) -> list[tuple[int, np
     return axes
 
 
+def zero_removed(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` with the positions where ``keep`` is 0 set to exactly 0: unlike ``x * keep``, a NaN
+    or inf that a removed channel computed (``p / p.sum(1)`` over removed rows) does not leak."""
+    return torch.where(keep != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 class Ablator:
     """Loss of the model with chosen channel sets of one group removed, over fixed batches.
 
@@ -242,7 +247,7 @@ class Ablator:
             out = suffix.node_copy(n, lambda a: env[a])
             for d, chan in axes.get(n, ()):
                 key = (len(n.meta["shape"]), d, chan.tobytes(), len(chan))
-                out = suffix.call_function(operator.mul, (out, masks[specs[key]]))
+                out = suffix.call_function(zero_removed, (out, masks[specs[key]]))
             env[n] = out
         self.prefix = torch.fx.GraphModule(gm, prefix)
         self.suffix = torch.fx.GraphModule(gm, suffix)

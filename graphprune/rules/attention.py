@@ -125,6 +125,8 @@ def scaled_dot_product_attention(ctx, node, module):
     lq, lk, lv = ctx.labels(q), ctx.labels(k), ctx.labels(v)
     reason = f"attention axis mixed with a non-channel axis in {ctx.describe_node()}"
     ctx.couple([lq[-1], lk[-1]], sq[-1], reason)
+    ctx.couple([lk[-2], lv[-2]], sk[-2], reason)  # keys and values pair up token by token
+    ctx.pin(lk[-2], f"{ctx.describe_node()} takes a softmax over keys")
     out_shape = ctx.shape(node)
     batch = tie_batch(ctx, [(sq[:-2], lq[:-2]), (sk[:-2], lk[:-2]), (sv[:-2], lv[:-2])],
                       out_shape[:-2], reason)

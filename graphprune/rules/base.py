@@ -116,14 +116,19 @@ class Shapes(Protocol):
 _MODULE_RULES: dict[type, Rule] = {}
 _FUNCTION_RULES: dict[Any, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
+_NAMED_RULES: dict[str, Rule] = {}  # "package.module:function" of functions not imported here
+_TAG_RULES: dict[torch.Tag, Rule] = {}  # ATen overloads by tag (torch.Tag.pointwise)
 
 
 def register(*keys: Any, resize: Callable | None = None, patch: Callable | None = None,
              macs: Callable | None = None, operands: Operands | None = None, kind: str = ""):
     """Register the decorated build function for module types, functions or method names.
 
-    Strings name tensor methods (``"relu"`` for ``x.relu()``); types name ``nn.Module``
-    classes (subclasses inherit the rule); anything else is a function target (torch
+    Strings name tensor methods (``"relu"`` for ``x.relu()``), or, written
+    ``"package.module:function"``, functions of packages graphprune does not import
+    (``"torchvision.ops.stochastic_depth:stochastic_depth"``); types name ``nn.Module``
+    classes (subclasses inherit the rule); a ``torch.Tag`` covers every ATen overload
+    with that tag that has no rule of its own; anything else is a function target (torch
     functions, ``operator`` functions, ATen overloads). Users register rules for their
     own modules the same way.
     """
@@ -131,7 +136,11 @@ def register(*keys: Any, resize: Callable | None = None, patch: Callable | None 
     def deco(build: Callable) -> Callable:
         rule = Rule(build.__name__, build, resize, patch, macs, operands or Operands(), kind)
         for key in keys:
-            if isinstance(key, str):
+            if isinstance(key, str) and ":" in key:
+                _NAMED_RULES[key] = rule
+            elif isinstance(key, torch.Tag):
+                _TAG_RULES[key] = rule
+            elif isinstance(key, str):
                 _METHOD_RULES[key] = rule
             elif isinstance(key, type):
                 _MODULE_RULES[key] = rule
@@ -167,7 +176,13 @@ def find_rule(node: torch.fx.Node, module: torch.nn.Module | None) -> Rule | Non
     if node.op == "call_module":
         return find_module_rule(type(module))
     if node.op == "call_function":
-        return _FUNCTION_RULES.get(node.target)
+        target = node.target
+        rule = _FUNCTION_RULES.get(target)
+        if rule is None and _NAMED_RULES:
+            rule = _NAMED_RULES.get(f"{getattr(target, '__module__', '')}:{getattr(target, '__qualname__', '')}")
+        if rule is None and isinstance(target, torch._ops.OpOverload):
+            rule = next((_TAG_RULES[t] for t in target.tags if t in _TAG_RULES), None)
+        return rule
     if node.op == "call_method":
         return _METHOD_RULES.get(node.target)
     return None

@@ -3,8 +3,10 @@
 Channel flow: the input channels are the weight's input axis; the output channels are
 fresh (a producer). Grouped convolutions (``groups > 1``) lose whole conv groups, or
 with ``grouped="channels"`` the same channels from every group. Values are mixed
-across the input channels of a group, which is exact: a removed channel is zero.
-Nothing here reads a channel count as a value or takes statistics over channels.
+across the input channels of a group, which is exact: a removed channel is zero;
+they are also mixed along the spatial axes, so channels found there (a tensor whose
+rows came from a matrix product) are pinned. Nothing here reads a channel count as a
+value or takes statistics over channels.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def conv_core(ctx, x, w, b, groups: int, transposed: bool, out_shape, weight_nod
         ctx.couple([xin, np.repeat(heads, ipg)], cin, reason)
     if b is not None:
         ctx.couple([b[0], out], cout, f"bias of {ctx.describe_node()}")
+    for spatial in (x_lab[2:] if x_lab is not None else ()):  # the kernel mixes positions along them
+        ctx.pin(spatial, f"{ctx.describe_node()} convolves along a channel axis")
     batch = x_lab[0] if x_lab is not None else None
     return (batch, out) + (None,) * (len(out_shape) - 2)
 

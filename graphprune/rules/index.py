@@ -1,9 +1,11 @@
 """Indexing and shifting: ``x[...]``, ATen slice and select, roll and flip.
 
 Channel flow: an int/slice/None/``...`` index keeps the labels of what it selects and
-the slim graph's bounds follow the surviving channels; picking one channel, slicing a
-channel axis with a step, gathering with a tensor index, rolling or flipping a channel
-axis reorder or single out channels, so those axes are pinned. No values are mixed.
+the slim graph's bounds follow the surviving channels; a strided slice over a whole
+channel axis (``x[..., 1::2]``) makes channels go in blocks of the step, so it keeps its
+offset; picking one channel, gathering with a tensor index, rolling or flipping a
+channel axis reorder or single out channels, so those axes are pinned. No values are
+mixed.
 """
 
 from __future__ import annotations
@@ -52,8 +54,13 @@ def _getitem_patch(rw, node):
             new_items.append(it)
             continue
         keep = rw.keep(labels[d])
+        if keep.all():  # nothing goes on this axis (bounds computed at run time pin theirs)
+            new_items.append(it)
+            continue
         if isinstance(it, int):
             new_items.append(int(keep[:it % shape[d]].sum()))
+        elif it.step not in (None, 1):  # whole blocks of `step` go (see _strided): same offset, to the end
+            new_items.append(slice(it.indices(shape[d])[0], None, it.step))
         else:
             start, stop, _ = it.indices(shape[d])
             new_items.append(slice(int(keep[:start].sum()), int(keep[:stop].sum())))
@@ -61,6 +68,35 @@ def _getitem_patch(rw, node):
     if k:
         rw.set_arg(node, 1, "index", tuple(new_items) if isinstance(index, tuple) or len(new_items) > 1 else new_items[0])
     del items
+
+
+def _strided(ctx, labels, item, size):
+    """Labels of ``x[..., start::step]`` on a channel axis (``x[..., ::2]``, ``x[..., 1::2]``: the
+    interleaved pairs of rotary embeddings). Channels go in whole blocks of ``step``
+    (factorised ``[size // step, step]``, the block index free), so every strided slice
+    keeps its offset in the slim model; a slice that stops short of the last block pins."""
+    start, stop, step = item.indices(size)
+    if step < 1 or size % step or not 0 <= start < step or stop < size - step + start + 1:
+        ctx.pin(labels, f"{ctx.describe_node()} slices a channel axis with a step")
+        return None
+    ctx.factorize(labels.reshape(size // step, step), free=0)
+    return labels[start::step]
+
+
+def _concrete(ctx, item, labels):
+    """An index item with run-time numbers (``x[:, :n]``, ``x[:, k]``) as the numbers the example
+    gave. Positions the slim graph cannot recompute (numbers that are not widths, which the
+    rewrite folds) pin a channel axis they cut."""
+    def value(v):
+        if not isinstance(v, torch.fx.Node):
+            return v
+        if not ctx.is_width(v):
+            ctx.pin(labels, f"{ctx.describe_node()} indexes a channel axis at a position computed at run time")
+        return ctx.shape(v)
+
+    if isinstance(item, slice):
+        return slice(value(item.start), value(item.stop), value(item.step))
+    return value(item) if isinstance(ctx.shape(item), int) else item
 
 
 @register(operator.getitem, patch=_getitem_patch)
@@ -84,12 +120,13 @@ def getitem(ctx, node, module):
         return None
     out = []
     for d, it in _index_items(index, len(shape)):
+        if isinstance(it, (slice, torch.fx.Node)) and d is not None:
+            it = _concrete(ctx, it, labels[d])
         if d is None:
             out.append(None)
         elif isinstance(it, slice):
             if labels[d] is not None and it.step not in (None, 1):
-                ctx.pin(labels[d], f"{ctx.describe_node()} slices a channel axis with a step")
-                out.append(None)
+                out.append(_strided(ctx, labels[d], it, shape[d]))
             else:
                 out.append(labels[d][it] if labels[d] is not None else None)
         elif isinstance(it, int):

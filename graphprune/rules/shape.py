@@ -59,7 +59,9 @@ def reshape_labels(ctx, in_shape, labels, out_shape):
     for d in range(len(in_shape)):
         if in_shape[d] == 1 and labels[d] is not None and len(out_shape) != len(in_shape):
             ctx.pin(labels[d], f"{ctx.describe_node()} drops a one-channel axis")
+    covered: set[int] = set()
     for run_in, run_out in _runs(in_shape, out_shape):
+        covered.update(run_in)
         carrying = [d for d in run_in if labels[d] is not None]
         if not carrying:
             continue
@@ -79,6 +81,9 @@ def reshape_labels(ctx, in_shape, labels, out_shape):
         index = tuple(slice(None) if k in varying else 0 for k in range(grid.ndim))
         for a, factor in zip(varying, ctx.factorize(np.ascontiguousarray(grid[index]))):
             out[run_out[a]] = factor
+    for d, lab in enumerate(labels):  # axes no run of equal products reaches: not followed
+        if d not in covered and in_shape[d] != 1:
+            ctx.pin(lab, f"{ctx.describe_node()} reshapes a channel axis in a way graphprune does not follow")
     return tuple(out)
 
 
@@ -196,6 +201,8 @@ def pixel_shuffle(ctx, node, module):
     r = module.upscale_factor if module is not None else arg(node, 1, "upscale_factor")
     cin = ctx.shape(node.args[0])[-3]
     lab = labels[-3]
+    for spatial in labels[-2:]:  # output positions interleave input positions and channels
+        ctx.pin(spatial, f"{ctx.describe_node()} mixes a channel axis into space")
     if lab is None:
         return tuple(None for _ in ctx.shape(node))
     heads = lab[:: r * r]
@@ -208,6 +215,8 @@ def pixel_unshuffle(ctx, node, module):
     labels = ctx.labels(node.args[0])
     r = module.downscale_factor if module is not None else arg(node, 1, "downscale_factor")
     lab = labels[-3]
+    for spatial in labels[-2:]:
+        ctx.pin(spatial, f"{ctx.describe_node()} mixes a channel axis into space")
     return tuple(labels[:-3]) + (None if lab is None else np.repeat(lab, r * r), None, None)
 
 
