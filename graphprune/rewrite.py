@@ -33,7 +33,7 @@ from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.removal import Removal
 from graphprune.rules.base import CONCAT, Rule, find_rule, is_inplace, iter_arrays, operand
-from graphprune.tracing import eval_mode, named_state, shape_of
+from graphprune.tracing import check_same_code, eval_mode, named_state, shape_of
 
 __all__ = ["apply", "RewriteContext", "iter_arrays", "copy_as_graph_module"]
 
@@ -212,14 +212,18 @@ def _has_effect(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> boo
 def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, check: bool = True) -> torch.fx.GraphModule:
     """A new GraphModule computing ``model`` with the plan's channels physically removed.
 
-    ``model`` must be the module ``dg`` was built from (or one with the same
-    architecture and parameter shapes); it is not mutated. With ``check`` the slim
+    ``model`` must be the module ``dg`` was built from, or one with the same code and
+    parameter shapes (a fine-tuned copy): another forward is refused with ``InputError``
+    (a fingerprint of every submodule's code, recorded when ``dg`` was built). It is not
+    mutated. With ``check`` the slim
     module is run once on zeros shaped like the example inputs to confirm it keeps the
     original output shapes.
     """
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     plan.validate(dg)
     dg.check_model(model)
+    if getattr(dg, "code", None) is not None:
+        check_same_code(model, dg.code)
     removal = Removal(dg, plan)
     vanished, problems = removal.vanished, removal.problems
     if problems:

@@ -77,14 +77,34 @@ def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] | No
 
 
 def _zero_removed(root: torch.nn.Module, dg: DependencyGraph, removed: np.ndarray) -> None:
-    """Zero, in ``root``, every member slice of a removed channel (found by path)."""
+    """Zero, in ``root``, every member slice of a removed channel (found by path).
+
+    Out of place: two tensors that merely share storage (views of one constant, as a
+    rotary table split per block) are masked apart, as the slim model slices them apart;
+    a tensor held under several names (tied weights) gets one new tensor under all of them.
+    """
+    names: dict[int, tuple[torch.Tensor, list[tuple[torch.nn.Module, str]]]] = {}  # the tensor keeps its id
+    for _, m in root.named_modules(remove_duplicate=False):
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    names.setdefault(id(t), (t, []))[1].append((m, key))
     with torch.no_grad():
         for (param, dim), labels in dg.member_labels.items():
             drop = np.flatnonzero(~dg.keep_mask(labels, removed))
             found = _owner(root, param) if drop.size else None
-            if found is not None:
-                t = getattr(*found)
-                t.index_fill_(dim, torch.as_tensor(drop, device=t.device), 0.0)
+            if found is None:
+                continue
+            old = getattr(*found)
+            new = old.index_fill(dim, torch.as_tensor(drop, device=old.device), 0.0)
+            if isinstance(old, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+            held, owners = names.get(id(old), (None, [found]))
+            owners = owners if held is old else [found]
+            for owner, key in owners:
+                table = owner._parameters if key in owner._parameters else owner._buffers
+                table[key] = new
+            names[id(new)] = (new, owners)  # a later axis of the same tensor reaches every name
 
 
 def _flatten(out: Any) -> list:
@@ -140,13 +160,15 @@ class _MaskedRun(torch.fx.Interpreter):
                 if not keep.all():
                     shape = [1] * value.dim()
                     shape[d] = -1
-                    mask = torch.as_tensor(keep, dtype=value.dtype, device=value.device).view(shape)
+                    # set, not multiplied: a NaN or inf a removed channel computed (p / p.sum()
+                    # over removed rows) must not leak into the kept ones
+                    drop = torch.as_tensor(~keep, device=value.device).view(shape)
                     try:  # in place, so tensors aliasing this one (views, in-place ops) see it too
                         if not in_place:
                             raise RuntimeError
-                        value.mul_(mask)
+                        value.masked_fill_(drop, 0)
                     except RuntimeError:  # expanded or otherwise unwritable tensors
-                        value = value * mask
+                        value = value.masked_fill(drop, 0)
             return value
         if isinstance(value, (tuple, list)) and isinstance(labels, Multi):
             return type(value)(self.mask(v, lab, in_place) for v, lab in zip(value, labels))

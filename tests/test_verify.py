@@ -201,3 +201,49 @@ def test_functional_gated_model_grads_are_untouched():
         warnings.simplefilter("ignore")
         gp.masked_model(model, dg, {next(g.id for g in dg.groups if g.prunable): [0]})
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_nan_computed_in_a_removed_channel_does_not_leak():
+    # p / p.sum(...) over a block whose channels all go is 0 / 0 in the masked original; the
+    # masked reference must set removed positions to zero, not multiply them by zero
+    # (bat_resnext26ts's bilinear attention transform: verify used to return nan)
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.h = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            b, _, hh, ww = x.shape
+            r = torch.sigmoid(self.a(x)).view(b, 4, 2, hh, ww)
+            s = r / r.sum(2, keepdim=True)
+            return self.h(s.view(b, 8, hh, ww))
+
+    model, x = Blocks().eval(), torch.randn(2, 3, 4, 4)
+    dg = gp.DependencyGraph.build(model, x)
+    g = next(g for g in dg.groups if g.prunable)
+    assert g.size == 4  # blocks of two channels
+    assert gp.verify(model, x, {g.id: [1]}, dg=dg) < 1e-5
+
+
+def test_tensors_sharing_storage_are_masked_apart():
+    # two buffers that are views of one tensor (a rotary table split per block): the slim model
+    # slices them apart, so the masked original must not zero one through the other
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            table = torch.rand(8) + 0.5
+            self.register_buffer("s1", table[:])
+            self.register_buffer("s2", table.view(8))
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.c, self.d = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.a(x) * self.s1.view(1, 8, 1, 1)) + self.d(self.b(x) * self.s2.view(1, 8, 1, 1))
+
+    model, x = Shared().eval(), torch.randn(2, 3, 4, 4)
+    assert model.s1.data_ptr() == model.s2.data_ptr()
+    dg = gp.DependencyGraph.build(model, x)
+    g = next(g for g in dg.groups if g.prunable and any(m.param == "a.weight" for m in g.members))
+    assert len(g.members) == 4  # a's rows and bias, c's columns, and s1 (a constant of the traced graph)
+    assert gp.verify(model, x, {g.id: [0, 3]}, dg=dg) < 1e-5
