@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from graphprune.removal import Removal
 from graphprune.rules.base import Rule, Shapes, find_rule
-from graphprune.tracing import named_state, normalize_inputs, trace
+from graphprune.tracing import fresh_inputs, named_state, normalize_inputs, trace
 
 __all__ = ["Counts", "count", "estimate", "CountEstimator", "graph_macs", "latency"]
 
@@ -139,8 +139,9 @@ def latency(
         times = []
         with torch.inference_mode():
             for i in range(warmup + repeats):
+                run = fresh_inputs(inputs)  # a forward may change its inputs in place
                 start = time.perf_counter()
-                model(*inputs)
+                model(*run)
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
         return statistics.median(times)

@@ -27,7 +27,7 @@ from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
-from graphprune.tracing import normalize_inputs
+from graphprune.tracing import fresh_inputs, normalize_inputs
 from graphprune.train.masking import member_params
 
 __all__ = ["magnitude_sparsify", "WeightMask", "dead_channels", "to_structured", "StructuredResult"]
@@ -146,7 +146,7 @@ def to_structured(model: nn.Module, example_inputs: Any, *, dg: DependencyGraph 
     slim.eval()
     try:
         with torch.no_grad():
-            a, b = model(*inputs), slim(*inputs)
+            a, b = model(*fresh_inputs(inputs)), slim(*fresh_inputs(inputs))
     finally:
         model.train(was)
         slim.train(swas)
