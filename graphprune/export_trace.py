@@ -59,12 +59,15 @@ def _mode_dependent(model: torch.nn.Module) -> list[str]:
     return found
 
 
-def _batch_dynamic(model: torch.nn.Module, inputs: tuple) -> tuple | dict:
+def _batch_dynamic(model: torch.nn.Module, bound: Any) -> tuple | dict:
     """``dynamic_shapes`` with the first dimension of every input ``Dim.AUTO`` (export keeps
     it static where it must), shaped as ``forward``'s signature takes the inputs."""
-    def spec(x: torch.Tensor) -> dict[int, Any] | None:
-        return {0: torch.export.Dim.AUTO} if x.dim() else None
+    def spec(x: Any) -> dict[int, Any] | None:
+        return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None
 
+    inputs = bound.tensors
+    if bound.names is not None:  # keyword inputs: one entry per keyword
+        return {name: spec(value) for name, value in bound.kwargs().items()}
     try:
         signature = inspect.signature(model.forward)
         bound = signature.bind(*inputs)
@@ -75,18 +78,21 @@ def _batch_dynamic(model: torch.nn.Module, inputs: tuple) -> tuple | dict:
             for name, value in bound.arguments.items()}
 
 
-def _export(model: torch.nn.Module, inputs: tuple, dynamic: bool) -> torch.export.ExportedProgram:
-    """``torch.export`` (non-strict) on copies of ``inputs``, with a dynamic batch dimension
-    if ``dynamic``."""
-    fresh = tuple(x.detach().clone() for x in inputs)
-    shapes = _batch_dynamic(model, inputs) if dynamic else None
+def _export(model: torch.nn.Module, bound: Any, dynamic: bool) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) on copies of the inputs (keywords for dict example inputs),
+    with a dynamic batch dimension if ``dynamic``."""
+    fresh = tuple(x.detach().clone() for x in bound.tensors)
+    shapes = _batch_dynamic(model, bound) if dynamic else None
+    if bound.names is not None:
+        return torch.export.export(model, (), kwargs=bound.kwargs(fresh), dynamic_shapes=shapes, strict=False)
     return torch.export.export(model, fresh, dynamic_shapes=shapes, strict=False)
 
 
 def _fixed_batch(program: torch.export.ExportedProgram, inputs: tuple, model_name: str) -> str | None:
     """Why torch.export kept the batch dimension static, or None if it is dynamic."""
     values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-    for name, x in zip(program.graph_signature.user_inputs, inputs):
+    tensor_inputs = [u for u in program.graph_signature.user_inputs if isinstance(u, str) and u in values]
+    for name, x in zip(tensor_inputs, inputs):
         val = values.get(name)
         if x.dim() and isinstance(val, torch.Tensor) and isinstance(val.shape[0], torch.SymInt):
             return None
@@ -168,14 +174,19 @@ def _free_computed_sizes(graph: torch.fx.Graph) -> str | None:
     return None
 
 
-def _plain_graph(program: torch.export.ExportedProgram) -> tuple[torch.fx.GraphModule, str | None]:
-    """The exported module with positional inputs, the model's output structure and free
-    view sizes; and what keeps it from running at other batch sizes, if anything."""
+def _plain_graph(program: torch.export.ExportedProgram, constants: Any = ()
+                 ) -> tuple[torch.fx.GraphModule, str | None]:
+    """The exported module with positional inputs (the non-tensor keyword inputs
+    ``constants`` fixed, so they are not inputs any more), the model's output structure
+    and free view sizes; and what keeps it from running at other batch sizes, if anything."""
     gm = program.module()
     spec = getattr(gm, "_out_spec", None) or program.call_spec.out_spec
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target in constants and not node.users:
             graph.erase_node(node)
     graph._codegen = torch.fx.graph.CodeGen()
     _restore_output_structure(gm, spec)
@@ -191,29 +202,30 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def export_trace(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], fx_error: TraceError
-                 ) -> torch.fx.GraphModule:
-    """An fx GraphModule of ``model`` from ``torch.export`` (non-strict), as described above.
-    The caller holds the tracing lock; neither ``model`` nor ``inputs`` change."""
+def export_trace(model: torch.nn.Module, bound: Any, fx_error: TraceError) -> torch.fx.GraphModule:
+    """An fx GraphModule of ``model`` from ``torch.export`` (non-strict), as described above,
+    for ``bound`` (``tracing.BoundInputs``). The caller holds the tracing lock; neither
+    ``model`` nor the inputs change."""
     from graphprune.tracing import eval_mode  # tracing imports this module
 
     name = type(model).__name__
+    inputs = bound.tensors
     training = _mode_dependent(model)
     work = structural_copy(model)
     with eval_mode(work):
         gm, why = None, None
         try:
-            program = _export(work, inputs, dynamic=True)
+            program = _export(work, bound, dynamic=True)
             why = _fixed_batch(program, inputs, name)
             if why is None:
-                gm, blocker = _plain_graph(program)
+                gm, blocker = _plain_graph(program, bound.constants)
                 if blocker:
                     gm, why = None, blocker + " (graphprune's rules take literal sizes there)"
         except Exception as exc:  # retried with static shapes below, which names its own failure
             why = f"torch.export failed with a dynamic batch dimension ({_first_line(exc)})"
         if gm is None:
             try:
-                gm, _ = _plain_graph(_export(work, inputs, dynamic=False))
+                gm, _ = _plain_graph(_export(work, bound, dynamic=False), bound.constants)
             except Exception as exc:
                 raise TraceError(f"{fx_error} torch.export (non-strict) failed as well: "
                                  f"{_first_line(exc)}") from fx_error

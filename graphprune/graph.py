@@ -35,7 +35,7 @@ from graphprune.errors import InputError
 from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext
 from graphprune.removal import vanish_problems
 from graphprune.rules.base import iter_arrays, unlabelled  # noqa: F401  (importable from here too)
-from graphprune.tracing import code_fingerprints, named_state, normalize_inputs, trace
+from graphprune.tracing import bind_inputs, code_fingerprints, named_state, trace
 
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
 
@@ -154,7 +154,9 @@ class DependencyGraph:
                             "factor": factor, "grouped": grouped}
         dg.state_shapes = {k: tuple(v.shape) for k, v in named_state(model).items()}
         dg.code = code_fingerprints(model)  # apply refuses a model whose forward code differs
-        inputs = normalize_inputs(example_inputs)
+        bound = bind_inputs(model, example_inputs)
+        dg.example_names, dg.example_constants = bound.names, dict(bound.constants)
+        inputs = bound.tensors
         dg.example_shapes = [tuple(x.shape) for x in inputs]
         dg.example_dtypes = [x.dtype for x in inputs]
         dg._mark_removable()

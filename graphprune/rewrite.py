@@ -266,6 +266,8 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
         raise RewriteError(f"could not rewrite the graph for this plan: {type(exc).__name__}: {exc}") from exc
     meta, step = getattr(model, "meta", None), {"plan": plan.to_json(), "build": dict(getattr(dg, "build_options", {}))}
     prev = meta.get("graphprune") if isinstance(meta, dict) and isinstance(meta.get("graphprune"), dict) else {}
+    if "graphprune_fixed" in dg.gm.meta:  # keyword arguments the traced graph fixed (use_cache=False)
+        slim.meta["graphprune_fixed"] = dict(dg.gm.meta["graphprune_fixed"])
     slim.meta["graphprune"] = {**copy.deepcopy({k: prev[k] for k in ("origin", "inputs") if k in prev}), **step,
                                "plans": [*prev.get("plans", ()), step["plan"]],  # a slim input's chain goes on
                                "builds": [*prev.get("builds", ()), step["build"]]}

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import operator
 import os
 import threading
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,7 +48,7 @@ from graphprune.fingerprint import check_same_code, code_fingerprint, code_finge
 from graphprune.preserve import untouched
 from graphprune.rules.base import has_own_module_rule
 
-__all__ = ["trace", "normalize_inputs", "shape_of", "named_state", "GraphTracer", "TRACE_LOCK",
+__all__ = ["trace", "normalize_inputs", "bind_inputs", "BoundInputs", "shape_of", "named_state", "GraphTracer", "TRACE_LOCK",
            "code_fingerprint", "code_fingerprints", "check_same_code"]
 
 TRACE_LOCK = threading.RLock()
@@ -142,21 +145,106 @@ else:  # pragma: no cover - other torch versions: the lock alone serialises trac
     _thread_patches = contextlib.nullcontext
 
 
-def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Return ``example_inputs`` as a tuple of tensors, or raise ``InputError``."""
+@dataclass(frozen=True)
+class BoundInputs:
+    """Example inputs bound to a model's ``forward``.
+
+    ``tensors`` are the traced graph's positional inputs, in ``forward``'s parameter order.
+    Example inputs given as a dict are keyword arguments: ``names`` holds the keyword of
+    each tensor, and ``constants`` the non-tensor ones (``use_cache=False``), which the
+    graph fixes; the traced graph's ``forward`` takes exactly ``names``, so the slim model
+    is called as the model was (``slim(**kwargs)``, or positionally).
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    names: tuple[str, ...] | None = None
+    constants: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self, tensors: Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
+        """The keyword arguments of a call (``tensors`` in place of the example's)."""
+        return {**dict(zip(self.names or (), tensors if tensors is not None else self.tensors)), **self.constants}
+
+    def run(self, model: torch.nn.Module, tensors: Sequence[torch.Tensor] | None = None) -> Any:
+        """Call ``model`` the way these inputs were given: keywords for a dict, else positionally."""
+        tensors = tuple(tensors if tensors is not None else self.tensors)
+        return model(**self.kwargs(tensors)) if self.names is not None else model(*tensors)
+
+
+def _check_tensor(x: Any, where: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{where} is a {type(x).__name__}, expected a tensor")
+    if x.device.type == "meta":
+        raise InputError(f"{where} is on the meta device; pass real tensors")
+    return x
+
+
+def bind_inputs(model: torch.nn.Module | None, example_inputs: Any) -> BoundInputs:
+    """``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword arguments) bound
+    to ``model.forward``; ``InputError`` names what does not fit.
+
+    >>> m = torch.nn.Linear(3, 2)
+    >>> b = bind_inputs(m, {"input": torch.zeros(1, 3)})
+    >>> b.names, [tuple(t.shape) for t in b.tensors]
+    (('input',), [(1, 3)])
+    """
+    if isinstance(example_inputs, Mapping):
+        if not example_inputs:
+            raise InputError("example_inputs is an empty dict; give the model's keyword arguments")
+        items = dict(example_inputs)
+        fixed = getattr(model, "meta", {}).get("graphprune_fixed", {}) if model is not None else {}
+        for key in [k for k in items if k in fixed]:  # baked into this traced graph when it was made
+            if not isinstance(items[key], torch.Tensor):
+                if items.pop(key) != fixed[key]:
+                    raise InputError(f"{type(model).__name__} was traced with {key}={fixed[key]!r} fixed "
+                                     f"in its graph; it cannot run with another value")
+        if model is not None:
+            params = inspect.signature(model.forward).parameters
+            order = {name: i for i, name in enumerate(params)}
+            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            unknown = [k for k in items if k not in order or params[k].kind in (
+                inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+            if unknown and not takes_any:
+                named = [n for n, p in params.items() if p.kind not in (
+                    inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+                raise InputError(f"example_inputs names {unknown}, which {type(model).__name__}.forward does "
+                                 f"not take; its parameters are {named}")
+            items = dict(sorted(items.items(), key=lambda kv: order.get(kv[0], len(order))))
+        names = tuple(k for k, v in items.items() if isinstance(v, torch.Tensor))
+        if not names:
+            raise InputError("example_inputs (a dict) holds no tensor; give at least one tensor argument")
+        tensors = tuple(_check_tensor(items[k], f"example_inputs[{k!r}]") for k in names)
+        return BoundInputs(tensors, names, {k: v for k, v in items.items() if k not in names})
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, Sequence) or not example_inputs:
+    if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, str) or not example_inputs:
         raise InputError(
-            "example_inputs must be a tensor or a non-empty tuple of tensors, "
-            f"got {type(example_inputs).__name__}"
+            "example_inputs must be a tensor, a non-empty tuple of tensors or a dict of keyword "
+            f"arguments, got {type(example_inputs).__name__}"
         )
-    for i, x in enumerate(example_inputs):
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"example_inputs[{i}] is a {type(x).__name__}, expected a tensor")
-        if x.device.type == "meta":
-            raise InputError(f"example_inputs[{i}] is on the meta device; pass real tensors")
-    return tuple(example_inputs)
+    return BoundInputs(tuple(_check_tensor(x, f"example_inputs[{i}]") for i, x in enumerate(example_inputs)))
+
+
+def normalize_inputs(example_inputs: Any, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+    """The tensors of ``example_inputs`` in the traced graph's order (see ``bind_inputs``), or
+    raise ``InputError``."""
+    return bind_inputs(model, example_inputs).tensors
+
+
+def fixed_arguments(model: torch.nn.Module, bound: BoundInputs) -> dict[str, Any]:
+    """For keyword inputs: every parameter of ``forward`` they do not give, at its default, and
+    the non-tensor ones they give; fx bakes these in, so the graph takes exactly ``bound.names``."""
+    if bound.names is None:
+        return {}
+    fixed = dict(bound.constants)
+    for name, p in inspect.signature(model.forward).parameters.items():
+        if name in bound.names or name in fixed or p.kind in (inspect.Parameter.VAR_POSITIONAL,
+                                                              inspect.Parameter.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise InputError(f"example_inputs (a dict) do not give {name!r}, which "
+                             f"{type(model).__name__}.forward needs")
+        fixed[name] = p.default
+    return fixed
 
 
 def named_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -221,6 +309,23 @@ def _user_frame(tb: Any) -> str:
     return where
 
 
+def _bake_concrete(graph: torch.fx.Graph, concrete: dict[str, Any]) -> None:
+    """fx keeps an input for every concrete argument (already baked into the computation),
+    guarded to have the traced value: drop the guards and those inputs, so the graph takes
+    only the other inputs."""
+    def is_guard(node: torch.fx.Node) -> bool:
+        return node.op == "call_function" and "has been specialized" in " ".join(
+            a for a in node.args if isinstance(a, str))
+
+    for node in reversed(list(graph.nodes)):
+        if is_guard(node) or (node.op == "call_function" and node.target is operator.eq and not node.users):
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and not node.users and any(
+                node.target == name or node.target.rsplit("_", 1)[0] == name for name in concrete):
+            graph.erase_node(node)
+
+
 def _symbolic_trace(
     model: torch.nn.Module, leaf_modules: Iterable[type | str], concrete_args: dict | None
 ) -> torch.fx.GraphModule:
@@ -228,6 +333,7 @@ def _symbolic_trace(
     try:
         with untouched(model):  # fx stores tensor constants (and a forward its proxies) on modules
             graph = tracer.trace(model, concrete_args=concrete_args)
+            _bake_concrete(graph, concrete_args or {})
             return _GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many kinds; all mean "not traceable"
         path = tracer.failed_module or ""
@@ -242,10 +348,12 @@ def _symbolic_trace(
         ) from exc
 
 
-def _export_trace(model: torch.nn.Module, inputs: tuple, fx_error: TraceError) -> torch.fx.GraphModule:
+def _export_trace(model: torch.nn.Module, inputs: BoundInputs | tuple, fx_error: TraceError
+                  ) -> torch.fx.GraphModule:
     """``export_trace.export_trace`` under the tracing lock, with the model left as it was."""
+    bound = inputs if isinstance(inputs, BoundInputs) else BoundInputs(tuple(inputs))
     with TRACE_LOCK, untouched(model):
-        return export_trace(model, inputs, fx_error)
+        return export_trace(model, bound, fx_error)
 
 
 def shape_of(value: Any) -> Any:
@@ -370,19 +478,23 @@ def trace(
     [(2, 3)]
     """
     check_model(model)
-    inputs = normalize_inputs(example_inputs)
+    bound = bind_inputs(model, example_inputs)
     with TRACE_LOCK, untouched(model):
         gm = model if isinstance(model, torch.fx.GraphModule) else None
         if gm is None:
+            fixed = {**fixed_arguments(model, bound), **(concrete_args or {})}
             try:
-                gm = _symbolic_trace(model, leaf_modules, concrete_args)
+                gm = _symbolic_trace(model, leaf_modules, fixed or None)
             except TraceError as fx_error:
                 if not export_fallback:
                     raise
-                gm = _export_trace(model, inputs, fx_error)
+                gm = _export_trace(model, bound, fx_error)
         else:
             gm = _GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
-        propagate_shapes(gm, fresh_inputs(inputs))
+        propagate_shapes(gm, fresh_inputs(bound.tensors))
+    fixed = {**getattr(model, "meta", {}).get("graphprune_fixed", {}), **bound.constants}
+    if fixed:  # keyword arguments baked into the graph: later calls may give them again
+        gm.meta["graphprune_fixed"] = fixed
     return gm
 
 

@@ -218,7 +218,7 @@ def masked_forward(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dic
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     reference = _MaskedGraph(model, dg, dg.removed_classes(plan)).eval()
     with torch.no_grad():
-        return reference(*fresh_inputs(normalize_inputs(inputs)))
+        return reference(*fresh_inputs(normalize_inputs(inputs, model)))
 
 
 def _tied_slots(module: torch.nn.Module) -> dict[int, list[str]]:
@@ -270,14 +270,14 @@ def verify(
     >>> verify(model, torch.randn(1, 3, 8, 8), {0: [1, 5]}) < 1e-5
     True
     """
-    inputs = normalize_inputs(example_inputs)
+    inputs = normalize_inputs(example_inputs, model)
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     shapes = [tuple(x.shape) for x in inputs]
     if dg is not None and getattr(dg, "example_shapes", shapes) != shapes:
         raise InputError(f"the dependency graph was built on inputs of shapes {dg.example_shapes}, but verify got "
                          f"{shapes}; its channel masks are per position, so pass inputs of those shapes or "
                          "leave dg out to build a graph for these")
-    dg = dg or DependencyGraph.build(model, inputs)
+    dg = dg or DependencyGraph.build(model, example_inputs)
     slim = slim if slim is not None else apply(model, dg, plan)
     _warn_untied(model, dg, plan, slim)
     want = _flatten(masked_forward(model, dg, plan, inputs))

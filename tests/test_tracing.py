@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 import threading
 import warnings
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from helpers import assert_state, flat_outputs, snapshot
 
 import graphprune as gp
+from graphprune import tracing
 from graphprune.errors import InputError, TraceError
 
 X = torch.randn(2, 3, 8, 8)
@@ -317,3 +319,52 @@ def test_tracing_from_many_threads_gives_the_single_threaded_results():
     assert nn.Linear(4, 3)(torch.randn(1, 4)).shape == (1, 3)
     assert nn.Module.__call__ is torch.nn.modules.module.Module.__call__
     assert not torch.fx._symbolic_trace.is_fx_tracing()
+
+
+class Keyworded(nn.Module):
+    """A forward with optional tensors and settings, called with keywords (as Hugging Face models are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x, mask=None, scale=1.0, cache=None, return_dict=True):
+        y = torch.relu(self.a(x)) * scale
+        if mask is not None:
+            y = y + mask.unsqueeze(-1)
+        out = self.b(y)
+        return {"logits": out, "cache": cache} if return_dict else out
+
+
+@pytest.mark.parametrize("order", ["signature", "reversed"])
+def test_dict_example_inputs_are_keyword_arguments(order):
+    x, mask = torch.randn(2, 5, 4), torch.randn(2, 5)
+    inputs = {"x": x, "mask": mask, "scale": 2.0, "return_dict": False}
+    if order == "reversed":
+        inputs = dict(reversed(list(inputs.items())))
+    model = Keyworded().eval()
+    bound = tracing.bind_inputs(model, inputs)
+    assert bound.names == ("x", "mask") and bound.constants == {"scale": 2.0, "return_dict": False}
+    result = gp.prune(model, inputs, ratio=0.5, steps=2)
+    slim = result.model
+    assert slim.get_submodule("a").out_features == 4
+    assert list(inspect.signature(slim.forward).parameters) == ["x", "mask"]
+    with torch.no_grad():
+        want = slim(x, mask)
+        assert torch.equal(slim(x=x, mask=mask), want)
+    assert gp.count(slim, inputs).params == result.after.params  # graphprune takes the same dict again
+    assert gp.verify(model, inputs, result.plan) < 1e-5
+    with pytest.raises(gp.InputError, match="scale=2.0"):
+        tracing.bind_inputs(slim, {**inputs, "scale": 3.0})
+
+
+def test_dict_example_inputs_name_what_forward_does_not_take():
+    with pytest.raises(gp.InputError, match=r"\['nope'\].*'x', 'mask'"):
+        gp.DependencyGraph.build(Keyworded().eval(), {"x": torch.randn(2, 5, 4), "nope": torch.ones(1)})
+    with pytest.raises(gp.InputError, match="needs"):
+        class Needs(Keyworded):
+            def forward(self, x, y):
+                return self.b(torch.relu(self.a(x))) + y
+
+        gp.DependencyGraph.build(Needs().eval(), {"x": torch.randn(2, 5, 4)})

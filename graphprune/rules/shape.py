@@ -16,10 +16,11 @@ import builtins
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import arg, aten_ops, norm_dim, register, target_name
+from graphprune.rules.base import arg, aten_ops, is_inplace, norm_dim, register, target_name
 
 
 def _runs(in_shape, out_shape):
@@ -103,7 +104,12 @@ def _reshape_patch(rw, node):
 
     Literal ints and values computed at run time from other widths (``C // heads``)
     are both replaced, since either may no longer hold after pruning; ``-1`` stays.
+    A ``view`` whose input narrowed becomes a ``reshape`` (unless its result is written in
+    place): narrower axes change which strides are contiguous, so a view the original
+    could take (after a copy made by a reshape of a transposed tensor) may not exist in
+    the slim model, where a width of 1 lets that reshape return a view instead.
     """
+    _view_as_reshape(rw, node)
     module = rw.module(node)
     if isinstance(module, nn.Unflatten):
         found = 2, list(module.unflattened_size), True
@@ -136,6 +142,21 @@ def _reshape_patch(rw, node):
         rw.set_arg(node, 2, "sizes", tuple(sizes))
     else:
         rw.set_args(node, tuple(node.args[:first]) + ((tuple(sizes),) if packed else tuple(sizes)))
+
+
+_VIEWS = {"view": "reshape", "view_as": "reshape_as"}
+
+
+def _view_as_reshape(rw, node) -> None:
+    x = node.args[0] if node.args else None
+    if not isinstance(x, torch.fx.Node) or rw.new_shape(x) == tuple(rw.old_shape(x) or ()):
+        return
+    if any(is_inplace(u, rw.module(u)) for u in node.users):
+        return
+    if node.op == "call_method" and node.target in _VIEWS:
+        node.target = _VIEWS[node.target]
+    elif node.op == "call_function" and node.target is getattr(torch.ops.aten.view, "default", None):
+        node.target = torch.ops.aten.reshape.default
 
 
 @register(torch.flatten, torch.reshape, nn.Flatten, nn.Unflatten, torch.squeeze, torch.unsqueeze,
@@ -248,4 +269,11 @@ def shape_query(ctx, node, module):
         ctx.width_axes[node.name] = widths
     elif (name == "numel" and widths) or (name == "len" and 0 in widths):
         ctx.mark_width(node)
+    return None
+
+
+@register(*aten_ops("_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range_for_size.default"))
+def metadata_check(ctx, node, module):
+    """Checks torch.export inserts (dtype, device, size asserts): they return nothing and read no
+    values; the slim graph's tensors keep dtype and device."""
     return None
