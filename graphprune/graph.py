@@ -156,6 +156,7 @@ class DependencyGraph:
         dg.code = code_fingerprints(model)  # apply refuses a model whose forward code differs
         bound = bind_inputs(model, example_inputs)
         dg.example_names, dg.example_constants = bound.names, dict(bound.constants)
+        dg.example = bound  # the module form is checked on these (run on fresh copies, never changed)
         inputs = bound.tensors
         dg.example_shapes = [tuple(x.shape) for x in inputs]
         dg.example_dtypes = [x.dtype for x in inputs]
