@@ -138,7 +138,7 @@ def _reshape_patch(rw, node):
     if not changed:
         return
     if isinstance(module, nn.Unflatten):
-        rw.replace_module(node, nn.Unflatten(module.dim, tuple(sizes)))
+        rw.replace_module(node, nn.Unflatten(module.dim, tuple(sizes)).train(module.training))
     elif target_name(node) == "unflatten":
         rw.set_arg(node, 2, "sizes", tuple(sizes))
     else:
