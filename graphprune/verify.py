@@ -25,7 +25,7 @@ from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
 from graphprune.rules.base import Multi
-from graphprune.tracing import eval_mode, fresh_inputs, normalize_inputs
+from graphprune.tracing import eval_mode, fresh_inputs, normalize_inputs, require_values
 
 __all__ = ["verify", "masked_model", "masked_forward"]
 
@@ -270,6 +270,7 @@ def verify(
     >>> verify(model, torch.randn(1, 3, 8, 8), {0: [1, 5]}) < 1e-5
     True
     """
+    require_values(model, "verify")
     inputs = normalize_inputs(example_inputs, model)
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     shapes = [tuple(x.shape) for x in inputs]

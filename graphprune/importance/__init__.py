@@ -40,6 +40,7 @@ from graphprune.importance.oracle import oracle
 from graphprune.importance.random import random_scores
 from graphprune.importance.shapley import shapley
 from graphprune.importance.taylor import taylor
+from graphprune.tracing import require_values
 
 __all__ = [
     "CRITERIA", "DATA_DRIVEN", "LossError", "score", "magnitude", "random_scores", "bn_scale",
@@ -76,6 +77,8 @@ def score(method: str | Callable, model: Any, dg: Any, **options: Any) -> dict[i
         fn, name = CRITERIA[method], method
     else:
         raise InputError(f"unknown method {method!r}; choose one of {sorted(CRITERIA)}")
+    if name != "random":
+        require_values(model, f"criterion {name!r}")
     raw = fn(model, dg, **options)
     out: dict[int, np.ndarray] = {}
     for gid, s in raw.items():
