@@ -36,7 +36,7 @@ import torch
 
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
-from graphprune.metrics import Counts, count
+from graphprune.metrics import Counts, LayerComparison, count
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
 from graphprune.select import resolve_ignore
@@ -60,6 +60,13 @@ class PruneResult:
     graph: DependencyGraph
     history: list[Plan] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+
+    def layer_changes(self) -> LayerComparison:
+        """Each layer before and after pruning: parameters, MACs per sample, output shape
+        (``before.layers.compare(after.layers)``; ``.table()`` prints it)."""
+        if self.before.layers is None or self.after.layers is None:
+            raise InputError("these counts have no per-layer breakdown (they were estimated, not counted)")
+        return self.before.layers.compare(self.after.layers)
 
 
 @dataclass
