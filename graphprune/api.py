@@ -162,10 +162,10 @@ def prune(
     Examples
     --------
     >>> import graphprune as gp
-    >>> model, x = gp.zoo.create("resnet20")
-    >>> r = gp.prune(model, x, ratio=0.5, ratios={"layer3": 0.25}, ignore=[model.conv1])
-    >>> r.model.get_submodule("layer3.0.conv1").out_channels, r.model.get_submodule("layer2.0.conv1").out_channels
-    (48, 16)
+    >>> model, x = gp.zoo.create("mlp")  # fc1 (128) -> fc2 (64) -> fc3 (10)
+    >>> r = gp.prune(model, x, ratio=0.5, ratios={"fc2": 0.25}, ignore=[model.fc1])
+    >>> r.model.fc1.out_features, r.model.fc2.out_features
+    (128, 48)
     >>> gp.prune(model, x, round_to_=8)
     Traceback (most recent call last):
     ...

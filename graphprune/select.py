@@ -368,6 +368,9 @@ def select(
     (0, 1)
     """
     if ratio is None and ratios:
+        if scope != "local" or target != "channels":
+            raise InputError(f"with scope={scope!r} and target={target!r} per-module ratios are ceilings: give the "
+                             "overall amount as ratio too")
         ratio = 0.0
     if ratio is None or isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")

@@ -352,8 +352,8 @@ def _dense(dg: DependencyGraph, inputs: tuple) -> list:
     except NotImplementedError:  # torch.export's graph refuses eval(): it is the inference graph already
         mode = None
     try:
-        with torch.no_grad():
-            return _flatten(dg.gm(*fresh_inputs(inputs)))
+        with torch.no_grad():  # interpreted, as the masked run is (an exported graph's call checks keywords)
+            return _flatten(torch.fx.Interpreter(dg.gm).run(*fresh_inputs(inputs)))
     finally:
         if mode is not None:
             mode.__exit__(None, None, None)
