@@ -116,11 +116,6 @@ def module_names(dg: Any, module: torch.nn.Module, model: torch.nn.Module | None
     return list(dict.fromkeys(names))
 
 
-def _producers(g: Any) -> list[str]:
-    """The parameters whose output rows are a group's channels (or the producing nodes)."""
-    return list(dict.fromkeys([*(m.param for m in g.members if m.role == "out"), *g.producers]))
-
-
 def _matches(key: str, name: str) -> bool:
     """Whether module name or glob pattern ``key`` names parameter ``name`` or a module around it."""
     pattern = any(c in key for c in "*?[")
@@ -146,8 +141,10 @@ def _keys(dg: Any, key: Any, what: str, model: torch.nn.Module | None) -> list[A
 
 
 def _covered(dg: Any, key: Any, what: str, model: torch.nn.Module | None = None) -> set[tuple[int, str]]:
-    """The (group id, producer) pairs ``key`` selects; a key that selects nothing raises ``InputError``."""
-    hit = {(g.id, p) for k in _keys(dg, key, what, model) for g in dg.groups for p in _producers(g)
+    """The (group id, producer) pairs ``key`` selects, a producer being a parameter whose output rows
+    are the group's channels (or a producing node); a key that selects nothing raises ``InputError``."""
+    hit = {(g.id, p) for k in _keys(dg, key, what, model) for g in dg.groups
+           for p in dict.fromkeys([*(m.param for m in g.members if m.role == "out"), *g.producers])
            if (k == g.id if isinstance(k, int) else _matches(k, p))}
     if not hit:
         raise InputError(f"{what} names {key!r}, which produces no group's channels; give a module name "
@@ -157,15 +154,10 @@ def _covered(dg: Any, key: Any, what: str, model: torch.nn.Module | None = None)
 
 
 def resolve_ignore(dg: Any, ignore: Iterable[Any], model: torch.nn.Module | None = None) -> set[int]:
-    """Group ids to leave whole: ids as given; names, glob patterns and modules select the
-    groups a layer produces.
-
-    A name (``"layer1.0.conv1"``) selects every group that owns output rows (``out``
-    members) of that module or of modules inside it; a pattern (``"layer1.*.conv1"``,
-    ``fnmatch`` over module and parameter names) the groups of every matching module; a
-    module object (``model.fc``) the groups of its names. A key that selects nothing raises
-    ``InputError``.
-    """
+    """Group ids to leave whole: ids as given; a name (``"layer1.0.conv1"``) selects every group
+    whose channels that module or a module inside it produces (output rows, ``out`` members); a
+    pattern (``"layer1.*.conv1"``, ``fnmatch``) those of every matching module; a module object
+    (``model.fc``) those of its names. A key that selects nothing raises ``InputError``."""
     return {gid for item in ignore for gid, _ in _covered(dg, item, "ignore", model)}
 
 
