@@ -196,3 +196,65 @@ def embedding_function(ctx, node, module):
     labels = ctx.weight_labels(weight)
     ctx.set_role(weight, 1, "out")
     return _embedding_core(ctx, ctx.operand("input"), labels[1] if len(labels) > 1 else None)
+
+
+def _einsum_parts(node) -> tuple[list[str], str, list]:
+    """(subscripts per operand, output subscripts, operands) with ``...`` spelled out."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    ins = lhs.split(",")
+    spare = iter(sorted(set("ABCDEFGHIJKLMNOPQRSTUVWXYZ") - set(equation)))
+    dots = ""
+    for k, sub in enumerate(ins):
+        if "..." in sub:
+            shape = operands[k].meta.get("shape") if isinstance(operands[k], torch.fx.Node) else None
+            n = len(shape) - (len(sub) - 3)
+            dots = dots if len(dots) >= n else dots + "".join(next(spare) for _ in range(n - len(dots)))
+            ins[k] = sub.replace("...", dots[len(dots) - n:])
+    if not arrow:  # implicit output: the letters used once, in order
+        letters = "".join(ins)
+        rhs = dots + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in dots))
+    return ins, rhs.replace("...", dots), operands
+
+
+def _einsum_macs(shapes, node, module, rule) -> int:
+    """One multiply-add per combination of every letter's positions (each product of two operands)."""
+    ins, rhs, operands = _einsum_parts(node)
+    sizes: dict[str, int] = {}
+    for sub, x in zip(ins, operands):
+        shape = shapes.of(x)
+        if shape is None:
+            return 0
+        sizes.update({c: max(sizes.get(c, 1), n) for c, n in zip(sub, shape)})
+    return math.prod(sizes.values()) * max(len(operands) - 1, 1)
+
+
+@register(torch.einsum, torch.functional.einsum, *aten_ops("einsum.default"), macs=_einsum_macs)
+def einsum(ctx, node, module):
+    """``torch.einsum``: axes that share a letter are tied channel by channel; contracted letters sum
+    their products (exact: a removed channel adds zero); an output axis carries its letter's labels.
+    A letter repeated within one operand (a diagonal) pins. A parameter operand is a layer: its
+    letters that reach the output produce channels."""
+    ins, rhs, operands = _einsum_parts(node)
+    reason = f"{ctx.describe_node()} ties a channel axis to a non-channel axis"
+    by_letter: dict[str, list] = {}
+    for sub, x in zip(ins, operands):
+        labels, shape = ctx.labels(x), ctx.shape(x)
+        if len(set(sub)) != len(sub):
+            ctx.pin_all(labels, f"{ctx.describe_node()} takes a diagonal")
+            return tuple(None for _ in ctx.shape(node))
+        for d, c in enumerate(sub):
+            by_letter.setdefault(c, []).append((labels[d] if labels else None, shape[d]))
+    tied = {c: ctx.couple([lab for lab, n in pairs if n > 1], max(n for _, n in pairs), reason)
+            for c, pairs in by_letter.items()}
+    for sub, x in zip(ins, operands):
+        if ctx.attr_name(x) is not None:
+            for d, c in enumerate(sub):
+                if c in rhs and tied[c] is not None:
+                    ctx.mark_produced(tied[c])
+                    ctx.set_role(x, d, "out")
+                elif c not in rhs:
+                    ctx.set_role(x, d, "in")
+    return tuple(tied[c] for c in rhs)

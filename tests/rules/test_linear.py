@@ -113,3 +113,41 @@ def test_addmm_with_a_parameter_is_a_layer():
     g = group_of(dg, "a.weight", 1)
     assert keys(g) == {("a.weight", 1), ("a.bias", 0), ("b.weight", 0)}
     exact(model, x, {g.id: [2, 3, 11]}, dg=dg, zero={"b.weight": (0, [2, 3, 11])})
+
+
+def test_einsum_ties_shared_letters_and_a_parameter_operand_is_a_layer():
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+            self.w = nn.Parameter(torch.randn(5, 8) * 0.3)  # "bti,oi->bto": a layer with 5 outputs
+            self.h = nn.Linear(5, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            att = torch.einsum("bid,bjd->bij", y, y).softmax(-1)
+            z = torch.einsum("bij,bjd->bid", att, y)
+            return self.h(torch.relu(torch.einsum("...i,oi->...o", z, self.w)))
+
+    model, x = Mixer().eval(), torch.randn(2, 4, 6)
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert keys(g) == {("a.weight", 0), ("a.bias", 0), ("w", 1)}
+    exact(model, x, {g.id: [0, 3, 7]}, dg=dg, zero={"a.weight": (0, [0, 3, 7]), "a.bias": (0, [0, 3, 7])})
+    produced = group_of(dg, "w", 0)
+    assert produced.prunable and ("h.weight", 1) in keys(produced)
+    exact(model, x, {produced.id: [1, 4]}, dg=dg)
+
+
+def test_einsum_diagonal_pins():
+    class Diag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.h = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.h(torch.einsum("bii->bi", self.a(x).view(4, 6, 6)[:, :4, :4]))
+
+    dg = build(Diag().eval(), torch.randn(4, 6, 6))
+    assert not group_of(dg, "a.weight", 0).prunable
