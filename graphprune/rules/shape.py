@@ -17,6 +17,7 @@ import builtins
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -104,6 +105,8 @@ def _reshape_patch(rw, node):
 
     Literal ints and values computed at run time from other widths (``C // heads``)
     are both replaced, since either may no longer hold after pruning; ``-1`` stays.
+    An axis without channels keeps its size: a width computed at run time there (the
+    ``C // heads`` of one-channel heads) becomes the original number.
     """
     module = rw.module(node)
     if isinstance(module, nn.Unflatten):
@@ -126,9 +129,13 @@ def _reshape_patch(rw, node):
         axes = range(len(sizes))
     changed = False
     for k, d in enumerate(axes):
-        if out_labels[d] is not None and not (isinstance(sizes[k], int) and sizes[k] == -1):
+        if isinstance(sizes[k], int) and sizes[k] == -1:
+            continue
+        if out_labels[d] is not None:
             changed |= sizes[k] != new_shape[d]
             sizes[k] = new_shape[d]
+        elif isinstance(sizes[k], torch.fx.Node) and sizes[k].name in rw.dg.width_values:
+            sizes[k], changed = rw.old_shape(node)[d], True
     if not changed:
         return
     if isinstance(module, nn.Unflatten):
