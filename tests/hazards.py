@@ -19,7 +19,8 @@ a feature map) and draws the model traits of ``fuzznet.Arch`` (``draw_traits``):
 - ``index``: ``x[:, k]``, ``x[:, -1]``, ``x[:, a:b]``, ``x[..., a:b, :, :]``, ``x[:, ::2]``,
   ``x.narrow(1, a, n)``, ``x.select(1, k)`` on channel axes;
 - ``tied``: a second conv or linear whose weight is an earlier one's (``b.weight = a.weight``);
-- ``gtwice``: a grouped conv module called twice (chained, added, or concatenated);
+- ``gtwice``: a grouped conv module called twice (chained, added, or concatenated), or on a
+  value and on the model input (cut or zero-padded to the width: no channel axis);
 - ``dropout``: ``nn.Dropout`` or ``F.dropout(y, p, self.training)`` (it matters in training mode).
 """
 
@@ -135,9 +136,10 @@ def draw_op(draw, arch: Arch, kind: str, emit, pick) -> None:
              (c_out, *rest))
     elif kind == "gtwice" and c >= 2:
         g = draw(st.sampled_from([d for d in range(2, c + 1) if c % d == 0]))
-        combine = draw(st.sampled_from(["chain", "add", "cat"]))
+        combine = draw(st.sampled_from(["chain", "add", "cat", "input"]))
         c_out = c if combine == "chain" else g * draw(st.integers(1, max(1, MAX_C // g)))
-        other = x if combine == "chain" else draw(st.sampled_from([i for i in maps if shapes[i] == s]))
+        other = {"chain": x, "input": 0}.get(combine) if combine in ("chain", "input") else \
+            draw(st.sampled_from([i for i in maps if shapes[i] == s]))
         args = (g, c_out, draw(st.sampled_from([1, 3])), combine, draw(st.booleans()))
         emit(Op("gtwice", (x, other), args), (2 * c_out if combine == "cat" else c_out, *rest))
     else:  # the drawn kind does not fit this input: a channel-count scale instead
@@ -276,6 +278,13 @@ def _gtwice(net, i, op, ins):
     conv, combine = net.layers[f"gtwice{i}"], op.args[3]
     if combine == "chain":
         return conv(conv(ins[0]))
+    if combine == "input":  # the model input, cut or padded to this width and resized: no channel axis
+        c, h, w = net.arch.shapes[op.inputs[0]]
+        c_in = net.arch.c_in
+        u = ins[1][:, :c] if c <= c_in else F.pad(ins[1], (0, 0, 0, 0, 0, c - c_in))
+        if (h, w) != (net.arch.hw, net.arch.hw):
+            u = F.interpolate(u, size=(h, w))
+        return conv(ins[0]) + conv(u)
     if combine == "add":
         return conv(ins[0]) + conv(ins[1])
     return torch.cat([conv(ins[0]), conv(ins[1])], 1)

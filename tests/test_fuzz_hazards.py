@@ -35,6 +35,7 @@ import copy
 import os
 import warnings
 
+import hazards
 import pytest
 import torch
 import torch.fx
@@ -68,6 +69,7 @@ FUZZ = settings(
 CLASSES = ("exact", "inexact", "typed", "wrong", "untyped", "mutation")
 TALLY: collections.Counter = collections.Counter()  # class -> count, and "class: detail" -> count
 EXAMPLES_SEEN: dict[str, list[str]] = {}  # "class: detail" -> printed examples
+PRESENT: dict[str, collections.Counter] = {}  # "class: detail" of a failure -> traits and hazard kinds seen
 
 
 class Typed(Exception):
@@ -148,11 +150,11 @@ def _structure(out) -> tuple:
 
 
 def _reference(model: torch.nn.Module, x) -> tuple:
-    """The output structure of the model in eval mode, from a copy (the model itself may
-    change its inputs or store attributes when called)."""
+    """The outputs of the model in eval mode, from a copy (the model itself may change its
+    inputs or store attributes when called)."""
     ref = copy.deepcopy(model).eval()
     with torch.no_grad():
-        return _structure(ref(*_as_args(_clone(x))))
+        return ref(*_as_args(_clone(x)))
 
 
 def _max_diff(a, b) -> float:
@@ -189,34 +191,43 @@ def _prune(model, x, guard, options, data) -> tuple[str, str]:
     want = _reference(model, x)
     try:
         dg = gp.DependencyGraph.build(model, guard.x, **options)
+        traced = masked_forward(model, dg, gp.Plan({}), _as_args(_clone(x)))  # fx's immutable containers
+        if _max_diff(traced, want) > TOLERANCE:
+            raise Failure("wrong", "the traced graph differs from the model in eval mode",
+                          f"max difference {_max_diff(traced, want):.3g}")
         mode, plan = data.draw(plans(dg), label="plan")
         note(f"{mode} plan: {dict(plan.items())}")
         slim = gp.apply(model, dg, plan)
+        if mode == "broken":
+            raise Failure("wrong", "a broken plan was accepted", str(dict(plan.items())))
         touched = [g for g in dg.groups if g.id in plan]
         inexact = [g for g in touched if not g.exact]
         unexplained = [g.id for g in inexact if not g.inexact_reason]
         if unexplained:
             raise Failure("wrong", "inexact group without a reason", f"groups {unexplained}")
-        err = _verify(model, guard.x, plan, dg, slim)
-        exact_ids = {g.id for g in touched if g.exact}
-        exact_part = gp.Plan({g: c for g, c in plan.items() if g in exact_ids}) if inexact else plan
-        if inexact and exact_part:
-            err = _verify(model, guard.x, exact_part, dg)
-        if err > TOLERANCE:
-            fresh, zeroed = _second_opinions(model, dg, exact_part, x,
-                                             slim if not inexact else gp.apply(model, dg, exact_part))
-            detail = ("verify differs, but not on fresh input clones" if fresh <= TOLERANCE else
-                      "slim differs from the masked original" + (" (a zeroed copy agrees)" if zeroed <= TOLERANCE else ""))
-            raise Failure("wrong", detail, f"{mode} plan {dict(plan.items())}{' (exact part)' if inexact else ''}: "
-                                           f"verify {err:.3g}, on fresh clones {fresh:.3g}, zeroed copy {zeroed:.3g}")
+        # verify checks only shapes when a plan touches inexact groups: the part on exact groups
+        # alone must still be exact
+        exact_part = gp.Plan({g.id: plan[g.id] for g in touched if g.exact}) if inexact else plan
+        if exact_part:
+            checked = slim if not inexact else gp.apply(model, dg, exact_part)
+            err = _verify(model, guard.x, exact_part, dg, checked)
+            if err > TOLERANCE:
+                fresh, zeroed = _second_opinions(model, dg, exact_part, x, checked)
+                detail = ("verify differs, but not on fresh input clones" if fresh <= TOLERANCE else
+                          "slim differs from the masked original" + (" (a zeroed copy agrees)" if zeroed <= TOLERANCE
+                                                                     else ""))
+                raise Failure("wrong", detail, f"{mode} plan {dict(plan.items())}"
+                              f"{f' (exact part {dict(exact_part.items())})' if inexact else ''}: "
+                              f"verify {err:.3g}, on fresh clones {fresh:.3g}, zeroed copy {zeroed:.3g}")
         slim.eval()
         with torch.no_grad():
-            got = _structure(slim(*_as_args(_clone(x))))
-        if got != want:
-            raise Failure("wrong", "output structure or shapes changed", f"{want} -> {got}")
-        if mode == "broken":
-            raise Failure("wrong", "a broken plan was accepted", str(dict(plan.items())))
-        return ("inexact", f"{mode}") if inexact else ("exact", f"{mode}, {'empty' if not plan else 'pruned'}")
+            out = slim(*_as_args(_clone(x)))
+        if _structure(out) != _structure(want):
+            raise Failure("wrong", "output structure or shapes changed", f"{_structure(want)} -> {_structure(out)}")
+        if not inexact:
+            return "exact", f"{mode}, {'empty' if not plan else 'pruned'}"
+        finite = all(torch.isfinite(t).all() for t in pytree.tree_leaves(out))
+        return "inexact", mode + ("" if finite else ", slim output not finite")
     except gp.GraphPruneError as exc:
         stage = mode if "mode" in locals() else "build"
         if isinstance(exc, gp.PlanError):  # the plan asks for what cannot be: expected
@@ -255,8 +266,12 @@ def _tally(kind: str, detail: str, arch: Arch, options: dict, shown: str | None)
     TALLY[kind] += 1
     key = f"{kind}: {detail}"
     TALLY[key] += 1
-    if shown is not None and len(EXAMPLES_SEEN.setdefault(key, [])) < SHOW:
+    if shown is None:
+        return
+    if len(EXAMPLES_SEEN.setdefault(key, [])) < SHOW:
         EXAMPLES_SEEN[key].append(f"{shown}\n  options {options}\n" + arch.source())
+    PRESENT.setdefault(key, collections.Counter()).update(
+        arch.traits() + sorted({op.kind for op in arch.ops if op.kind in hazards.WEIGHTS}))
 
 
 OPTIONS = st.fixed_dictionaries({"factor": st.sampled_from(["largest", "heads"]),
@@ -279,6 +294,8 @@ def _report():
               + ", ".join(f"{c} {TALLY[c]}" for c in CLASSES))
         for key, n in sorted((k, n) for k, n in TALLY.items() if k not in CLASSES):
             print(f"  {n:6d}  {key}")
+        for key, seen in PRESENT.items():
+            print(f"  {key}: seen with " + ", ".join(f"{k} {n}" for k, n in seen.most_common()))
         for key, shown in EXAMPLES_SEEN.items():
             for text in shown:
                 print(f"\n--- {key}\n{text}")
