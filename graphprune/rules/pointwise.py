@@ -42,7 +42,7 @@ _ACTIVATION_ATEN = aten_ops(
     "leaky_relu.default", "elu.default", "mish.default", "dropout.default", "dropout_.default",
     "feature_dropout.default", "clone.default",
     "detach.default", "alias.default", "abs.default", "exp.default", "neg.default",
-    "sqrt.default", "contiguous.default", "_to_copy.default", "to.dtype",
+    "sqrt.default", "square.default", "contiguous.default", "_to_copy.default", "to.dtype",
 )
 
 
