@@ -41,7 +41,10 @@ class Arch:
     tensor or a tuple; ``dict``, ``list``, ``nested``); ``inplace_input`` changes the
     first input in place before anything else (``mul_`` or ``iadd``); ``training`` leaves
     the model in training mode; ``export`` wraps the body in ``if x.shape[0] > 0:``, which
-    torch.fx cannot trace; ``stash`` stores the first output on the module.
+    torch.fx cannot trace; ``stash`` stores the first output on the module; ``sink`` adds
+    ``v.square().sum()`` of every dead-end value ``v`` (one that no op reads and that is no
+    output) to the first output, so that what happens there shows in the outputs without
+    pinning its channels (a sum over channels is exact).
     """
 
     c_in: int
@@ -56,6 +59,7 @@ class Arch:
     training: bool = False
     export: bool = False
     stash: bool = False
+    sink: bool = False
 
     @property
     def n_inputs(self) -> int:
@@ -66,7 +70,13 @@ class Arch:
         out = [f"outputs as {self.form}"] if self.form != "plain" else []
         out += [f"input changed in place ({self.inplace_input})"] if self.inplace_input else []
         out += ["training mode"] * self.training + ["export fallback forced"] * self.export
-        return out + ["forward stores an attribute"] * self.stash
+        out += ["forward stores an attribute"] * self.stash
+        return out + [f"dead ends {self.dead_ends()} summed into the first output"] * (self.sink and bool(self.dead_ends()))
+
+    def dead_ends(self) -> list[int]:
+        """Values that ops compute but nothing reads and no output returns."""
+        used = {j for op in self.ops for j in op.inputs} | set(self.outputs)
+        return [j for j in range(self.n_inputs, len(self.shapes)) if j not in used]
 
     def source(self) -> str:
         """The forward pass as Python lines (``v0``, and ``v1`` for two inputs, are the inputs)."""
@@ -314,7 +324,11 @@ class FuzzNet(nn.Module):
             else:  # pragma: no cover - the strategy draws only the kinds above
                 raise AssertionError(kind)
             vals.append(out)
-        return [vals[j] for j in self.arch.outputs]
+        outs = [vals[j] for j in self.arch.outputs]
+        if self.arch.sink:
+            for j in self.arch.dead_ends():
+                outs[0] = outs[0] + vals[j].square().sum()
+        return outs
 
     def _reuse(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Op ``j``'s module (created for op ``j``) called again, on ``x``."""

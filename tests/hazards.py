@@ -11,7 +11,8 @@ a feature map) and draws the model traits of ``fuzznet.Arch`` (``draw_traits``):
   sizes), something per head (a scale by ``t.shape[2] ** -0.5``, a softmax over tokens, a
   mean over a head's channels or over the heads), and back;
 - ``chanreduce``: mean / amax / logsumexp / softmax / log_softmax / cumsum over the
-  channel axis, alone or combined with the input;
+  channel axis, alone or combined with the input, and mean / amax / sum over every axis
+  (``dim=()`` or no dim);
 - ``chlast``: ``F.avg_pool1d`` / ``F.max_pool1d`` / ``F.interpolate`` over the channels of a
   channels-last ``[B, N, C]`` view (and, for contrast, pooling the tokens of ``[B, C, N]``);
 - ``wstd``: weight standardisation (``F.batch_norm`` of the weight as ``[1, out, in*k*k]``
@@ -37,13 +38,20 @@ WEIGHTS = {"width": 3, "heads": 2, "chanreduce": 3, "chlast": 2, "wstd": 2, "ind
 WIDTH_FORMS = ("div_size", "scale_shape", "center", "mean_shape", "div_numel")
 HEAD_INNER = ("none", "scale", "softmax", "center", "headmix")
 HEAD_SIZES = ("runtime", "minus1", "literal")
-CHANNEL_REDUCTIONS = ("mean", "amax", "logsumexp", "softmax", "log_softmax", "cumsum")
+CHANNEL_REDUCTIONS = ("mean", "amax", "logsumexp", "softmax", "log_softmax", "cumsum",
+                      "mean_all", "amax_all", "amax_noarg", "sum_all")  # *_all: every axis (dim=())
 CHLAST = ("avg_pool1d", "max_pool1d", "interpolate", "interpolate_linear", "tokens")
 INDEX_FORMS = ("pick", "pick_neg", "range", "ellipsis", "step", "narrow", "select")
 FORMS = ("plain", "plain", "plain", "dict", "list", "nested")
 
 
-TRAITS = ("form", "inplace_input", "training", "export", "stash")
+TRAITS = ("form", "inplace_input", "training", "export", "stash", "sink")
+
+
+def one_in(draw, n: int) -> bool:
+    """True about once in ``n`` draws; shrinks to False. (``st.integers(0, n - 1)`` favours its
+    ends, so ``== 0`` comes up far more often than once in ``n``.)"""
+    return draw(st.sampled_from([False] * (n - 1) + [True]))
 
 
 def draw_traits(draw, arch: Arch, without: frozenset = frozenset()) -> None:
@@ -52,10 +60,11 @@ def draw_traits(draw, arch: Arch, without: frozenset = frozenset()) -> None:
     arch.form = draw(st.sampled_from(FORMS)) if "form" not in without else "plain"
     arch.inplace_input = draw(st.sampled_from(["", "", "", "", "", "mul_", "iadd"])) \
         if "inplace_input" not in without else ""
-    arch.training = draw(st.integers(0, 4)) == 4 and "training" not in without
-    arch.export = draw(st.integers(0, 7)) == 7 and "export" not in without
-    arch.stash = draw(st.integers(0, 11)) == 11 and "stash" not in without
+    arch.training = one_in(draw, 5) and "training" not in without
+    arch.export = one_in(draw, 8) and "export" not in without
+    arch.stash = one_in(draw, 12) and "stash" not in without
     arch.batch = 2 if arch.training else draw(st.sampled_from([1, 1, 2]))
+    arch.sink = not one_in(draw, 6) and "sink" not in without  # dead ends reach the first output
 
 
 def _tie_candidates(arch: Arch) -> list[tuple[int, int]]:
@@ -81,8 +90,9 @@ def kinds(arch: Arch, maps: list[int], flats: list[int], without: frozenset = fr
 def draw_op(draw, arch: Arch, kind: str, emit, pick) -> None:
     """Draw one hazard op of ``kind``; ``emit(op, *shapes)`` appends it, ``pick`` picks an input."""
     shapes = arch.shapes
-    maps = [i for i, s in enumerate(shapes) if len(s) == 3]
-    flats = [i for i, s in enumerate(shapes) if len(s) == 1]
+    computed = range(arch.n_inputs, len(shapes))  # values with channels to prune, unlike the inputs
+    maps = [i for i in computed if len(shapes[i]) == 3] or [i for i, s in enumerate(shapes) if len(s) == 3]
+    flats = [i for i in computed if len(shapes[i]) == 1]
     if kind == "tied":
         j, v = draw(st.sampled_from(_tie_candidates(arch)))
         src = arch.ops[j]
@@ -103,7 +113,7 @@ def draw_op(draw, arch: Arch, kind: str, emit, pick) -> None:
         emit(Op("width", (x,), (form,)), (1, *rest) if form == "mean_shape" else s)
     elif kind == "chanreduce":
         how, mix = draw(st.sampled_from(CHANNEL_REDUCTIONS)), draw(st.booleans())
-        keeps = mix or how in ("softmax", "log_softmax", "cumsum")
+        keeps = mix or how in ("softmax", "log_softmax", "cumsum") or "_" in how
         emit(Op("chanreduce", (x,), (how, mix)), s if keeps else (1, *rest))
     elif kind == "index":
         form = draw(st.sampled_from([f for f in INDEX_FORMS if f != "ellipsis" or len(s) == 3]))
@@ -201,8 +211,16 @@ def _chanreduce(net, i, op, ins):
         r = F.softmax(y, dim=1)
     elif how == "log_softmax":
         r = torch.log_softmax(y, 1)
-    else:
+    elif how == "cumsum":
         r = torch.cumsum(y, dim=1)
+    elif how == "mean_all":
+        return y - y.mean(dim=())
+    elif how == "amax_all":
+        return y - torch.amax(y, dim=())
+    elif how == "amax_noarg":
+        return y - y.amax()
+    else:
+        return y - y.sum() / 100.0
     if not mix:
         return r
     return y - r if how in ("mean", "amax", "logsumexp", "log_softmax") else y * r

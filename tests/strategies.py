@@ -299,8 +299,9 @@ def architectures(draw, max_ops: int = 12, hazardous: bool = False, without: fro
 def plans(draw, dg: gp.DependencyGraph, model: nn.Module | None = None, x: torch.Tensor | None = None):
     """A plan for ``dg``: ``("explicit"|"select"|"broken", plan)``.
 
-    Explicit plans pick random channels of random prunable groups (sometimes all of a
-    group's channels, valid only for removable groups); ``select`` plans come from
+    Explicit plans pick random channels of random prunable groups, mostly of groups that can
+    lose some channels (sometimes all of a group's channels: one in ten removable groups, one
+    in thirty others, for which the plan is refused); ``select`` plans come from
     ``gp.select`` on random scores; broken plans name a missing group, an index out of
     range or an unprunable group, and must be rejected with a ``PlanError``.
     """
@@ -308,11 +309,16 @@ def plans(draw, dg: gp.DependencyGraph, model: nn.Module | None = None, x: torch
     modes = ["explicit"] * 3 + ["select"] * 3 + ["broken"] if prunable else ["broken"]
     mode = draw(st.sampled_from(modes))
     if mode == "explicit":
-        chosen = draw(st.lists(st.sampled_from(prunable), min_size=1, max_size=len(prunable),
+        # groups that can lose some channels: one channel of a one-channel group is all of it
+        partial = [g for g in prunable if g.size > 1 or g.removable]
+        pool = prunable if not partial or hazards.one_in(draw, 10) else partial
+        chosen = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=len(pool),
                                unique_by=lambda g: g.id))
         plan = {}
         for g in chosen:
-            everything = draw(st.integers(0, 9)) == 0
+            # all of a group: valid for removable groups only (a plan emptying another is refused,
+            # and one such group spoils the whole plan, so those are drawn less often)
+            everything = hazards.one_in(draw, 10 if g.removable else 30) or g.size == 1
             if everything:
                 plan[g.id] = list(range(g.size))
             else:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import copy
 import os
+import re
 import warnings
 
 import hazards
@@ -231,7 +232,8 @@ def _prune(model, x, guard, options, data) -> tuple[str, str]:
     except gp.GraphPruneError as exc:
         stage = mode if "mode" in locals() else "build"
         if isinstance(exc, gp.PlanError):  # the plan asks for what cannot be: expected
-            return "typed", f"{type(exc).__name__} ({stage})"
+            why = "" if stage == "broken" else ": " + re.sub(r"[0-9]+|'[^']*'|\([^)]*\)", "#", str(exc))[:70]
+            return "typed", f"{type(exc).__name__} ({stage}){why}"
         raise Typed(type(exc).__name__, stage, str(exc)[:300]) from exc
     except Failure:
         raise
