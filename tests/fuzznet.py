@@ -71,7 +71,7 @@ class Arch:
         out += [f"input changed in place ({self.inplace_input})"] if self.inplace_input else []
         out += ["training mode"] * self.training + ["export fallback forced"] * self.export
         out += ["forward stores an attribute"] * self.stash
-        return out + [f"dead ends {self.dead_ends()} summed into the first output"] * (self.sink and bool(self.dead_ends()))
+        return out + ["dead ends summed into the first output"] * (self.sink and bool(self.dead_ends()))
 
     def dead_ends(self) -> list[int]:
         """Values that ops compute but nothing reads and no output returns."""

@@ -51,7 +51,7 @@ import graphprune as gp
 from graphprune.verify import masked_forward, masked_model
 
 LONG = os.environ.get("GRAPHPRUNE_FUZZ_LONG", "") not in ("", "0")
-EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "2000" if LONG else "120"))
+EXAMPLES = int(os.environ.get("GRAPHPRUNE_FUZZ_EXAMPLES", "2000" if LONG else "400"))
 MAX_OPS = int(os.environ.get("GRAPHPRUNE_FUZZ_MAX_OPS", "12"))
 REPORT = LONG or os.environ.get("GRAPHPRUNE_FUZZ_REPORT", "") not in ("", "0")
 # to look past a failure class already understood: hazard kinds or traits left out, comma-separated
@@ -65,6 +65,7 @@ FUZZ = settings(
     derandomize=not LONG,
     database=None,
     print_blob=True,
+    report_multiple_bugs=False,  # one failure, shrunk: the suite stays quick while a fix is pending
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 CLASSES = ("exact", "inexact", "typed", "wrong", "untyped", "mutation")
@@ -243,6 +244,7 @@ def _prune(model, x, guard, options, data) -> tuple[str, str]:
 
 def check(arch: Arch, options: dict, data: st.DataObject) -> str:
     """The property for one drawn network; returns its outcome class."""
+    note(arch.source())
     model, x = build(arch)
     guard = _Guard(model, x)
     failure = shown = None
