@@ -20,6 +20,7 @@ a feature map) and draws the model traits of ``fuzznet.Arch`` (``draw_traits``):
 - ``index``: ``x[:, k]``, ``x[:, -1]``, ``x[:, a:b]``, ``x[..., a:b, :, :]``, ``x[:, ::2]``,
   ``x.narrow(1, a, n)``, ``x.select(1, k)`` on channel axes;
 - ``tied``: a second conv or linear whose weight is an earlier one's (``b.weight = a.weight``);
+  ``tiedtok``: two linears sharing one weight, on the tokens ``[B, H*W, C]`` of a map;
 - ``gtwice``: a grouped conv module called twice (chained, added, or concatenated), or on a
   value and on the model input (cut or zero-padded to the width: no channel axis);
 - ``dropout``: ``nn.Dropout`` or ``F.dropout(y, p, self.training)`` (it matters in training mode).
@@ -34,7 +35,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 WEIGHTS = {"width": 3, "heads": 2, "chanreduce": 3, "chlast": 2, "wstd": 2, "index": 3, "tied": 2,
-           "gtwice": 2, "dropout": 1}
+           "tiedtok": 1, "gtwice": 2, "dropout": 1}
 WIDTH_FORMS = ("div_size", "scale_shape", "center", "mean_shape", "div_numel")
 HEAD_INNER = ("none", "scale", "softmax", "center", "headmix")
 HEAD_SIZES = ("runtime", "minus1", "literal")
@@ -81,7 +82,7 @@ def kinds(arch: Arch, maps: list[int], flats: list[int], without: frozenset = fr
     """The hazard kinds that fit the values so far, each ``WEIGHTS`` times (none named in ``without``)."""
     fits = {"width", "chanreduce", "index", "dropout"} if maps or flats else set()
     if maps:
-        fits |= {"heads", "chlast", "wstd", "gtwice"}
+        fits |= {"heads", "chlast", "wstd", "gtwice", "tiedtok"}
     if _tie_candidates(arch):
         fits.add("tied")
     return [k for k in WEIGHTS if k in fits and k not in without for _ in range(WEIGHTS[k])]
@@ -94,7 +95,10 @@ def draw_op(draw, arch: Arch, kind: str, emit, pick) -> None:
     maps = [i for i in computed if len(shapes[i]) == 3] or [i for i, s in enumerate(shapes) if len(s) == 3]
     flats = [i for i in computed if len(shapes[i]) == 1]
     if kind == "tied":
-        j, v = draw(st.sampled_from(_tie_candidates(arch)))
+        candidates = _tie_candidates(arch)
+        kinds_there = sorted({arch.ops[j].kind for j, _ in candidates})  # a conv or a linear, evenly
+        source = draw(st.sampled_from(kinds_there))
+        j, v = draw(st.sampled_from([(j, v) for j, v in candidates if arch.ops[j].kind == source]))
         src = arch.ops[j]
         if src.kind == "linear":
             emit(Op("tied", (v,), (j, draw(st.booleans()))), (src.args[0],))
@@ -104,7 +108,7 @@ def draw_op(draw, arch: Arch, kind: str, emit, pick) -> None:
             emit(Op("tied", (v,), (j, draw(st.booleans()))),
                  (c_out, (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1))
         return
-    x = pick(draw, maps if kind in ("heads", "chlast", "wstd", "gtwice") or not flats else
+    x = pick(draw, maps if kind in ("heads", "chlast", "wstd", "gtwice", "tiedtok") or not flats else
              flats if not maps else maps + flats)
     s = shapes[x]
     c, rest = s[0], s[1:]
@@ -128,6 +132,9 @@ def draw_op(draw, arch: Arch, kind: str, emit, pick) -> None:
             a = draw(st.integers(0, c - 1))
             b = draw(st.integers(a + 1, c))
             emit(Op("index", (x,), (form, a, b)), (b - a, *rest))
+    elif kind == "tiedtok":
+        c_out = draw(st.integers(1, MAX_C))
+        emit(Op("tiedtok", (x,), (c_out, draw(st.booleans()))), (c_out, *rest))
     elif kind == "dropout":
         emit(Op("dropout", (x,), (draw(st.sampled_from(["module", "functional"])),)), s)
     elif kind == "heads":
@@ -287,6 +294,22 @@ def _make_tied(net, i, op, c, gen):
     net.layers[f"tied{i}"] = m
 
 
+def _make_tiedtok(net, i, op, c, gen):
+    c_out, bias = op.args
+    a, b = nn.Linear(c, c_out, bias=bias), nn.Linear(c, c_out, bias=bias)
+    b.weight = a.weight
+    net.layers[f"tokA{i}"], net.layers[f"tokB{i}"] = a, b
+
+
+def _tiedtok(net, i, op, ins):
+    """``a(t) + b(t.flip(1))`` on the tokens ``t`` of map ``y``, ``a`` and ``b`` sharing a weight."""
+    y = ins[0]
+    _, h, w = net.arch.shapes[op.inputs[0]]
+    t = y.flatten(2).transpose(1, 2)  # [B, N, C]
+    u = net.layers[f"tokA{i}"](t) + net.layers[f"tokB{i}"](t.flip(1))
+    return u.transpose(1, 2).reshape(y.shape[0], -1, h, w)
+
+
 def _make_gtwice(net, i, op, c, gen):
     g, c_out, k, _, bias = op.args
     net.layers[f"gtwice{i}"] = nn.Conv2d(c, c_out, k, padding=k // 2, groups=g, bias=bias)
@@ -327,6 +350,7 @@ EXTRA.update({
     "wstd": Extra(_make_wstd, _wstd),
     "index": Extra(None, _index),
     "tied": Extra(_make_tied, lambda net, i, op, ins: net.layers[f"tied{i}"](ins[0])),
+    "tiedtok": Extra(_make_tiedtok, _tiedtok),
     "gtwice": Extra(_make_gtwice, _gtwice),
     "dropout": Extra(_make_dropout, _dropout),
 })
