@@ -32,10 +32,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from graphprune.errors import InputError
-from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext
+from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext, _aliases
 from graphprune.removal import vanish_problems
-from graphprune.rules.base import iter_arrays, unlabelled  # noqa: F401  (importable from here too)
-from graphprune.tracing import named_state, normalize_inputs, trace
+from graphprune.rules.base import find_rule, iter_arrays, unlabelled  # noqa: F401  (importable from here too)
+from graphprune.tracing import bind_inputs, code_fingerprints, named_state, trace
 
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
 
@@ -98,6 +98,33 @@ class Group:
                 "members": [m.to_dict() for m in self.members]}
 
 
+def _uncovered(model: torch.nn.Module, dg: DependencyGraph) -> dict[str, str]:
+    """Every parameter of ``model`` that no group holds, with the reason."""
+    held = {m.param for g in dg.groups for m in g.members}
+    canonical = {alias: first for first, alias in _aliases(model)}
+    calls = {n.target: n for n in dg.gm.graph.nodes if n.op == "call_module"}
+    used = {n.target for n in dg.gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    modules = dict(dg.gm.named_modules())
+    out: dict[str, str] = {}
+    for name, _ in model.named_parameters():
+        name = canonical.get(name, name)
+        if name in held or name in out:
+            continue
+        owner = name.rpartition(".")[0]
+        holders = [p for p in (owner.split(".")[:i] for i in range(owner.count(".") + 1, -1, -1))]
+        call = next((calls[".".join(p)] for p in holders if ".".join(p) in calls), None)
+        if call is not None and find_rule(call, modules.get(call.target)) is None:
+            out[name] = f"inside {type(modules[call.target]).__name__} module {call.target!r}, which has no rule"
+        elif call is not None:
+            out[name] = f"{type(modules[call.target]).__name__} module {call.target!r} keeps this tensor whole"
+        elif not any(name == u or name.startswith(u + ".") for u in used) and \
+                not any(u.startswith(owner + ".") or u == owner for u in used if owner):
+            out[name] = "not used by the traced forward"
+        else:
+            out[name] = "none of its axes is a channel axis of a layer (kept whole)"
+    return out
+
+
 def _join(reasons: list[str]) -> str:
     return "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
 
@@ -153,7 +180,12 @@ class DependencyGraph:
                                              for t in leaf_modules],
                             "factor": factor, "grouped": grouped}
         dg.state_shapes = {k: tuple(v.shape) for k, v in named_state(model).items()}
-        inputs = normalize_inputs(example_inputs)
+        dg.code = code_fingerprints(model)  # apply refuses a model whose forward code differs
+        dg.uncovered = _uncovered(model, dg)
+        bound = bind_inputs(model, example_inputs)
+        dg.example_names, dg.example_constants = bound.names, dict(bound.constants)
+        dg.example = bound  # the module form is checked on these (run on fresh copies, never changed)
+        inputs = bound.tensors
         dg.example_shapes = [tuple(x.shape) for x in inputs]
         dg.example_dtypes = [x.dtype for x in inputs]
         dg._mark_removable()
@@ -319,7 +351,20 @@ class DependencyGraph:
         lines.append(f"{len(self.groups)} groups, {n_prunable} prunable, "
                      f"{sum(g.size for g in self.groups if g.prunable)} prunable channels, "
                      f"{sum(1 for g in self.groups if g.prunable and not g.exact)} inexact")
-        return "\n".join(lines)
+        return "\n".join(lines + self.coverage_lines())
+
+    def coverage_lines(self) -> list[str]:
+        """Lines naming every parameter no group holds, and why (no silent coverage holes)."""
+        if not self.uncovered:
+            return []
+        out = [f"{len(self.uncovered)} parameters are in no group and keep their shape:"]
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.uncovered.items():
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            out.append(f"  {shown}: {why}")
+        return out
 
     def to_networkx(self):
         """A networkx MultiGraph: group nodes linked to the tensors they slice, one edge per axis."""

@@ -48,6 +48,7 @@ from graphprune.sources import (  # noqa: F401  (re-exported: graphprune.io.buil
     leaf_types,
     normalize_trust,
 )
+from graphprune.tracing import TRACE_LOCK, eval_mode, normalize_inputs
 
 __all__ = ["save", "load", "export", "set_origin", "origin_of", "read_spec", "build_origin", "make_inputs",
            "FORMAT", "FORMAT_VERSION", "MAX_BYTES", "MAX_PLANS"]
@@ -203,7 +204,6 @@ def origin_of(model: torch.nn.Module) -> dict[str, Any] | None:
 
 # --- example inputs --------------------------------------------------------------------------------
 def _inputs_spec(example_inputs: Any) -> list[dict[str, Any]]:
-    from graphprune.tracing import normalize_inputs
 
     return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
             for x in normalize_inputs(example_inputs)]
@@ -310,7 +310,6 @@ def _load(path: Path, trust: tuple[str, ...], map_location: Any, max_bytes: int)
 
 
 def _outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
-    from graphprune.tracing import eval_mode
 
     with torch.no_grad(), eval_mode(model):
         out = model(*inputs)
@@ -398,7 +397,6 @@ def save(slim: torch.nn.Module, path: str | os.PathLike, *, origin: Any = None,
 
 def _check_round_trip(slim: torch.fx.GraphModule, tmp: Path, spec: Mapping[str, Any], example_inputs: Any) -> None:
     from graphprune.sources import sample_inputs
-    from graphprune.tracing import normalize_inputs
 
     try:
         again = load(tmp, trust=_trust_of(spec), max_bytes=2**62)
@@ -431,7 +429,6 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
     shapes. ``.pt2`` files are written with ``torch.export.save`` and read with
     ``torch.export.load``. ONNX export needs the ``onnx`` and ``onnxscript`` packages.
     """
-    from graphprune.tracing import eval_mode, normalize_inputs
 
     inputs = normalize_inputs(example_inputs)
     shapes = _batch_dynamic(inputs) if dynamic_shapes is None else (dynamic_shapes or None)
@@ -443,12 +440,15 @@ def export(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike,
             if missing:
                 raise SerializationError(f"ONNX export needs {' and '.join(missing)}: pip install {' '.join(missing)}")
             try:
-                torch.onnx.export(model, inputs, str(path), dynamo=True, dynamic_shapes=shapes)
+                with TRACE_LOCK:  # torch.export patches globals: one tracer at a time (see tracing)
+                    torch.onnx.export(model, inputs, str(path), dynamo=True, dynamic_shapes=shapes)
             except Exception as exc:
                 raise SerializationError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
         else:
             try:
-                torch.export.save(torch.export.export(model, inputs, dynamic_shapes=shapes), str(path))
+                with TRACE_LOCK:
+                    program = torch.export.export(model, inputs, dynamic_shapes=shapes)
+                torch.export.save(program, str(path))
             except Exception as exc:
                 raise SerializationError(f"torch.export failed: {type(exc).__name__}: {exc}") from exc
     return path

@@ -281,9 +281,9 @@ class BuildContext:
     def mark_width(self, node: torch.fx.Node) -> None:
         """Record that ``node``'s value is a number computed from the width of a channel axis.
 
-        The slim graph gives such a number its original value wherever it meets tensors
-        (that is what the masked original computes), and the slim width only where a
-        shape-rewriting rule (``kind=SHAPE``) reads it as a size.
+        The slim graph gives such a number its original value (what the masked original
+        computes); the reshape rules' patches write slim widths into the sizes of axes
+        that carry channels.
         """
         self.width_values.add(node.name)
 

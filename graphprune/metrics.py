@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from graphprune.removal import Removal
 from graphprune.rules.base import Rule, Shapes, find_rule
-from graphprune.tracing import named_state, normalize_inputs, trace
+from graphprune.tracing import bind_inputs, fresh_inputs, named_state, trace
 
 __all__ = ["Counts", "count", "estimate", "CountEstimator", "graph_macs", "latency"]
 
@@ -129,7 +129,7 @@ def latency(
     threads: int | None = None,
 ) -> float:
     """Median wall time in seconds of one forward pass in inference mode on CPU."""
-    inputs = normalize_inputs(example_inputs)
+    bound = bind_inputs(model, example_inputs)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -139,8 +139,9 @@ def latency(
         times = []
         with torch.inference_mode():
             for i in range(warmup + repeats):
+                run = fresh_inputs(bound.tensors)  # a forward may change its inputs in place
                 start = time.perf_counter()
-                model(*inputs)
+                bound.run(model, run)
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
         return statistics.median(times)

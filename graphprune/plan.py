@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,15 +36,33 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _as_index(value: Any) -> int:
-    """An int from an int-like value (digit strings allowed for JSON keys); no floats or bools."""
+def _as_index(value: Any, *, text: bool = False) -> int:
+    """An int from an int or numpy integer; no floats, bools or strings.
+
+    With ``text`` (group ids: JSON object keys are strings) a string is accepted when it
+    is an integer written canonically, as ``str(int)`` writes it: ``"12"``, ``"-1"``; not
+    ``"012"``, ``"+1"``, ``" 1"``, ``"1_0"`` or non-ASCII digits, which could name the same
+    group as another key.
+    """
     if isinstance(value, bool):
         raise TypeError("bool is not an index")
     if isinstance(value, (int, np.integer)):
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if text and isinstance(value, str) and re.fullmatch(r"-?(0|[1-9][0-9]*)", value) and value != "-0":
         return int(value)
     raise TypeError(f"{value!r} is not an integer index")
+
+
+def _channel_list(gid: Any, channels: Any) -> list[int]:
+    """The channel indices of one plan entry: an iterable of ints (list, tuple, range, set,
+    numpy array), never a string (whose characters would read as digits) or a mapping."""
+    if isinstance(channels, (str, bytes, bytearray, Mapping)) or not isinstance(channels, Iterable):
+        raise PlanError(f"plan entry for group {gid}: {channels!r} is not a list of channel indices; "
+                        "write group id -> list of ints, e.g. {0: [1, 5]}")
+    try:
+        return sorted({_as_index(c) for c in channels})
+    except TypeError as exc:
+        raise PlanError(f"plan entry for group {gid}: {channels!r} is not a list of ints ({exc})") from exc
 
 
 class Plan(Mapping):
@@ -55,12 +74,18 @@ class Plan(Mapping):
             raise PlanError(f"a plan is a mapping group id -> channel indices, got "
                             f"{type(removed).__name__}{hint}")
         data: dict[int, tuple[int, ...]] = {}
+        seen: dict[int, Any] = {}
         for gid, channels in (removed or {}).items():
             try:
-                key = _as_index(gid)
-                chans = sorted({_as_index(c) for c in channels})
-            except (TypeError, ValueError) as exc:
-                raise PlanError(f"plan entry {gid!r}: {channels!r} is not group id -> list of ints") from exc
+                key = _as_index(gid, text=True)
+            except TypeError as exc:
+                raise PlanError(f"plan key {gid!r} is not a group id: write it as an int "
+                                "(or, in JSON, its canonical decimal string such as \"3\")") from exc
+            if key in seen:
+                raise PlanError(f"plan names group {key} more than once (as {seen[key]!r} and {gid!r}); "
+                                "give each group one entry")
+            seen[key] = gid
+            chans = _channel_list(key, channels)
             if any(c < 0 for c in chans):
                 raise PlanError(f"plan removes negative channel index in group {key}: {chans}")
             if chans:
@@ -94,13 +119,27 @@ class Plan(Mapping):
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
+        """The plan that ``to_json`` wrote. Keys are canonical decimal group ids, each once;
+        values are lists of ints; anything else raises ``PlanError``."""
+        def pairs(items: list[tuple[str, Any]]) -> _Pairs:
+            return _Pairs(items)
+
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=pairs)
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan JSON is malformed: {exc}") from exc
-        if not isinstance(raw, dict):
+        except TypeError as exc:  # not str/bytes
+            raise PlanError(f"plan JSON must be text, got {type(text).__name__}") from exc
+        if not isinstance(raw, _Pairs):
             raise PlanError("plan JSON must be an object {group id: [channels]}")
-        return cls(raw)
+        seen: set[str] = set()
+        for key, value in raw.items:
+            if key in seen:
+                raise PlanError(f"plan JSON names group {key} more than once; give each group one entry")
+            seen.add(key)
+            if isinstance(value, _Pairs):  # an object where a list of ints belongs
+                raise PlanError(f"plan entry for group {key}: an object is not a list of channel indices")
+        return cls(dict(raw.items))
 
     def validate(self, dg: Any) -> None:
         """Raise ``PlanError`` unless every entry fits ``dg``'s groups."""
@@ -118,3 +157,10 @@ class Plan(Mapping):
                     f"plan removes all {g.size} channels of group {gid} (producers: "
                     f"{', '.join(g.producers)}); its output feeds layers that need at least one "
                     "channel, so keep one or more")
+
+
+class _Pairs:
+    """A JSON object as its list of (key, value) pairs, repeated keys included."""
+
+    def __init__(self, items: list[tuple[str, Any]]) -> None:
+        self.items = items

@@ -28,12 +28,13 @@ import torch
 import torch.fx
 
 from graphprune.copying import copy_as_graph_module, copy_targets, empty_graph_module, set_graph
-from graphprune.errors import PlanError, RewriteError
+from graphprune.errors import InputError, PlanError, RewriteError
 from graphprune.graph import DependencyGraph
+from graphprune.module_form import own_classes
 from graphprune.plan import Plan
 from graphprune.removal import Removal
-from graphprune.rules.base import CONCAT, SHAPE, Rule, find_rule, is_inplace, iter_arrays, operand
-from graphprune.tracing import eval_mode, named_state, shape_of
+from graphprune.rules.base import CONCAT, Rule, find_rule, is_inplace, iter_arrays, operand
+from graphprune.tracing import check_same_code, eval_mode, named_state, shape_of
 
 __all__ = ["apply", "RewriteContext", "iter_arrays", "copy_as_graph_module"]
 
@@ -159,10 +160,11 @@ def _slice_state(slim: torch.nn.Module, cuts: dict[str, dict[int, np.ndarray]],
     return changed
 
 
-def _freeze_widths(graph: torch.fx.Graph, dg: DependencyGraph, modules: dict[str, torch.nn.Module]) -> None:
-    """Numbers computed from channel widths (``x.size(1)``, ``C ** -0.5``) keep their original
-    values where they meet tensors, as the masked original computes them; only the size
-    arguments of shape-rewriting rules (``kind=SHAPE``) follow the slim widths."""
+def _freeze_widths(graph: torch.fx.Graph, dg: DependencyGraph) -> None:
+    """Numbers computed from channel widths (``x.size(1)``, ``C ** -0.5``, ``C // heads``) keep
+    their original values, as the masked original computes them. Sizes of axes that carry
+    channels are then set to the slim widths by the reshape rules' patches, which run after
+    this; every other size stays what it was."""
     widths = dg.width_values
     if not widths:
         return
@@ -171,9 +173,6 @@ def _freeze_widths(graph: torch.fx.Graph, dg: DependencyGraph, modules: dict[str
             continue
         used = {a: a.meta["shape"] for a in node.all_input_nodes if a.name in widths}
         if not used:
-            continue
-        rule = find_rule(node, modules.get(node.target) if node.op == "call_module" else None)
-        if rule is not None and rule.kind == SHAPE:
             continue
         node.args = torch.fx.node.map_arg(node.args, lambda a, used=used: used.get(a, a))
         node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a, used=used: used.get(a, a))
@@ -211,17 +210,29 @@ def _has_effect(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> boo
     return is_inplace(node, module)
 
 
-def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, check: bool = True) -> torch.fx.GraphModule:
+def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, check: bool = True,
+          output: str = "graph", attributes: dict[str, Any] | None = None) -> torch.nn.Module:
     """A new GraphModule computing ``model`` with the plan's channels physically removed.
 
-    ``model`` must be the module ``dg`` was built from (or one with the same
-    architecture and parameter shapes); it is not mutated. With ``check`` the slim
+    ``output="module"`` returns instead a copy of ``model`` in its own classes (its
+    methods and config: ``generate()``, ``save_pretrained()``), checked against the
+    GraphModule (see ``graphprune.module_form``); ``attributes`` gives widths its code
+    reads that cannot be inferred (``{"blocks.0.attn.head_dim": 8}``).
+
+    ``model`` must be the module ``dg`` was built from, or one with the same code and
+    parameter shapes (a fine-tuned copy): another forward is refused with ``InputError``
+    (a fingerprint of every submodule's code, recorded when ``dg`` was built). It is not
+    mutated. With ``check`` the slim
     module is run once on zeros shaped like the example inputs to confirm it keeps the
     original output shapes.
     """
+    if output not in ("graph", "module"):
+        raise InputError(f"output must be 'graph' (a GraphModule) or 'module' (the model's own classes), got {output!r}")
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     plan.validate(dg)
     dg.check_model(model)
+    if getattr(dg, "code", None) is not None:
+        check_same_code(model, dg.code)
     removal = Removal(dg, plan)
     vanished, problems = removal.vanished, removal.problems
     if problems:
@@ -238,8 +249,9 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
     touched_modules = {".".join(c.split(".")[:i]) for c in changed for i in range(1, c.count(".") + 2)}
     modules = dict(slim.named_modules())
     rw = RewriteContext(removal, modules, slim)
+    edits: list[str] = []  # calls whose arguments the slim graph changed (the module form cannot)
     try:
-        _freeze_widths(graph, dg, modules)
+        _freeze_widths(graph, dg)
         for node in list(graph.nodes):
             if node.name in vanished or node.op in ("placeholder", "output", "get_attr"):
                 continue
@@ -252,7 +264,10 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
             if rule.resize is not None and touched:
                 rule.resize(module)
             if rule.patch is not None:
+                before = (node.op, node.target, node.args, node.kwargs)
                 rule.patch(rw, node)
+                if module is None and before != (node.op, node.target, node.args, node.kwargs):
+                    edits.append(f"{node.name} ({getattr(before[1], '__name__', before[1])})")
         _drop_vanished(graph, vanished, modules)
         graph.lint()
         set_graph(slim, graph)  # code is generated once, for the final graph
@@ -264,11 +279,16 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
         raise RewriteError(f"could not rewrite the graph for this plan: {type(exc).__name__}: {exc}") from exc
     meta, step = getattr(model, "meta", None), {"plan": plan.to_json(), "build": dict(getattr(dg, "build_options", {}))}
     prev = meta.get("graphprune") if isinstance(meta, dict) and isinstance(meta.get("graphprune"), dict) else {}
+    if "graphprune_fixed" in dg.gm.meta:  # keyword arguments the traced graph fixed (use_cache=False)
+        slim.meta["graphprune_fixed"] = dict(dg.gm.meta["graphprune_fixed"])
     slim.meta["graphprune"] = {**copy.deepcopy({k: prev[k] for k in ("origin", "inputs") if k in prev}), **step,
                                "plans": [*prev.get("plans", ()), step["plan"]],  # a slim input's chain goes on
                                "builds": [*prev.get("builds", ()), step["build"]]}
-    if check:
+    if check or output == "module":
         _check_runs(slim, dg)
+    if output == "module":
+        return own_classes(model, dg, removal, slim, slice_state=_slice_state, rewrite_context=RewriteContext,
+                           attributes=attributes, graph_edits=edits)
     return slim
 
 

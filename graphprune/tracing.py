@@ -9,26 +9,51 @@ node's output in ``node.meta``:
 - ``node.meta["tensor_meta"]``: the usual fx ``TensorMetadata`` of the example inputs
   (placeholders only: building it costs about half a millisecond per tensor).
 
-The user's module is never changed: buffers that a forward pass may update (BatchNorm
-running statistics in training mode) are restored afterwards.
+The user's module and the example inputs are never changed: buffers that a forward
+pass may update (BatchNorm running statistics in training mode) are restored, attributes
+a forward stores on ``self`` are undone (``preserve.untouched``), and the recording run
+gets copies of the inputs. Uninitialised lazy modules are refused rather than
+materialised.
+
+Tracing may be called from several threads. ``trace`` runs under one lock: torch.fx
+patches globals (``Module.__call__``/``__getattr__``, wrapped functions), torch.export
+rebinds a model's tensors, and the recording run updates buffers and restores them, so
+two traces never overlap, even of one model. fx's patched methods act only in the
+thread that installed them, so modules that other threads call meanwhile run as usual;
+torch.export works on a ``structural_copy`` of the model, so other threads never see
+its parameters swapped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import os
+import threading
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.fx
+import torch.fx._symbolic_trace as _fx_trace
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphprune.errors import InputError, TraceError
+from graphprune.export_trace import export_trace
+from graphprune.fingerprint import check_same_code, code_fingerprint, code_fingerprints
+from graphprune.inputs import BoundInputs, bind_inputs, fixed_arguments, fresh_inputs, normalize_inputs  # noqa: F401
+from graphprune.preserve import untouched
 from graphprune.rules.base import has_own_module_rule
 
-__all__ = ["trace", "normalize_inputs", "shape_of", "named_state", "GraphTracer"]
+__all__ = ["trace", "normalize_inputs", "bind_inputs", "BoundInputs", "shape_of", "named_state", "GraphTracer", "TRACE_LOCK",
+           "code_fingerprint", "code_fingerprints", "check_same_code"]
+
+TRACE_LOCK = threading.RLock()
+"""Held by ``trace`` (torch.fx and torch.export patch process-wide state while they run);
+take it around any other ``torch.export.export`` / ``symbolic_trace`` call in a program
+that traces from several threads."""
 
 try:  # generates the traced graph's Python code only if something calls it (the shape run does not)
     from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
@@ -48,6 +73,10 @@ class GraphTracer(torch.fx.Tracer):
         self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self.current_module = ""
         self.failed_module: str | None = None
+
+    def trace(self, root: Any, concrete_args: dict | None = None) -> torch.fx.Graph:
+        with TRACE_LOCK, _thread_patches():
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
@@ -69,21 +98,50 @@ class GraphTracer(torch.fx.Tracer):
             self.current_module = outer
 
 
-def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Return ``example_inputs`` as a tuple of tensors, or raise ``InputError``."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, Sequence) or not example_inputs:
-        raise InputError(
-            "example_inputs must be a tensor or a non-empty tuple of tensors, "
-            f"got {type(example_inputs).__name__}"
-        )
-    for i, x in enumerate(example_inputs):
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"example_inputs[{i}] is a {type(x).__name__}, expected a tensor")
-        if x.device.type == "meta":
-            raise InputError(f"example_inputs[{i}] is on the meta device; pass real tensors")
-    return tuple(example_inputs)
+def _owned(new: Any, orig: Any, owner: int) -> Any:
+    """``new`` in thread ``owner``, ``orig`` in every other thread."""
+    @functools.wraps(new)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == owner:
+            return new(*args, **kwargs)
+        return orig(*args, **kwargs)
+
+    return call
+
+
+if hasattr(_fx_trace, "_Patcher") and hasattr(_fx_trace, "_new_patcher"):
+    class _ThreadPatcher(_fx_trace._Patcher):
+        """fx's patcher, but a patched class method (``Module.__call__``, ``Module.__getattr__``,
+        wrapped tensor methods) acts only in the thread that is tracing."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.owner = threading.get_ident()
+
+        def patch_method(self, cls: type, name: str, new_fn: Any, deduplicate: bool = True) -> None:
+            super().patch_method(cls, name, _owned(new_fn, getattr(cls, name), self.owner), deduplicate)
+
+    @contextlib.contextmanager
+    def _new_thread_patcher() -> Iterator[Any]:  # fx's _new_patcher, with a _ThreadPatcher
+        prior = _fx_trace.CURRENT_PATCHER
+        try:
+            _fx_trace.CURRENT_PATCHER = _ThreadPatcher()
+            yield _fx_trace.CURRENT_PATCHER
+        finally:
+            _fx_trace.CURRENT_PATCHER.revert_all_patches()
+            _fx_trace.CURRENT_PATCHER = prior
+
+    @contextlib.contextmanager
+    def _thread_patches() -> Iterator[None]:
+        """While fx traces (under ``TRACE_LOCK``), its patches are made by a ``_ThreadPatcher``."""
+        original = _fx_trace._new_patcher
+        _fx_trace._new_patcher = _new_thread_patcher
+        try:
+            yield
+        finally:
+            _fx_trace._new_patcher = original
+else:  # pragma: no cover - other torch versions: the lock alone serialises tracing
+    _thread_patches = contextlib.nullcontext
 
 
 def named_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -119,6 +177,13 @@ def check_model(model: Any) -> None:
     """Reject what cannot be pruned exactly: non-modules, meta tensors, half precision."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        lazy = [k for k, t in [*m._parameters.items(), *m._buffers.items()] if torch.nn.parameter.is_lazy(t)]
+        if lazy:
+            raise InputError(
+                f"module {name or type(model).__name__!r} ({type(m).__name__}) has uninitialised "
+                f"(lazy) {', '.join(lazy)}; run one forward pass first (model(*example_inputs)), "
+                "which gives them their shapes, then prune")
     for name, t in named_state(model).items():
         if t.device.type == "meta":
             raise InputError(
@@ -141,14 +206,32 @@ def _user_frame(tb: Any) -> str:
     return where
 
 
+def _bake_concrete(graph: torch.fx.Graph, concrete: dict[str, Any]) -> None:
+    """fx keeps an input for every concrete argument (already baked into the computation),
+    guarded to have the traced value: drop the guards and those inputs, so the graph takes
+    only the other inputs."""
+    def is_guard(node: torch.fx.Node) -> bool:
+        return node.op == "call_function" and "has been specialized" in " ".join(
+            a for a in node.args if isinstance(a, str))
+
+    for node in reversed(list(graph.nodes)):
+        if is_guard(node) or (node.op == "call_function" and node.target is operator.eq and not node.users):
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and not node.users and any(
+                node.target == name or node.target.rsplit("_", 1)[0] == name for name in concrete):
+            graph.erase_node(node)
+
+
 def _symbolic_trace(
     model: torch.nn.Module, leaf_modules: Iterable[type | str], concrete_args: dict | None
 ) -> torch.fx.GraphModule:
     tracer = GraphTracer(leaf_modules)
-    attrs_before = set(vars(model))
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-        return _GraphModule(tracer.root, graph, type(model).__name__)
+        with untouched(model):  # fx stores tensor constants (and a forward its proxies) on modules
+            graph = tracer.trace(model, concrete_args=concrete_args)
+            _bake_concrete(graph, concrete_args or {})
+            return _GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many kinds; all mean "not traceable"
         path = tracer.failed_module or ""
         module = model.get_submodule(path) if path else model
@@ -160,35 +243,14 @@ def _symbolic_trace(
             f"constructs cannot be traced symbolically: mark it as a leaf "
             f"(leaf_modules=[{type(module).__name__}]) or fix the branch with concrete_args."
         ) from exc
-    finally:
-        # fx stores tensor constants on the traced root; keep the user's module as it was.
-        for name in set(vars(model)) - attrs_before:
-            delattr(model, name)
 
 
-def _export_trace(model: torch.nn.Module, inputs: tuple, fx_error: TraceError) -> torch.fx.GraphModule:
-    """An fx GraphModule from ``torch.export`` (non-strict), with plain calling conventions."""
-    try:
-        program = torch.export.export(model, inputs, strict=False)
-        gm = program.module()
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise TraceError(f"{fx_error} torch.export (non-strict) failed as well: "
-                         f"{type(exc).__name__}: {first}") from fx_error
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
-    out = next(n for n in graph.nodes if n.op == "output")
-    spec = getattr(gm, "_out_spec", None)
-    graph._codegen = torch.fx.graph.CodeGen()
-    leaves = out.args[0]
-    if spec is not None and spec.num_leaves == 1 and spec.is_leaf() and isinstance(leaves, (tuple, list)):
-        out.args = (leaves[0],)
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-    gm.meta["graphprune_export"] = True
-    return gm
+def _export_trace(model: torch.nn.Module, inputs: BoundInputs | tuple, fx_error: TraceError
+                  ) -> torch.fx.GraphModule:
+    """``export_trace.export_trace`` under the tracing lock, with the model left as it was."""
+    bound = inputs if isinstance(inputs, BoundInputs) else BoundInputs(tuple(inputs))
+    with TRACE_LOCK, untouched(model):
+        return export_trace(model, bound, fx_error)
 
 
 def shape_of(value: Any) -> Any:
@@ -303,8 +365,9 @@ def trace(
     ``leaf_modules`` lists module types or qualified names to keep as single nodes.
     When symbolic tracing fails (shape-dependent Python, unsupported constructs) and
     ``export_fallback`` is on, ``torch.export`` (non-strict) is tried for an ATen graph
-    specialised to the example input shapes; if that fails too, the ``TraceError``
-    names both causes.
+    (see ``graphprune.export_trace``: inference mode, the model's output structure, a
+    dynamic batch dimension); if that fails too, the ``TraceError`` names both causes.
+    ``model``, its attributes and ``example_inputs`` are left exactly as they were.
     The returned GraphModule shares submodules with ``model``; nothing is copied.
 
     >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4))
@@ -312,16 +375,21 @@ def trace(
     [(2, 3)]
     """
     check_model(model)
-    inputs = normalize_inputs(example_inputs)
-    gm = model if isinstance(model, torch.fx.GraphModule) else None
-    if gm is None:
-        try:
-            gm = _symbolic_trace(model, leaf_modules, concrete_args)
-        except TraceError as fx_error:
-            if not export_fallback:
-                raise
-            gm = _export_trace(model, inputs, fx_error)
-    else:
-        gm = _GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
-    propagate_shapes(gm, inputs)
+    bound = bind_inputs(model, example_inputs)
+    with TRACE_LOCK, untouched(model):
+        gm = model if isinstance(model, torch.fx.GraphModule) else None
+        if gm is None:
+            fixed = {**fixed_arguments(model, bound), **(concrete_args or {})}
+            try:
+                gm = _symbolic_trace(model, leaf_modules, fixed or None)
+            except TraceError as fx_error:
+                if not export_fallback:
+                    raise
+                gm = _export_trace(model, bound, fx_error)
+        else:
+            gm = _GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
+        propagate_shapes(gm, fresh_inputs(bound.tensors))
+    fixed = {**getattr(model, "meta", {}).get("graphprune_fixed", {}), **bound.constants}
+    if fixed:  # keyword arguments baked into the graph: later calls may give them again
+        gm.meta["graphprune_fixed"] = fixed
     return gm

@@ -160,8 +160,9 @@ def test_wrong_number_of_inputs(inputs):
     assert re.search(r"\bx\b.*\by\b", msg)  # names the forward's inputs
 
 
-@pytest.mark.parametrize("bad", [[1.0], ("x",), (X, None), (), None, 3.0, {"x": X}],
-                         ids=["float", "str", "none-in-tuple", "empty", "none", "scalar", "dict"])
+@pytest.mark.parametrize("bad", [[1.0], ("x",), (X, None), (), None, 3.0, {"nope": X}, {}, {"x": 1.0}],
+                         ids=["float", "str", "none-in-tuple", "empty", "none", "scalar", "dict-unknown-key",
+                              "dict-empty", "dict-no-tensor"])
 def test_non_tensor_example_inputs(bad):
     model = net()
     with untouched(model), pytest.raises(gp.InputError):

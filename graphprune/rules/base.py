@@ -19,8 +19,7 @@ lists of its own):
   modules), read by labelling, rewrite, counting, LEAN and the criteria alike.
 - ``kind``: what other passes may assume about the op (``LAYER``: a weighted layer
   ``[out, in, *kernel]``; ``NORM``: a per-channel affine normalisation; ``CONCAT``: a
-  concatenation, which can do without an emptied input; ``SHAPE``: an op whose size
-  arguments the rewrite sets to the slim widths).
+  concatenation, which can do without an emptied input).
 
 Rules are registered in their op family's own file, with their module, functional
 and ATen forms::
@@ -50,12 +49,12 @@ import torch.fx
 __all__ = [
     "Rule", "Operands", "Shapes", "Multi", "Labels", "register", "find_rule", "find_module_rule",
     "has_own_module_rule", "layer_width", "operand", "operand_shape", "aten_ops", "op_name", "target_name", "arg",
-    "as_array", "norm_dim", "unlabelled", "iter_arrays", "is_inplace", "LAYER", "NORM", "CONCAT", "SHAPE",
+    "as_array", "norm_dim", "unlabelled", "iter_arrays", "is_inplace", "LAYER", "NORM", "CONCAT",
 ]
 
 Labels = tuple  # tuple[np.ndarray | None, ...] for a tensor; Multi for tuples of tensors
 
-LAYER, NORM, CONCAT, SHAPE = "layer", "norm", "concat", "shape"
+LAYER, NORM, CONCAT = "layer", "norm", "concat"
 
 
 class Multi(tuple):
@@ -116,14 +115,19 @@ class Shapes(Protocol):
 _MODULE_RULES: dict[type, Rule] = {}
 _FUNCTION_RULES: dict[Any, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
+_NAMED_RULES: dict[str, Rule] = {}  # "package.module:function" of functions not imported here
+_TAG_RULES: dict[torch.Tag, Rule] = {}  # ATen overloads by tag (torch.Tag.pointwise)
 
 
 def register(*keys: Any, resize: Callable | None = None, patch: Callable | None = None,
              macs: Callable | None = None, operands: Operands | None = None, kind: str = ""):
     """Register the decorated build function for module types, functions or method names.
 
-    Strings name tensor methods (``"relu"`` for ``x.relu()``); types name ``nn.Module``
-    classes (subclasses inherit the rule); anything else is a function target (torch
+    Strings name tensor methods (``"relu"`` for ``x.relu()``), or, written
+    ``"package.module:function"``, functions of packages graphprune does not import
+    (``"torchvision.ops.stochastic_depth:stochastic_depth"``); types name ``nn.Module``
+    classes (subclasses inherit the rule); a ``torch.Tag`` covers every ATen overload
+    with that tag that has no rule of its own; anything else is a function target (torch
     functions, ``operator`` functions, ATen overloads). Users register rules for their
     own modules the same way.
     """
@@ -131,7 +135,11 @@ def register(*keys: Any, resize: Callable | None = None, patch: Callable | None 
     def deco(build: Callable) -> Callable:
         rule = Rule(build.__name__, build, resize, patch, macs, operands or Operands(), kind)
         for key in keys:
-            if isinstance(key, str):
+            if isinstance(key, str) and ":" in key:
+                _NAMED_RULES[key] = rule
+            elif isinstance(key, torch.Tag):
+                _TAG_RULES[key] = rule
+            elif isinstance(key, str):
                 _METHOD_RULES[key] = rule
             elif isinstance(key, type):
                 _MODULE_RULES[key] = rule
@@ -167,7 +175,13 @@ def find_rule(node: torch.fx.Node, module: torch.nn.Module | None) -> Rule | Non
     if node.op == "call_module":
         return find_module_rule(type(module))
     if node.op == "call_function":
-        return _FUNCTION_RULES.get(node.target)
+        target = node.target
+        rule = _FUNCTION_RULES.get(target)
+        if rule is None and _NAMED_RULES:
+            rule = _NAMED_RULES.get(f"{getattr(target, '__module__', '')}:{getattr(target, '__qualname__', '')}")
+        if rule is None and isinstance(target, torch._ops.OpOverload):
+            rule = next((_TAG_RULES[t] for t in target.tags if t in _TAG_RULES), None)
+        return rule
     if node.op == "call_method":
         return _METHOD_RULES.get(node.target)
     return None

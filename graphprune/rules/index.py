@@ -1,9 +1,11 @@
 """Indexing and shifting: ``x[...]``, ATen slice and select, roll and flip.
 
 Channel flow: an int/slice/None/``...`` index keeps the labels of what it selects and
-the slim graph's bounds follow the surviving channels; picking one channel, slicing a
-channel axis with a step, gathering with a tensor index, rolling or flipping a channel
-axis reorder or single out channels, so those axes are pinned. No values are mixed.
+the slim graph's bounds follow the surviving channels; a strided slice over a whole
+channel axis (``x[..., 1::2]``) makes channels go in blocks of the step, so it keeps its
+offset; picking one channel, gathering with a tensor index, rolling or flipping a
+channel axis reorder or single out channels, so those axes are pinned. No values are
+mixed.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def _getitem_patch(rw, node):
             continue
         if isinstance(it, int):
             new_items.append(int(keep[:it % shape[d]].sum()))
+        elif it.step not in (None, 1):  # whole blocks of `step` go (see _strided): same offset, to the end
+            new_items.append(slice(it.indices(shape[d])[0], None, it.step))
         else:
             start, stop, _ = it.indices(shape[d])
             new_items.append(slice(int(keep[:start].sum()), int(keep[:stop].sum())))
@@ -64,6 +68,19 @@ def _getitem_patch(rw, node):
     if k:
         rw.set_arg(node, 1, "index", tuple(new_items) if isinstance(index, tuple) or len(new_items) > 1 else new_items[0])
     del items
+
+
+def _strided(ctx, labels, item, size):
+    """Labels of ``x[..., start::step]`` on a channel axis (``x[..., ::2]``, ``x[..., 1::2]``: the
+    interleaved pairs of rotary embeddings). Channels go in whole blocks of ``step``
+    (factorised ``[size // step, step]``, the block index free), so every strided slice
+    keeps its offset in the slim model; a slice that stops short of the last block pins."""
+    start, stop, step = item.indices(size)
+    if step < 1 or size % step or not 0 <= start < step or stop < size - step + start + 1:
+        ctx.pin(labels, f"{ctx.describe_node()} slices a channel axis with a step")
+        return None
+    ctx.factorize(labels.reshape(size // step, step), free=0)
+    return labels[start::step]
 
 
 def _concrete(ctx, item, labels):
@@ -109,8 +126,7 @@ def getitem(ctx, node, module):
             out.append(None)
         elif isinstance(it, slice):
             if labels[d] is not None and it.step not in (None, 1):
-                ctx.pin(labels[d], f"{ctx.describe_node()} slices a channel axis with a step")
-                out.append(None)
+                out.append(_strided(ctx, labels[d], it, shape[d]))
             else:
                 out.append(labels[d][it] if labels[d] is not None else None)
         elif isinstance(it, int):

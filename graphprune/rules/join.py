@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from graphprune.rules.base import CONCAT, SHAPE, Multi, arg, as_array, aten_ops, norm_dim, register
+from graphprune.rules.base import CONCAT, Multi, arg, as_array, aten_ops, norm_dim, register
 
 
 @register(torch.cat, torch.concat, torch.concatenate, *aten_ops("cat.default"), kind=CONCAT)
@@ -67,7 +67,7 @@ def _split_dim(node, ndim):
 
 
 @register(torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split",
-          *aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default"), patch=_split_patch, kind=SHAPE)
+          *aten_ops("split.Tensor", "split_with_sizes.default", "chunk.default"), patch=_split_patch)
 def split(ctx, node, module):
     """Pieces of one axis: each output keeps its slice of the input's labels."""
     labels = ctx.labels(node.args[0])

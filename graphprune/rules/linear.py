@@ -133,3 +133,66 @@ def matmul(ctx, node, module):
     for lab in batch:
         ctx.mark_heads(lab)
     return tuple(batch) + (la[-2], lb[-1])
+
+
+def _addmm_macs(shapes, node, module, rule) -> int:
+    """``bias + a @ b``: as ``a @ b``."""
+    out, a = shapes.of(node), shapes.of(node.args[1])
+    return math.prod(out) * a[-1] if out is not None and a is not None else 0
+
+
+@register(torch.addmm, "addmm", *aten_ops("addmm.default"), macs=_addmm_macs)
+def addmm(ctx, node, module):
+    """``addmm(bias, a, b)`` (Hugging Face's ``Conv1D``: weight ``[in, out]``): a matrix product
+    whose result broadcasts against ``bias``; a parameter ``b`` produces the output columns."""
+    bias, a, b = node.args[:3]
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    la, lb = ctx.labels(a), ctx.labels(b)
+    reason = f"contracted with a non-channel axis in {ctx.describe_node()}"
+    if la is None or lb is None or len(sa) != 2 or len(sb) != 2:
+        ctx.pin_all((la, lb, ctx.labels(bias)), f"{ctx.describe_node()} multiplies vectors")
+        return tuple(None for _ in ctx.shape(node))
+    ctx.couple([la[1], lb[0]], sa[1], reason)
+    if ctx.attr_name(b) is not None:
+        ctx.mark_produced(lb[1])
+        ctx.set_role(b, 1, "out")
+        ctx.set_role(b, 0, "in")
+    out = [la[0], lb[1]]
+    lbias, sbias = ctx.labels(bias), ctx.shape(bias)
+    if isinstance(sbias, torch.Size):  # broadcasting add of the bias
+        for k, size in enumerate(sbias):
+            d = k + 2 - len(sbias)
+            if d >= 0 and size == ctx.shape(node)[d]:
+                out[d] = ctx.couple([out[d], lbias[k]], size, f"bias of {ctx.describe_node()}")
+    return tuple(out)
+
+
+def _resize_embedding(module: nn.Embedding) -> None:
+    module.embedding_dim = module.weight.shape[1]
+
+
+def _embedding_core(ctx, indices, weight_dim):
+    """Rows of a table picked by ``indices``: the index axes pass, the table's columns are the
+    output channels (a layer's outputs: each channel is one column of the table)."""
+    ctx.mark_produced(weight_dim)
+    lab = ctx.labels(indices)
+    rest = tuple(lab) if isinstance(lab, tuple) else (None,) * (len(ctx.shape(ctx.node)) - 1)
+    return rest + (weight_dim,)
+
+
+@register(nn.Embedding, resize=_resize_embedding,
+          operands=Operands(weight="weight", width="embedding_dim"))
+def embedding(ctx, node, module):
+    """nn.Embedding: weight [num_embeddings, dim]; the dim axis is produced (tied to an output
+    Linear through the shared weight when the embeddings are tied)."""
+    return _embedding_core(ctx, node.args[0], ctx.operand_param("weight", 1, "out"))
+
+
+# F.embedding(input, weight, ...); aten.embedding(weight, indices, ...)
+@register(F.embedding, operands=Operands(input=0, weight=1))
+@register(*aten_ops("embedding.default"), operands=Operands(input=1, weight=0))
+def embedding_function(ctx, node, module):
+    weight = ctx.operand("weight")
+    labels = ctx.weight_labels(weight)
+    ctx.set_role(weight, 1, "out")
+    return _embedding_core(ctx, ctx.operand("input"), labels[1] if len(labels) > 1 else None)

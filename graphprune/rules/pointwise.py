@@ -1,8 +1,11 @@
 """Ops that keep every axis: activations, dropout, identity, casts, elementwise arithmetic.
 
 Channel flow: output channel ``i`` is input channel ``i``. Broadcasting arithmetic ties
-axes of equal size channel by channel (an axis of size 1 broadcasts). These ops mix
-no values across positions and read no channel count, so removal is exact.
+axes of equal size channel by channel (an axis of size 1 broadcasts); every ATen
+overload tagged ``torch.Tag.pointwise`` gets that rule, so whatever ``torch.export``
+captures of the elementwise opset is covered. Stochastic depth / drop path scale whole
+samples (the batch axis), which keeps channels. These ops mix no values across
+positions and read no channel count, so removal is exact.
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ _ACTIVATION_ATEN = aten_ops(
     "leaky_relu.default", "elu.default", "mish.default", "dropout.default", "dropout_.default",
     "feature_dropout.default", "clone.default",
     "detach.default", "alias.default", "abs.default", "exp.default", "neg.default",
-    "sqrt.default", "square.default", "contiguous.default", "_to_copy.default", "to.dtype",
+    "sqrt.default", "contiguous.default", "_to_copy.default", "to.dtype", "to.dtype_layout", "to.device",
+    "to.other", "type_as.default", "lift_fresh_copy.default",
 )
 
 
-@register(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, *_ACTIVATION_METHODS, *_ACTIVATION_ATEN)
+@register(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, *_ACTIVATION_METHODS, *_ACTIVATION_ATEN,
+          # wrapped functions of packages imported only by models that use them
+          "torchvision.ops.stochastic_depth:stochastic_depth", "timm.layers.drop:drop_path")
 def pointwise(ctx, node, module):
     """Output channels are the input's channels, position by position."""
     return ctx.labels(node.args[0])
@@ -86,7 +92,7 @@ _BINARY_ATEN = aten_ops(
 )
 
 
-@register(*_BINARY, *_BINARY_METHODS, *_BINARY_ATEN)
+@register(*_BINARY, *_BINARY_METHODS, *_BINARY_ATEN, torch.Tag.pointwise)
 def elementwise(ctx, node, module):
     """Broadcasting arithmetic: axes of equal size are tied channel by channel.
 

@@ -6,9 +6,8 @@ are carried by matching runs of axes with equal products (a flatten into a Linea
 repeats each channel over a block; splitting a channel axis factorises it, as for
 attention heads, so that one factor can be pruned and the others kept whole). The
 slim graph's literal and computed sizes of channel axes become the slim widths
-(``kind=SHAPE``: these rules rewrite their size arguments). No values are mixed. A
-shape query (``x.size(1)``) reads a width as a number: where that number meets
-tensors, the slim graph keeps its original value (see ``shape_query``).
+(their ``patch``). No values are mixed. A shape query (``x.size(1)``) reads a width
+as a number: the slim graph keeps its original value (see ``shape_query``).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import SHAPE, arg, aten_ops, norm_dim, register, target_name
+from graphprune.rules.base import arg, aten_ops, is_inplace, norm_dim, register, target_name
 
 
 def _runs(in_shape, out_shape):
@@ -105,9 +104,12 @@ def _reshape_patch(rw, node):
 
     Literal ints and values computed at run time from other widths (``C // heads``)
     are both replaced, since either may no longer hold after pruning; ``-1`` stays.
-    An axis without channels keeps its size: a width computed at run time there (the
-    ``C // heads`` of one-channel heads) becomes the original number.
+    A ``view`` whose input narrowed becomes a ``reshape`` (unless its result is written in
+    place): narrower axes change which strides are contiguous, so a view the original
+    could take (after a copy made by a reshape of a transposed tensor) may not exist in
+    the slim model, where a width of 1 lets that reshape return a view instead.
     """
+    _view_as_reshape(rw, node)
     module = rw.module(node)
     if isinstance(module, nn.Unflatten):
         found = 2, list(module.unflattened_size), True
@@ -129,13 +131,9 @@ def _reshape_patch(rw, node):
         axes = range(len(sizes))
     changed = False
     for k, d in enumerate(axes):
-        if isinstance(sizes[k], int) and sizes[k] == -1:
-            continue
-        if out_labels[d] is not None:
+        if out_labels[d] is not None and not (isinstance(sizes[k], int) and sizes[k] == -1):
             changed |= sizes[k] != new_shape[d]
             sizes[k] = new_shape[d]
-        elif isinstance(sizes[k], torch.fx.Node) and sizes[k].name in rw.dg.width_values:
-            sizes[k], changed = rw.old_shape(node)[d], True
     if not changed:
         return
     if isinstance(module, nn.Unflatten):
@@ -146,11 +144,26 @@ def _reshape_patch(rw, node):
         rw.set_args(node, tuple(node.args[:first]) + ((tuple(sizes),) if packed else tuple(sizes)))
 
 
+_VIEWS = {"view": "reshape", "view_as": "reshape_as"}
+
+
+def _view_as_reshape(rw, node) -> None:
+    x = node.args[0] if node.args else None
+    if not isinstance(x, torch.fx.Node) or rw.new_shape(x) == tuple(rw.old_shape(x) or ()):
+        return
+    if any(is_inplace(u, rw.module(u)) for u in node.users):
+        return
+    if node.op == "call_method" and node.target in _VIEWS:
+        node.target = _VIEWS[node.target]
+    elif node.op == "call_function" and node.target is getattr(torch.ops.aten.view, "default", None):
+        node.target = torch.ops.aten.reshape.default
+
+
 @register(torch.flatten, torch.reshape, nn.Flatten, nn.Unflatten, torch.squeeze, torch.unsqueeze,
           torch.unflatten, "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten",
           "view_as", "reshape_as", *aten_ops("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
                    "unflatten.int", "squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default"),
-          patch=_reshape_patch, kind=SHAPE)
+          patch=_reshape_patch)
 def reshape(ctx, node, module):
     """flatten / view / reshape / squeeze / unsqueeze / unflatten, from recorded shapes."""
     x = node.args[0]
@@ -187,7 +200,7 @@ def permute(ctx, node, module):
     return tuple(labels[d] for d in order)
 
 
-@register("expand", "expand_as", "repeat", *aten_ops("expand.default"), patch=_reshape_patch, kind=SHAPE)
+@register("expand", "expand_as", "repeat", *aten_ops("expand.default"), patch=_reshape_patch)
 def expand(ctx, node, module):
     """Broadcast copies: axes that keep their size keep their labels."""
     labels, in_shape, out_shape = ctx.labels(node.args[0]), ctx.shape(node.args[0]), ctx.shape(node)
@@ -231,10 +244,11 @@ def pixel_unshuffle(ctx, node, module):
 def shape_query(ctx, node, module):
     """``x.size(1)``, ``x.shape``, ``x.numel()``, ``len(x)``: numbers read off a tensor.
 
-    A number read off a channel axis is a *width*: the slim graph keeps its original
-    value where it meets tensors (``y.sum(1) / y.size(1)``, ``x.shape[-1] ** -0.5``), as
-    the masked original computes, and the slim width where a reshape reads it as a size
-    (``ctx.mark_width``). Attributes that are tensors (``x.T``) have no rule: pinned.
+    A number read off a channel axis is a *width* (``ctx.mark_width``): the slim graph
+    keeps its original value (``y.sum(1) / y.size(1)``, ``x.shape[-1] ** -0.5``, the
+    ``C // heads`` of a reshape of another tensor), as the masked original computes;
+    where a reshape's output axis carries channels, the reshape's own patch writes the
+    slim width. Attributes that are tensors (``x.T``) have no rule: pinned.
     """
     out = ctx.shape(node)
     labels = ctx.labels(node.args[0])
@@ -255,4 +269,11 @@ def shape_query(ctx, node, module):
         ctx.width_axes[node.name] = widths
     elif (name == "numel" and widths) or (name == "len" and 0 in widths):
         ctx.mark_width(node)
+    return None
+
+
+@register(*aten_ops("_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range_for_size.default"))
+def metadata_check(ctx, node, module):
+    """Checks torch.export inserts (dtype, device, size asserts): they return nothing and read no
+    values; the slim graph's tensors keep dtype and device."""
     return None

@@ -3,8 +3,9 @@
 A masked channel must behave exactly as a removed one. ``ChannelMasker`` multiplies the
 *input columns* that read each channel (the ``in``-role member slices: conv/linear weight
 dim 1, flatten expansions included) by the channel's mask, through
-``torch.nn.utils.parametrize``. That is what ``gp.verify.masked_model`` zeroes, and for
-channel-separable models it computes exactly what ``gp.apply`` with the same plan computes;
+``torch.nn.utils.parametrize``. For channel-separable models that computes exactly what
+``gp.apply`` with the same plan computes (``gp.verify.masked_model`` zeroes every slice a
+removed channel owns, producer rows included, and is the reference for the others);
 the producer rows and norm parameters are left intact, so a channel that is unmasked again
 (SPP's Bernoulli draws) resumes where it was. Gradients of masked columns are zero, so they
 do not drift while masked. ``remove()`` takes the parametrizations off again (the stored

@@ -27,7 +27,7 @@ from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
-from graphprune.tracing import normalize_inputs
+from graphprune.tracing import bind_inputs, fresh_inputs
 from graphprune.train.masking import member_params
 
 __all__ = ["magnitude_sparsify", "WeightMask", "dead_channels", "to_structured", "StructuredResult"]
@@ -137,8 +137,9 @@ class StructuredResult:
 def to_structured(model: nn.Module, example_inputs: Any, *, dg: DependencyGraph | None = None,
                   atol: float = 0.0, mode: str = "both") -> StructuredResult:
     """Remove ``model``'s dead channels (``model`` untouched) and measure the deviation."""
-    inputs = normalize_inputs(example_inputs)
-    dg = dg or DependencyGraph.build(model, inputs)
+    bound = bind_inputs(model, example_inputs)
+    inputs = bound.tensors
+    dg = dg or DependencyGraph.build(model, example_inputs)
     plan = dead_channels(model, dg, atol=atol, mode=mode)
     slim = apply(model, dg, plan)
     was, swas = model.training, slim.training
@@ -146,7 +147,7 @@ def to_structured(model: nn.Module, example_inputs: Any, *, dg: DependencyGraph 
     slim.eval()
     try:
         with torch.no_grad():
-            a, b = model(*inputs), slim(*inputs)
+            a, b = bound.run(model, fresh_inputs(inputs)), slim(*fresh_inputs(inputs))
     finally:
         model.train(was)
         slim.train(swas)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,3 +54,62 @@ def test_spatial_pad_and_matmul_with_a_parameter():
     slim = gp.apply(model, dg, plan)
     assert slim.get_parameter("w").shape == (6, 5)
     assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+
+
+class TinyLM(nn.Module):
+    """Embedding -> residual MLP -> output Linear, optionally tied to the embedding."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_columns_are_channels_of_the_residual_stream(tied):
+    # regression: nn.Embedding had no rule, so every residual stream it fed was pinned
+    model, ids = TinyLM(tied).eval(), torch.randint(0, 50, (2, 7))
+    dg = build(model, ids)
+    g = group_of(dg, "emb.weight", 1)
+    assert g.prunable and g.exact and g.size == 16
+    head = "emb.weight" if tied else "head.weight"
+    assert (head, 1) in keys(g) and ("fc2.weight", 0) in keys(g)
+    slim = exact(model, ids, {g.id: [0, 5, 9]}, dg=dg)
+    assert slim.get_submodule("emb").embedding_dim == 13
+    assert (slim.get_submodule("emb").weight is slim.get_submodule("head").weight) == tied
+
+
+def test_addmm_with_a_parameter_is_a_layer():
+    # Hugging Face's Conv1D (GPT-2): addmm(bias, x.view(-1, in), weight[in, out])
+    class Conv1D(nn.Module):
+        def __init__(self, nx, nf):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+            self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Conv1D(6, 12)
+            self.b = Conv1D(12, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model, x = Net().eval(), torch.randn(5, 6)
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 1)
+    assert keys(g) == {("a.weight", 1), ("a.bias", 0), ("b.weight", 0)}
+    exact(model, x, {g.id: [2, 3, 11]}, dg=dg, zero={"b.weight": (0, [2, 3, 11])})

@@ -183,3 +183,55 @@ def test_clamp_with_a_per_channel_bound_slices_the_bound():
     g = group_of(dg, "a.weight", 0)
     assert ("low", 0) in keys(g)
     exact(model, x, {g.id: [1, 4]}, dg=dg)
+
+
+def test_aten_overloads_tagged_pointwise_have_the_elementwise_rule():
+    # torch.export graphs hold ATen ops: every one tagged torch.Tag.pointwise (atan, erf, where,
+    # comparisons ...) couples its tensors elementwise without a rule of its own
+    class Shaped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.h = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            if y.shape[0] > 0:  # shape-dependent Python: the torch.export fallback
+                y = torch.atan(y) + torch.erf(y)
+            return self.h(y)
+
+    model, x = Shaped().eval(), x2d()
+    dg = build(model, x)
+    assert any(n.target is torch.ops.aten.atan.default for n in dg.gm.graph.nodes)
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable
+    exact(model, x, {g.id: [0, 7]}, dg=dg)
+
+
+def stochastic_depth(x, p=0.2, mode="row", training=False):
+    """Stands in for torchvision.ops.stochastic_depth: a function fx keeps whole, named like it."""
+    return x
+
+
+torch.fx.wrap("stochastic_depth")
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+
+
+def test_stochastic_depth_by_name_passes_channels():
+    # functions of packages graphprune does not import are keyed "module:qualname"
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.h = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.h(y + stochastic_depth(y))
+
+    model, x = Net().eval(), x2d()
+    dg = build(model, x)
+    assert any(n.target is stochastic_depth for n in dg.gm.graph.nodes)
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable
+    exact(model, x, {g.id: [1, 2]}, dg=dg)

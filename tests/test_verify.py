@@ -1,0 +1,249 @@
+"""verify / masked_forward / masked_model: the masked original computes what the slim model
+computes, without false alarms from tied weights or forwards that change their inputs."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import assert_state, flat_outputs, snapshot
+
+import graphprune as gp
+from graphprune.verify import masked_forward
+
+X = torch.randn(2, 6)
+
+
+class TiedAcross(nn.Module):
+    """``b`` shares ``a``'s weight; they read the same input and feed different layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(6, 8)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(8, 6)
+        self.d = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x))) + self.d(torch.relu(self.b(x)))
+
+
+class TiedDeclaredLate(nn.Module):
+    """The tied pair is declared in the opposite order of its use, so the first name under
+    which the model holds the tensor is not the one the traced graph uses first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d = nn.Linear(8, 6)
+        self.c = nn.Linear(8, 6)
+        self.b = nn.Linear(6, 8)
+        self.a = nn.Linear(6, 8)
+        self.c.weight = self.d.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x))) + self.d(torch.relu(self.b(x)))
+
+
+class ChangesInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x.mul_(3)
+        return self.b(torch.relu(self.a(x)))
+
+
+class Gated(nn.Module):
+    """A removed channel reaches a channel-mixing op (a sum over channels) through a
+    sigmoid, which does not keep zeros: zeroing weights cannot mask it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) + torch.sigmoid(h).sum(-1, keepdim=True)
+
+
+def _random_plan(dg, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {g.id: sorted(rng.choice(g.size, max(1, g.size // 2), replace=False).tolist())
+            for g in dg.groups if g.prunable and g.exact and (g.size > 1 or g.removable)}
+
+
+def _max_diff(a, b) -> float:
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(flat_outputs(a), flat_outputs(b)))
+
+
+@pytest.mark.parametrize("make", [TiedAcross, TiedDeclaredLate])
+def test_tied_weights_give_no_false_alarm(make):
+    model = make()
+    state = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = gp.DependencyGraph.build(model, X)
+    plan = {g.id: [1, 3] for g in dg.groups if g.prunable}
+    assert plan
+    slim = gp.apply(model, dg, plan)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert gp.verify(model, X, plan, dg=dg, slim=slim) <= 1e-5
+    masked = gp.masked_model(model, dg, plan)
+    with torch.no_grad():
+        assert _max_diff(masked(X), slim(X)) <= 1e-5
+    assert_state(model, state)
+    assert not [w for w in caught if "ties" in str(w.message)]  # the slim model keeps the tie
+    names = ("a.weight", "b.weight") if make is TiedAcross else ("c.weight", "d.weight")
+    assert slim.get_parameter(names[0]) is slim.get_parameter(names[1])
+    assert masked.get_parameter(names[0]) is masked.get_parameter(names[1])
+
+
+def test_verify_says_when_a_slim_model_unties_a_cut_tensor():
+    model = TiedAcross()
+    dg = gp.DependencyGraph.build(model, X)
+    plan = {g.id: [1, 3] for g in dg.groups if g.prunable}
+    slim = gp.apply(model, dg, plan)
+    slim.b.weight = nn.Parameter(slim.b.weight.detach().clone())  # as a rewrite that unties would
+    with pytest.warns(UserWarning, match=r"'a.weight', 'b.weight'.*no longer ties them"):
+        gp.verify(model, X, plan, dg=dg, slim=slim)
+
+
+def test_verify_and_masked_model_keep_ties_they_do_not_cut():
+    model = TiedAcross()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = gp.DependencyGraph.build(model, X)
+    masked = gp.masked_model(model, dg, {})
+    assert masked.a.weight is masked.b.weight and model.a.weight is model.b.weight
+
+
+def test_forward_changing_its_input_gives_no_false_alarm():
+    model, x = ChangesInput(), X.clone()
+    dg = gp.DependencyGraph.build(model, x)
+    plan = {g.id: [0, 5] for g in dg.groups if g.prunable}
+    assert plan
+    assert gp.verify(model, x, plan, dg=dg) <= 1e-5
+    assert gp.verify(model, x, plan) <= 1e-5
+    assert torch.equal(x, X)
+
+
+@pytest.mark.parametrize("name", ["vit_mha", "vit_tiny", "swin_block", "resnet20", "mobilenet_v3", "densenet"])
+def test_masked_model_computes_what_the_slim_model_computes(name):
+    model, x = gp.zoo.create(name)
+    model.eval()
+    dg = gp.DependencyGraph.build(model, x)
+    plan = _random_plan(dg)
+    slim = gp.apply(model, dg, plan).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback needed: the user's own classes do it
+        masked = gp.masked_model(model, dg, plan).eval()
+    assert type(masked) is type(model)
+    with torch.no_grad():
+        assert _max_diff(masked(*x), slim(*x)) <= 1e-4
+        assert _max_diff(masked_forward(model, dg, plan, x), slim(*x)) <= 1e-4
+
+
+def test_masked_model_that_weights_cannot_mask_falls_back_and_says_where():
+    model = Gated().eval()
+    dg = gp.DependencyGraph.build(model, X)
+    g = next(g for g in dg.groups if g.prunable)
+    plan = {g.id: [2, 5]}
+    slim = gp.apply(model, dg, plan)
+    with pytest.warns(UserWarning, match=r"node 'sum\w*'"):
+        masked = gp.masked_model(model, dg, plan)
+    with torch.no_grad():
+        assert _max_diff(masked(X), slim(X)) <= 1e-5
+    assert gp.verify(model, X, plan, dg=dg, slim=slim) <= 1e-5
+
+
+def test_masked_model_leaves_the_model_alone():
+    model, x = gp.zoo.create("resnet20")
+    state = snapshot(model)
+    dg = gp.DependencyGraph.build(model, x)
+    masked = gp.masked_model(model, dg, _random_plan(dg))
+    assert_state(model, state)
+    assert all(p is not q for p, q in zip(masked.parameters(), model.parameters()))
+
+
+def test_verify_refuses_inputs_of_other_shapes_than_the_graph():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    dg = gp.DependencyGraph.build(model, X)
+    with pytest.raises(gp.InputError, match=r"\(2, 6\)"):
+        gp.verify(model, torch.randn(3, 6), {0: [1]}, dg=dg)
+    assert gp.verify(model, torch.randn(3, 6), {0: [1]}) <= 1e-5  # a graph of its own is fine
+
+
+def test_verify_leaves_a_training_model_in_training_mode():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3)).train()
+    state = snapshot(model)
+    assert gp.verify(model, X, {0: [1, 2]}) <= 1e-5
+    assert all(m.training for m in model.modules())
+    assert_state(model, state)
+    copy.deepcopy(model)  # still an ordinary module
+
+
+def test_functional_gated_model_grads_are_untouched():
+    model = Gated()
+    F.relu(torch.zeros(1))
+    before = [p.clone() for p in model.parameters()]
+    dg = gp.DependencyGraph.build(model, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gp.masked_model(model, dg, {next(g.id for g in dg.groups if g.prunable): [0]})
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_nan_computed_in_a_removed_channel_does_not_leak():
+    # p / p.sum(...) over a block whose channels all go is 0 / 0 in the masked original; the
+    # masked reference must set removed positions to zero, not multiply them by zero
+    # (bat_resnext26ts's bilinear attention transform: verify used to return nan)
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.h = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            b, _, hh, ww = x.shape
+            r = torch.sigmoid(self.a(x)).view(b, 4, 2, hh, ww)
+            s = r / r.sum(2, keepdim=True)
+            return self.h(s.view(b, 8, hh, ww))
+
+    model, x = Blocks().eval(), torch.randn(2, 3, 4, 4)
+    dg = gp.DependencyGraph.build(model, x)
+    g = next(g for g in dg.groups if g.prunable)
+    assert g.size == 4  # blocks of two channels
+    assert gp.verify(model, x, {g.id: [1]}, dg=dg) < 1e-5
+
+
+def test_tensors_sharing_storage_are_masked_apart():
+    # two buffers that are views of one tensor (a rotary table split per block): the slim model
+    # slices them apart, so the masked original must not zero one through the other
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            table = torch.rand(8) + 0.5
+            self.register_buffer("s1", table[:])
+            self.register_buffer("s2", table.view(8))
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.c, self.d = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.a(x) * self.s1.view(1, 8, 1, 1)) + self.d(self.b(x) * self.s2.view(1, 8, 1, 1))
+
+    model, x = Shared().eval(), torch.randn(2, 3, 4, 4)
+    assert model.s1.data_ptr() == model.s2.data_ptr()
+    dg = gp.DependencyGraph.build(model, x)
+    g = next(g for g in dg.groups if g.prunable and any(m.param == "a.weight" for m in g.members))
+    assert len(g.members) == 4  # a's rows and bias, c's columns, and s1 (a constant of the traced graph)
+    assert gp.verify(model, x, {g.id: [0, 3]}, dg=dg) < 1e-5
