@@ -64,6 +64,13 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(__file__)
 
 
+# torch's transformer stacks are traced through (their attention, linear and norm layers have
+# rules), with the fused fast path off while tracing and their probe of nested tensors
+# answered for traced values (it only serves the causal-mask check, unused without a mask)
+_TRACED_THROUGH = (torch.nn.TransformerEncoder, torch.nn.TransformerEncoderLayer,
+                   torch.nn.TransformerDecoder, torch.nn.TransformerDecoderLayer, torch.nn.Transformer)
+
+
 class GraphTracer(torch.fx.Tracer):
     """fx tracer that keeps user leaf modules whole and remembers where tracing is."""
 
@@ -75,7 +82,7 @@ class GraphTracer(torch.fx.Tracer):
         self.failed_module: str | None = None
 
     def trace(self, root: Any, concrete_args: dict | None = None) -> torch.fx.Graph:
-        with TRACE_LOCK, _thread_patches():
+        with TRACE_LOCK, _thread_patches(), _no_fastpath():
             return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
@@ -83,6 +90,8 @@ class GraphTracer(torch.fx.Tracer):
             return True
         if has_own_module_rule(type(m)):  # a user registered a rule for exactly this type
             return True
+        if type(m) in _TRACED_THROUGH:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx signature
@@ -96,6 +105,26 @@ class GraphTracer(torch.fx.Tracer):
             raise
         finally:
             self.current_module = outer
+
+
+@contextlib.contextmanager
+def _no_fastpath() -> Iterator[None]:
+    """The fused transformer fast path off (it checks tensors in Python and calls one fused op),
+    and torch's ``_get_seq_len`` (``if src.is_nested``) answering ``None`` for traced values."""
+    from torch.nn.modules import transformer
+
+    was, seq_len = torch.backends.mha.get_fastpath_enabled(), transformer._get_seq_len
+
+    def traced_seq_len(src: Any, batch_first: bool) -> Any:
+        return None if isinstance(src, torch.fx.Proxy) else seq_len(src, batch_first)
+
+    torch.backends.mha.set_fastpath_enabled(False)
+    transformer._get_seq_len = traced_seq_len
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+        transformer._get_seq_len = seq_len
 
 
 def _owned(new: Any, orig: Any, owner: int) -> Any:
