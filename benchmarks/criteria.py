@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     dg = gp.DependencyGraph.build(model, example)
     base = gp.count(model, example)
     print(f"resnet20 width {width}: test accuracy {base_acc:.4f} (trained in {train_s:.0f}s; 0 = cached), "
-          f"{base.macs / 2 / 1e6:.2f} MMACs/image, {base.params} params; "
+          f"{base.macs / 1e6:.2f} MMACs/image, {base.params} params; "
           f"{sum(g.size for g in dg.groups if g.prunable)} prunable channels in "
           f"{sum(g.prunable for g in dg.groups)} groups; scoring/fine-tuning on {len(fx)} images", flush=True)
 

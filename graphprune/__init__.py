@@ -22,7 +22,7 @@ from graphprune.rules import register
 from graphprune.select import select
 from graphprune.steps import Pruner
 from graphprune.tracing import trace
-from graphprune.verify import masked_model, verify
+from graphprune.verify import Verification, masked_model, verify
 
 __version__ = "0.1.0"
 
@@ -31,5 +31,5 @@ __all__ = [
     "PlanError", "PruneResult", "RewriteError", "SerializationError", "TraceError",
     "UnsupportedOpError", "apply", "count", "errors", "export", "latency", "lean", "load", "masked_model", "prune",
     "register", "save", "score", "select", "set_origin", "trace", "train", "verify", "zoo",
-    "CRITERIA", "LossError", "importance", "Pruner",
+    "CRITERIA", "LossError", "importance", "Pruner", "Verification",
 ]

@@ -12,7 +12,9 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import difflib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +22,25 @@ import torch
 
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
-from graphprune.importance import score
+from graphprune.importance import check_options, score
 from graphprune.lean import prune as lean_prune
 from graphprune.metrics import count
 from graphprune.plan import Plan
-from graphprune.select import TARGETS, select
+from graphprune.select import TARGETS, module_names, resolve_ratios, select
 from graphprune.steps import Pruner, PruneResult, Step, check_schedule
 
-__all__ = ["PruneResult", "prune", "ScorePlanner"]
+__all__ = ["PruneResult", "prune", "ScorePlanner", "BUILD_OPTIONS", "step_share"]
+
+
+BUILD_OPTIONS = ("leaf_modules", "factor", "grouped")  # DependencyGraph.build options gp.prune takes
+FACTORS, GROUPED = ("largest", "heads"), ("groups", "channels")
+
+
+def step_share(r: float, step: Step) -> float:
+    """The fraction of what is left that step ``k`` of ``n`` removes so that, after it, ``r * k / n``
+    of the original is gone (``r`` after the last step)."""
+    n, k = step.steps, step.index
+    return 1 - (1 - r * k / n) / (1 - r * (k - 1) / n)
 
 
 @dataclass
@@ -35,7 +48,8 @@ class ScorePlanner:
     """Each step: score with a criterion, then ``select`` the step's share of ``ratio``.
 
     Step ``k`` of ``n`` brings the amount removed to ``ratio * k / n`` of the original
-    (channels of every group, or the model's MACs or parameters).
+    (channels of every group, or the model's MACs or parameters); per-module ``ratios``
+    and ``max_ratio`` are spread over the steps the same way.
     """
 
     method: str | Callable
@@ -47,14 +61,19 @@ class ScorePlanner:
     criterion_options: dict[str, Any] = field(default_factory=dict)
     tolerance: float = 0.01
     base: int | None = None  # MACs or parameters of the original model, for those targets
+    ratios: dict[Any, float] = field(default_factory=dict)  # module names or group ids -> ratio
+    max_ratio: float | None = None
 
     def plan(self, model: torch.nn.Module, dg: DependencyGraph, step: Step) -> Plan:
         scores = score(self.method, model, dg, data=self.data, **self.criterion_options)
-        n, k = step.steps, step.index
-        done, goal = self.ratio * (k - 1) / n, self.ratio * k / n
-        options = dict(self.select_options, ignore=step.ignore)
+        per_group = resolve_ratios(dg, self.ratios, model, strict=step.index == 1) if self.ratios else {}
+        options = dict(self.select_options, ignore=step.ignore,
+                       ratios={gid: step_share(r, step) for gid, r in per_group.items()} or None,
+                       max_ratio=None if self.max_ratio is None else step_share(self.max_ratio, step))
         if self.target == "channels":
-            return select(dg, scores, 1 - (1 - goal) / (1 - done), **options)
+            return select(dg, scores, step_share(self.ratio, step), **options)
+        n, k = step.steps, step.index
+        goal = self.ratio * k / n
         now = getattr(count(model, self.example_inputs), self.target)
         if self.base is None:
             self.base = now
@@ -67,11 +86,15 @@ def prune(
     model: torch.nn.Module,
     example_inputs: Any,
     method: str | Callable = "magnitude",
-    ratio: float = 0.5,
+    ratio: float | Mapping[Any, float] = 0.5,
     data: Iterable | None = None,
     *,
-    ignore: Iterable[int | str] = (),
+    ratios: Mapping[Any, float] | None = None,
+    max_ratio: float | None = None,
+    ignore: Iterable[Any] = (),
     leaf_modules: Iterable[type | str] = (),
+    factor: str = "largest",
+    grouped: str = "groups",
     target: str = "channels",
     scope: str = "local",
     round_to: int | None = None,
@@ -84,38 +107,128 @@ def prune(
 ) -> PruneResult:
     """Prune ``model``: score channels with ``method``, select, rewrite, count.
 
-    - ``method`` names a criterion in ``graphprune.importance.CRITERIA`` (``magnitude``,
-      ``bn_scale``, ``taylor``, ``hessian``, ``oracle``, ``shapley``, ``random`` ...) or is
-      a callable with the criterion signature; ``options`` go to it (``p=1``, ``seed=0``,
-      ``loss_fn=...``, ``permutations=5`` ...). Data-driven criteria need ``data``
-      (iterable of ``(inputs, targets)``) and ``loss_fn``.
-    - ``target``: what ``ratio`` removes: ``"channels"`` (of every group with
-      ``scope="local"``, of all channels with ``"global"``), ``"macs"`` or ``"params"``
-      (of the whole model, hit within ``tolerance``). ``round_to``, ``min_keep``,
-      ``normalize`` and ``ignore`` (group ids or module names) are as in ``gp.select``.
-    - ``method="lean"``: LEAN (``graphprune.lean.prune``); ``ratio`` is the fraction of
-      kernels removed, ``steps`` its geometric schedule; options ``criterion``, ``n``,
-      ``exclude``, ``mask_kernels``.
-    - ``steps=N`` prunes iteratively: each step removes ``ratio / N`` of the original
-      amount from the current slim model, re-tracing and re-scoring it, then calls
-      ``callback(slim_model, step)`` (step = 1..N, after the last step too), e.g. to
-      fine-tune it; a module the callback returns replaces the slim model. To step
-      through the loop yourself, iterate a ``graphprune.steps.Pruner``.
+    Parameters
+    ----------
+    method
+        A criterion in ``graphprune.importance.CRITERIA`` (``magnitude``, ``bn_scale``,
+        ``taylor``, ``hessian``, ``oracle``, ``shapley``, ``random`` ...), a callable with
+        the criterion signature, or ``"lean"``. ``options`` go to the criterion (``p=1``,
+        ``seed=0``, ``loss_fn=...``, ``permutations=5`` ...); an option that neither
+        ``prune`` nor the criterion takes raises ``InputError`` naming the valid ones.
+        Data-driven criteria need ``data`` (iterable of ``(inputs, targets)``) and ``loss_fn``.
+    ratio
+        What to remove (see ``target``), or a mapping of per-module ratios (as ``ratios``,
+        with nothing removed elsewhere; only with ``target="channels"``, ``scope="local"``).
+    ratios
+        Per-module ratios: ``{"layer4": 0.7, "fc": 0.0, "blocks.*.mlp": 0.3, model.conv1: 0.2}``
+        (names as in ``model.named_modules()`` and everything inside them, glob patterns,
+        module objects, or group ids). The most specific entry wins, and a group whose
+        producing layers disagree takes the smallest ratio (``gp.select.resolve_ratios``).
+        With ``target="channels"`` and ``scope="local"`` the groups they cover lose exactly
+        that fraction; otherwise they are ceilings on those groups (the ranking or the
+        MACs/params search decides, but never removes more).
+    max_ratio
+        No group loses more than this fraction of its channels (any scope or target).
+    ignore
+        Group ids, module names, glob patterns or modules (``[model.fc]``) to leave whole.
+    leaf_modules, factor, grouped
+        ``DependencyGraph.build`` options: modules kept whole in the trace; ``factor="heads"``
+        prunes whole attention heads, ``"largest"`` (default) the per-head dimension;
+        ``grouped="channels"`` shrinks grouped convolutions inside every group instead of
+        removing whole groups.
+    target, scope, tolerance
+        ``"channels"`` (of every group with ``scope="local"``, of all channels with
+        ``"global"``), ``"macs"`` or ``"params"`` (of the whole model, hit within
+        ``tolerance``).
+    round_to, min_keep, normalize
+        As in ``gp.select``: keep multiples of ``round_to``, at least ``min_keep`` per group,
+        rescale scores per group for a global ranking.
+    steps, callback
+        ``steps=N`` prunes iteratively: each step removes ``ratio / N`` of the original
+        amount from the current slim model, re-tracing and re-scoring it, then calls
+        ``callback(slim_model, step)`` (step = 1..N, after the last step too), e.g. to
+        fine-tune it; a module the callback returns replaces the slim model. To step
+        through the loop yourself, iterate a ``graphprune.steps.Pruner``.
+
+    ``method="lean"``: LEAN (``graphprune.lean.prune``); ``ratio`` is the fraction of
+    kernels removed, ``steps`` its geometric schedule; options ``criterion``, ``n``,
+    ``exclude``, ``mask_kernels``, ``schedule``, ``max_paths``, ``progress``; it takes none of
+    the selection options (``ratios``, ``target`` ...), nor ``factor`` or ``grouped``.
 
     ``model`` is not modified. ``result.plan`` is on the original model's graph
     (``result.graph``): applying it to ``model`` gives the architecture of
     ``result.model``.
+
+    Examples
+    --------
+    >>> import graphprune as gp
+    >>> model, x = gp.zoo.create("mlp")  # fc1 (128) -> fc2 (64) -> fc3 (10)
+    >>> r = gp.prune(model, x, ratio=0.5, ratios={"fc2": 0.25}, ignore=[model.fc1])
+    >>> r.model.fc1.out_features, r.model.fc2.out_features
+    (128, 48)
+    >>> gp.prune(model, x, round_to_=8)
+    Traceback (most recent call last):
+    ...
+    graphprune.errors.InputError: gp.prune got unknown option 'round_to_' (did you mean 'round_to'?); ...
     """
+    mapped = isinstance(ratio, Mapping)
+    if mapped and ratios is not None:
+        raise InputError("give per-module ratios once: as ratio={...} or as ratios={...} next to a number ratio")
+    if mapped and (scope != "local" or target != "channels") and method != "lean":
+        raise InputError(f"with target={target!r} and scope={scope!r} per-module ratios are ceilings and the "
+                         "overall amount is a number: pass ratio=0.5 (say) and ratios={...}")
+    ratios, ratio = (dict(ratio), 0.0) if mapped else (dict(ratios or {}), ratio)
     check_schedule(ratio, steps, callback)
+    if factor not in FACTORS:
+        raise InputError(f"factor must be one of {FACTORS}, got {factor!r}")
+    if grouped not in GROUPED:
+        raise InputError(f"grouped must be one of {GROUPED}, got {grouped!r}")
+    names = _own_keywords()
     if method == "lean":  # LEAN keeps kernels along chains, then channels: see graphprune.lean.prune
+        _check_lean(options, names, data=data, ratios=ratios or None, max_ratio=max_ratio, target=target,
+                    scope=scope, round_to=round_to, min_keep=min_keep, normalize=normalize,
+                    tolerance=tolerance, factor=factor, grouped=grouped)
         return lean_prune(model, example_inputs, ratio, steps=steps, callback=callback, ignore=ignore,
                           leaf_modules=leaf_modules, **options)
+    check_options(method, options, also=names, caller="gp.prune")
     if target not in TARGETS:
         raise InputError(f"target must be 'channels', 'macs' or 'params', got {target!r}")
+    if steps > 1 and any(isinstance(k, int) for k in ratios):
+        raise InputError("ratios keyed by group id work with steps=1 only (group ids change as the model is "
+                         "re-traced); key them by module name")
+    named: dict[Any, float] = {}
+    for key, r in ratios.items():  # module objects by name: the slim models of later steps keep names
+        for k in (module_names(None, key, model) if isinstance(key, torch.nn.Module) else [key]):
+            named[k] = r
     if steps > 1 and data is not None and iter(data) is data:
         data = list(data)  # a one-shot iterator: every step scores on the same batches
     planner = ScorePlanner(method, ratio, example_inputs, data, target,
                            dict(scope=scope, min_keep=min_keep, round_to=round_to, normalize=normalize),
-                           options, tolerance)
+                           options, tolerance, ratios=named, max_ratio=max_ratio)
     return Pruner(model, example_inputs, planner, steps=steps, ignore=ignore,
-                  leaf_modules=leaf_modules).run(callback)
+                  leaf_modules=leaf_modules, factor=factor, grouped=grouped).run(callback)
+
+
+def _own_keywords() -> tuple[str, ...]:
+    params = inspect.signature(prune).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY or p.name in ("method", "ratio", "data"))
+
+
+_LEAN_DEFAULTS = dict(data=None, ratios=None, max_ratio=None, target="channels", scope="local", round_to=None,
+                      min_keep=1, normalize=None, tolerance=0.01, factor="largest", grouped="groups")
+
+
+def _check_lean(options: Mapping[str, Any], names: tuple[str, ...], **given: Any) -> None:
+    """LEAN takes its own options and none of the selection or build options it would ignore."""
+    ignored = [k for k, v in given.items() if v != _LEAN_DEFAULTS[k]]
+    if ignored:
+        raise InputError(f"method='lean' does not take {', '.join(ignored)} (it keeps kernels along chains; "
+                         "see graphprune.lean.prune)")
+    params = inspect.signature(lean_prune).parameters
+    valid = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in names]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, [*names, *valid], 1))
+                             else "") for k in unknown]
+        raise InputError(f"gp.prune got unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                         f"method='lean' takes {', '.join(valid)}")

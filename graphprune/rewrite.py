@@ -34,7 +34,7 @@ from graphprune.module_form import own_classes
 from graphprune.plan import Plan
 from graphprune.removal import Removal
 from graphprune.rules.base import CONCAT, Rule, find_rule, is_inplace, iter_arrays, operand
-from graphprune.tracing import check_same_code, eval_mode, named_state, shape_of
+from graphprune.tracing import check_same_code, eval_mode, named_state, on_meta_device, shape_of
 
 __all__ = ["apply", "RewriteContext", "iter_arrays", "copy_as_graph_module"]
 
@@ -293,7 +293,8 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
 
 
 def _check_runs(slim: torch.fx.GraphModule, dg: DependencyGraph) -> None:
-    inputs = [torch.zeros(s, dtype=d) for s, d in zip(dg.example_shapes, dg.example_dtypes)]
+    device = "meta" if on_meta_device(slim) else "cpu"  # a structure-only model runs on meta tensors
+    inputs = [torch.zeros(s, dtype=d, device=device) for s, d in zip(dg.example_shapes, dg.example_dtypes)]
     out_node = next(n for n in dg.gm.graph.nodes if n.op == "output")
     expected = shape_of_meta(out_node.args[0])
     try:

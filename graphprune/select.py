@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -41,7 +42,7 @@ from graphprune.plan import Plan
 from graphprune.removal import EmptiedAxes, Removal, repair
 from graphprune.rewrite import apply
 
-__all__ = ["select", "resolve_ignore", "SCOPES", "TARGETS"]
+__all__ = ["select", "resolve_ignore", "resolve_ratios", "module_names", "SCOPES", "TARGETS"]
 
 
 SCOPES = ("local", "global")
@@ -104,28 +105,91 @@ def _allowed_kept(size: int, floor: int, round_to: int | None) -> list[int]:
     return [size] + multiples
 
 
-def resolve_ignore(dg: Any, ignore: Iterable[int | str]) -> set[int]:
-    """Group ids to leave whole: ids as given; names match the groups a layer produces.
+def module_names(dg: Any, module: torch.nn.Module, model: torch.nn.Module | None = None) -> list[str]:
+    """Every qualified name of ``module`` in ``model`` (or in the traced graph ``dg.gm``, which
+    shares its submodules with the model); ``InputError`` if it is in neither."""
+    names = [n for root in (model, getattr(dg, "gm", None)) if root is not None
+             for n, m in root.named_modules(remove_duplicate=False) if m is module]
+    if not names:
+        raise InputError(f"the module {type(module).__name__} given is not a submodule of the model "
+                         "(its traced graph); give a module of that model, or its name")
+    return list(dict.fromkeys(names))
 
-    A name (``"layer1.0.conv1"``) selects every group that owns output rows (``out``
-    members) of that module or of modules inside it; unknown names raise ``InputError``.
+
+def _matches(key: str, name: str) -> bool:
+    """Whether module name or glob pattern ``key`` names parameter ``name`` or a module around it."""
+    pattern = any(c in key for c in "*?[")
+    while name:
+        if (fnmatch.fnmatchcase(name, key) if pattern else name == key):
+            return True
+        name = name.rpartition(".")[0]
+    return False
+
+
+def _keys(dg: Any, key: Any, what: str, model: torch.nn.Module | None) -> list[Any]:
+    """A key as group ids and names: a module becomes its names; anything else is checked."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if not 0 <= int(key) < len(dg.groups):
+            raise InputError(f"{what} names group {key}, but the graph has groups 0..{len(dg.groups) - 1}")
+        return [int(key)]
+    if isinstance(key, torch.nn.Module):
+        return module_names(dg, key, model)
+    if not isinstance(key, str):
+        raise InputError(f"{what} entries must be group ids, module names (glob patterns allowed) or "
+                         f"modules, got {key!r}")
+    return [key]
+
+
+def _covered(dg: Any, key: Any, what: str, model: torch.nn.Module | None = None) -> set[tuple[int, str]]:
+    """The (group id, producer) pairs ``key`` selects, a producer being a parameter whose output rows
+    are the group's channels (or a producing node); a key that selects nothing raises ``InputError``."""
+    hit = {(g.id, p) for k in _keys(dg, key, what, model) for g in dg.groups
+           for p in dict.fromkeys([*(m.param for m in g.members if m.role == "out"), *g.producers])
+           if (k == g.id if isinstance(k, int) else _matches(k, p))}
+    if not hit:
+        raise InputError(f"{what} names {key!r}, which produces no group's channels; give a module name "
+                         "(as in model.named_modules(), or a glob pattern such as 'layer4.*'), a module "
+                         "or a group id")
+    return hit
+
+
+def resolve_ignore(dg: Any, ignore: Iterable[Any], model: torch.nn.Module | None = None) -> set[int]:
+    """Group ids to leave whole: ids as given; a name (``"layer1.0.conv1"``) selects every group
+    whose channels that module or a module inside it produces (output rows, ``out`` members); a
+    pattern (``"layer1.*.conv1"``, ``fnmatch``) those of every matching module; a module object
+    (``model.fc``) those of its names. A key that selects nothing raises ``InputError``."""
+    return {gid for item in ignore for gid, _ in _covered(dg, item, "ignore", model)}
+
+
+def resolve_ratios(dg: Any, ratios: Mapping[Any, float], model: torch.nn.Module | None = None, *,
+                   strict: bool = True) -> dict[int, float]:
+    """Per-module ratios as per-group ratios: ``{group id: ratio}`` for the groups an entry covers.
+
+    Keys are as in ``resolve_ignore`` (group ids, module names, glob patterns, modules). Every
+    producer of a group (a layer whose output rows are its channels) takes the most specific
+    entry that names it: the one naming the fewest producers in the graph (``"layer4.0.conv1"``
+    before ``"layer4"`` before ``"*"``), between equally specific entries the later one. A
+    group whose producers take different ratios gets the smallest of them (no layer loses
+    more than its entry allows); groups no entry covers are left out. With ``strict=False``
+    keys that select nothing are skipped instead of raising ``InputError``.
     """
-    out: set[int] = set()
-    for item in ignore:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            if not 0 <= int(item) < len(dg.groups):
-                raise InputError(f"ignore names group {item}, but the graph has groups 0..{len(dg.groups) - 1}")
-            out.add(int(item))
+    entries = []
+    for order, (key, r) in enumerate(ratios.items()):
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise InputError(f"ratios[{key!r}] must be a number in [0, 1), got {r!r}")
+        try:
+            hit = _covered(dg, key, "ratios", model)
+        except InputError:
+            if strict:
+                raise
             continue
-        if not isinstance(item, str):
-            raise InputError(f"ignore entries must be group ids or module names, got {item!r}")
-        hit = {g.id for g in dg.groups for m in g.members
-               if m.role == "out" and (m.param == item or m.param.startswith(item + "."))}
-        hit |= {g.id for g in dg.groups if item in g.producers}
-        if not hit:
-            raise InputError(f"ignore names {item!r}, which produces no group's channels; "
-                             "give a module name (as in model.named_modules()) or a group id")
-        out |= hit
+        entries.append((len(hit), -order, float(r), hit))
+    taken: dict[tuple[int, str], float] = {}
+    for *_, r, hit in sorted(entries, key=lambda e: e[:2], reverse=True):  # most specific written last
+        taken.update(dict.fromkeys(hit, r))
+    out: dict[int, float] = {}
+    for (gid, _), r in taken.items():
+        out[gid] = min(out.get(gid, r), r)
     return out
 
 
@@ -252,6 +316,8 @@ def select(
     normalize: str | bool | None = None,
     tolerance: float = 0.01,
     ceilings: Mapping[int, float] | None = None,
+    ratios: Mapping[Any, float] | None = None,
+    max_ratio: float | None = None,
 ) -> Plan:
     """Choose the channels to remove: lowest scores first, under a target.
 
@@ -267,8 +333,15 @@ def select(
     - Groups of one channel that may vanish entirely (a width-1 layer whose output only
       reaches concatenations) are ranked among themselves and removed whole.
     - ``ceilings`` maps group ids to the largest fraction of their channels that may go
-      (from sensitivity analysis, a redundancy estimate or by hand).
-    - ``ignore`` lists group ids or module names to leave whole; groups without scores
+      (from sensitivity analysis, a redundancy estimate or by hand); ``max_ratio`` is a
+      ceiling for every group.
+    - ``ratios`` gives per-module ratios: keys are module names, glob patterns
+      (``"layer4.*"``), module objects or group ids, matched as in ``resolve_ratios`` (the
+      most specific entry wins; a group whose producers disagree takes the smallest).
+      With ``target="channels"`` and ``scope="local"`` a covered group loses exactly its
+      ratio and the others ``ratio`` (which may then be left out: 0). Otherwise ``ratio``
+      is the overall amount and the per-module ratios are ceilings of their groups.
+    - ``ignore`` lists group ids, module names, glob patterns or modules to leave whole; groups without scores
       (a criterion may skip some, as ``bn_scale`` skips groups with no norm layer) and
       unprunable groups are left whole too.
 
@@ -283,7 +356,14 @@ def select(
     >>> dg = gp.DependencyGraph.build(model, torch.randn(1, 4))
     >>> select(dg, {0: np.arange(8.0)}, 0.5)[0]
     (0, 1, 2, 3)
+    >>> select(dg, {0: np.arange(8.0)}, ratios={"0": 0.25})[0]
+    (0, 1)
     """
+    if ratio is None and ratios:
+        if scope != "local" or target != "channels":
+            raise InputError(f"with scope={scope!r} and target={target!r} per-module ratios are ceilings: give the "
+                             "overall amount as ratio too")
+        ratio = 0.0
     if ratio is None or isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if scope not in SCOPES:
@@ -299,7 +379,11 @@ def select(
         min_keep = int(min_keep)
     if (model is None) != (example_inputs is None):
         raise InputError("give both model and example_inputs (for exact counts), or neither")
+    if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
+                                  or not 0 <= max_ratio <= 1):
+        raise InputError(f"max_ratio must be a number in [0, 1] or None, got {max_ratio!r}")
     skip = resolve_ignore(dg, ignore)
+    per_group = resolve_ratios(dg, ratios) if ratios else {}
 
     scoped: dict[int, np.ndarray] = {}
     for g in dg.groups:
@@ -312,7 +396,17 @@ def select(
             raise PlanError(f"scores for group {g.id} contain NaN or inf; check the criterion's inputs")
         scoped[g.id] = s
     scoped = normalize_scores(scoped, normalize)
-    units, n_channels = _units(dg, scoped, scope, min_keep, round_to, ceilings)
+    caps = dict(ceilings or {})
+    if max_ratio is not None:
+        caps = {gid: min(caps.get(gid, 1.0), max_ratio) for gid in scoped}
+    if per_group and target == "channels" and scope == "local":
+        # exact per-group fractions: the largest is the ratio, the others are ceilings
+        wanted = {gid: per_group.get(gid, ratio) for gid in scoped}
+        ratio = max(wanted.values(), default=ratio)
+        per_group = {gid: r for gid, r in wanted.items() if r < ratio}
+    for gid, r in per_group.items():
+        caps[gid] = min(caps.get(gid, 1.0), r)
+    units, n_channels = _units(dg, scoped, scope, min_keep, round_to, caps or None)
 
     axes = EmptiedAxes(dg)
 

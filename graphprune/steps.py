@@ -36,10 +36,10 @@ import torch
 
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
-from graphprune.metrics import Counts, count
+from graphprune.metrics import Counts, LayerComparison, count
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
-from graphprune.select import resolve_ignore
+from graphprune.select import module_names, resolve_ignore
 
 __all__ = ["Pruner", "Planner", "Step", "PruneResult", "StepPlans", "check_schedule"]
 
@@ -60,6 +60,13 @@ class PruneResult:
     graph: DependencyGraph
     history: list[Plan] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+
+    def layer_changes(self) -> LayerComparison:
+        """Each layer before and after pruning: parameters, MACs per sample, output shape
+        (``before.layers.compare(after.layers)``; ``.table()`` prints it)."""
+        if self.before.layers is None or self.after.layers is None:
+            raise InputError("these counts have no per-layer breakdown (they were estimated, not counted)")
+        return self.before.layers.compare(self.after.layers)
 
 
 @dataclass
@@ -151,17 +158,21 @@ class Pruner:
     """The pruning loop over ``steps`` steps of ``planner`` (see the module docstring).
 
     ``build`` holds ``DependencyGraph.build`` options (``leaf_modules``, ``factor``,
-    ``grouped``); ``ignore`` (group ids or module names of the original model's graph)
-    is followed across re-traces and handed to the planner as ``step.ignore``.
-    ``model`` is never modified.
+    ``grouped``); ``ignore`` (group ids, module names or glob patterns of the original
+    model's graph, or its modules, which are taken by name) is followed across re-traces
+    and handed to the planner as ``step.ignore``. ``model`` is never modified.
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs: Any, planner: Planner, *, steps: int = 1,
-                 ignore: Iterable[int | str] = (), **build: Any) -> None:
+                 ignore: Iterable[Any] = (), **build: Any) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InputError(f"steps must be a positive integer, got {steps!r}")
         self.model, self.example_inputs, self.planner = model, example_inputs, planner
-        self.steps, self.ignore, self.build = steps, list(ignore), build
+        if isinstance(ignore, (str, torch.nn.Module)):
+            ignore = [ignore]
+        self.ignore = [n for i in ignore
+                       for n in (module_names(None, i, model) if isinstance(i, torch.nn.Module) else [i])]
+        self.steps, self.build = steps, build
         self._result: PruneResult | None = None
 
     def __iter__(self) -> Iterator[Step]:

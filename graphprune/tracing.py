@@ -203,7 +203,9 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def check_model(model: Any) -> None:
-    """Reject what cannot be pruned exactly: non-modules, meta tensors, half precision."""
+    """Reject what cannot be pruned exactly: non-modules, lazy modules, half precision, a model
+    partly on the meta device. A model wholly on the meta device is structure without
+    weights: it is traced, grouped, planned and rewritten without computing a value."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     for name, m in model.named_modules():
@@ -213,17 +215,34 @@ def check_model(model: Any) -> None:
                 f"module {name or type(model).__name__!r} ({type(m).__name__}) has uninitialised "
                 f"(lazy) {', '.join(lazy)}; run one forward pass first (model(*example_inputs)), "
                 "which gives them their shapes, then prune")
-    for name, t in named_state(model).items():
-        if t.device.type == "meta":
-            raise InputError(
-                f"{name!r} is on the meta device; materialise the model "
-                "(model.to_empty(device='cpu') and load weights) before pruning"
-            )
+    state = named_state(model)
+    on_meta = [name for name, t in state.items() if t.device.type == "meta"]
+    if on_meta and len(on_meta) != len(state):
+        raise InputError(
+            f"{on_meta[0]!r} is on the meta device but other tensors are not; put the whole model on the "
+            "meta device (structure only) or materialise it (model.to_empty(device='cpu') and load weights)")
+    for name, t in state.items():
+        if on_meta:  # structure without weights: any dtype, nothing is computed on values
+            continue
         if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
             raise InputError(
                 f"{name!r} has dtype {t.dtype}; graphprune analyses float32/float64 models. "
                 "Call model.float() first and convert the slim model back afterwards"
             )
+
+
+def on_meta_device(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds its tensors on the meta device (structure without weights)."""
+    t = next(iter(named_state(model).values()), None)
+    return t is not None and t.device.type == "meta"
+
+
+def require_values(model: torch.nn.Module, what: str) -> None:
+    """``InputError`` if ``model`` is structure only (on the meta device) and ``what`` needs weights."""
+    if on_meta_device(model):
+        raise InputError(f"{what} needs the model's weights, but it is on the meta device (structure only); "
+                         "use a structure-only criterion (method='random') or materialise the model "
+                         "(model.to_empty(device='cpu') and load its weights)")
 
 
 def _user_frame(tb: Any) -> str:
@@ -405,6 +424,11 @@ def trace(
     """
     check_model(model)
     bound = bind_inputs(model, example_inputs)
+    if on_meta_device(model):  # structure only: the example inputs go to the meta device too
+        bound = BoundInputs(tuple(x.to("meta") for x in bound.tensors), bound.names, bound.constants)
+    elif any(x.device.type == "meta" for x in bound.tensors):
+        raise InputError("the example inputs are on the meta device but the model is not; put the model "
+                         "on the meta device too (structure only: model.to('meta')), or pass real tensors")
     with TRACE_LOCK, untouched(model):
         gm = model if isinstance(model, torch.fx.GraphModule) else None
         if gm is None:

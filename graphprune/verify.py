@@ -7,11 +7,16 @@ its inputs in place). Member names are resolved by path in each copy (not by whi
 of a tied tensor comes first there), and a tied tensor is masked once for all the names
 that share it, as the slim model slices it once and keeps the tie; ``verify`` warns if a
 slim model it is given holds a cut tensor untied.
+
+``verify`` returns a ``Verification``: a float (the largest difference found where the
+slim model must match) that also says whether the plan is exact and, if not, why and how
+much the outputs moved (``str(result)`` is a one-line summary for reports).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any
 
@@ -20,14 +25,14 @@ import torch
 import torch.fx
 
 from graphprune.copying import copy_as_graph_module
-from graphprune.errors import InputError
+from graphprune.errors import GraphPruneError, InputError
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
 from graphprune.rules.base import Multi
-from graphprune.tracing import eval_mode, fresh_inputs, normalize_inputs
+from graphprune.tracing import eval_mode, fresh_inputs, normalize_inputs, require_values
 
-__all__ = ["verify", "masked_model", "masked_forward"]
+__all__ = ["verify", "Verification", "masked_model", "masked_forward"]
 
 
 def masked_model(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict) -> torch.nn.Module:
@@ -164,7 +169,8 @@ class _MaskedRun(torch.fx.Interpreter):
                     # over removed rows) must not leak into the kept ones
                     drop = torch.as_tensor(~keep, device=value.device).view(shape)
                     try:  # in place, so tensors aliasing this one (views, in-place ops) see it too
-                        if not in_place:
+                        if not in_place or any(st == 0 < n - 1 for st, n in zip(value.stride(), value.shape)):
+                            # an expanded tensor's elements overlap: masked_fill_ is deprecated there
                             raise RuntimeError
                         value.masked_fill_(drop, 0)
                     except RuntimeError:  # expanded or otherwise unwritable tensors
@@ -248,6 +254,111 @@ def _warn_untied(model: torch.nn.Module, dg: DependencyGraph, plan: Plan, slim: 
             return
 
 
+class Verification(float):
+    """What ``verify`` found: a float (the largest difference it checked) that also says
+    whether the plan is exact, why not, and how much the outputs changed.
+
+    Comparisons and arithmetic use the float, so ``gp.verify(...) < 1e-4`` reads "no
+    difference found where the slim model must match the masked original":
+
+    - a plan over exact groups only: the largest ``|masked original - slim|`` over the
+      outputs (``inf`` if output shapes differ);
+    - a plan that touches inexact groups (normalisation over pruned channels), which no
+      masked original can match: the same difference for the plan's exact part alone (0.0
+      when it has none, or when that part cannot be applied on its own), or ``inf`` if the
+      slim outputs changed shape or are not finite.
+
+    Attributes: ``exact`` (the plan touches exact groups only), ``inexact_groups`` (ids),
+    ``reasons`` (``{group id: why it is inexact}``), ``reason`` (a short summary, ``""``
+    when exact), ``output_change`` (largest ``|dense - slim|`` over the outputs relative
+    to the largest ``|dense|``: what pruning changed, the inexact part included) and
+    ``masked_diff`` (largest ``|masked original - slim|`` of the whole plan: what the
+    inexact part adds; equal to the float for exact plans). ``str()`` reads
+    ``exact (max diff 3e-07)`` or ``inexact (normalisation over pruned channels): outputs
+    changed by 0.12 relative to the dense model``.
+    """
+
+    exact: bool
+    inexact_groups: tuple[int, ...]
+    reasons: dict[int, str]
+    reason: str
+    output_change: float
+    masked_diff: float
+    matches: bool
+
+    def __new__(cls, value: float, *, reasons: dict[int, str] | None = None, output_change: float = math.nan,
+                masked_diff: float | None = None, scale: float = 0.0) -> Verification:
+        self = super().__new__(cls, value)
+        self.reasons = dict(reasons or {})
+        self.inexact_groups = tuple(sorted(self.reasons))
+        self.exact = not self.reasons
+        text = " ".join(self.reasons.values())
+        self.reason = "" if self.exact else (
+            "normalisation over pruned channels" if "normalis" in text or not text else
+            "statistics over pruned channels")
+        self.output_change = float(output_change)
+        self.masked_diff = float(value) if masked_diff is None else float(masked_diff)
+        self.matches = float(value) <= 1e-4 * (1 + scale)
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (float(self), self.__dict__))
+
+    def __repr__(self) -> str:
+        return f"Verification({float(self)!r}, exact={self.exact}, output_change={self.output_change:.3g})"
+
+    def __str__(self) -> str:
+        value = float(self)
+        if math.isinf(value):
+            return "failed: the slim outputs differ in shape from the original's" + (
+                "" if self.exact else " or are not finite")
+        if self.exact:
+            if self.matches:
+                return f"exact (max diff {value:.1g})"
+            return f"MISMATCH: max diff {value:.3g} against the masked original, for an exact plan"
+        text = f"inexact ({self.reason}): outputs changed by {self.output_change:.3g} relative to the dense model"
+        return text if self.matches else text + f"; its exact part differs by {value:.3g} (MISMATCH)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``max_diff`` (the float), ``exact``, ``reason``, ``inexact_groups``,
+        ``output_change``, ``masked_diff``, ``summary`` (``str()``)."""
+        return {"max_diff": float(self), "exact": self.exact, "reason": self.reason,
+                "inexact_groups": {str(k): v for k, v in self.reasons.items()},
+                "output_change": self.output_change, "masked_diff": self.masked_diff, "summary": str(self)}
+
+
+def _rebuild(value: float, state: dict[str, Any]) -> Verification:
+    out = float.__new__(Verification, value)
+    out.__dict__.update(state)
+    return out
+
+
+def _max_diff(want: list, got: list) -> float:
+    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+        return math.inf
+    return max(((a.double() - b.double()).abs().max().item() for a, b in zip(want, got) if a.numel()),
+               default=0.0)
+
+
+def _scale(outputs: list) -> float:
+    return max((t.double().abs().max().item() for t in outputs if t.numel()), default=0.0)
+
+
+def _dense(dg: DependencyGraph, inputs: tuple) -> list:
+    """Outputs of the traced graph itself (it shares the model's modules), in eval mode."""
+    mode = eval_mode(dg.gm)
+    try:
+        mode.__enter__()
+    except NotImplementedError:  # torch.export's graph refuses eval(): it is the inference graph already
+        mode = None
+    try:
+        with torch.no_grad():  # interpreted, as the masked run is (an exported graph's call checks keywords)
+            return _flatten(torch.fx.Interpreter(dg.gm).run(*fresh_inputs(inputs)))
+    finally:
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+
 def verify(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -255,21 +366,27 @@ def verify(
     *,
     dg: DependencyGraph | None = None,
     slim: torch.nn.Module | None = None,
-) -> float:
-    """Max |masked original - slim| over all outputs, in eval mode; inf if shapes differ.
+) -> Verification:
+    """Check the slim model against the masked original, in eval mode; a ``Verification``.
 
-    The masked original is the traced model with every removed channel zeroed where it
-    is computed. Plans that touch inexact groups (normalisation across channels) cannot
-    match exactly: for them the result is 0.0 when the slim outputs keep their shapes
-    and are finite, inf otherwise, and a warning names the groups. Each model runs on
-    its own copy of the inputs. A ``dg`` that is given must have been built on inputs of
-    these shapes (its masks are per position).
+    The masked original is the traced model with every removed channel zeroed where it is
+    computed; the slim model must match it exactly on plans over exact groups, and the
+    result (a float) is the largest difference over the outputs (``inf`` if shapes differ).
+    Plans that touch inexact groups (normalisation over pruned channels) cannot match it:
+    for them the float is the difference of the plan's exact part alone (``inf`` if the
+    slim outputs changed shape or are not finite), ``result.exact`` is False, and
+    ``result.reason`` / ``str(result)`` / ``result.output_change`` say why and by how much
+    the outputs moved from the dense model's. Each model runs on its own copy of the
+    inputs. A ``dg`` that is given must have been built on inputs of these shapes (its
+    masks are per position).
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
-    >>> verify(model, torch.randn(1, 3, 8, 8), {0: [1, 5]}) < 1e-5
-    True
+    >>> result = verify(model, torch.randn(1, 3, 8, 8), {0: [1, 5]})
+    >>> result < 1e-5, result.exact, str(result).startswith("exact (max diff")
+    (True, True, True)
     """
+    require_values(model, "verify")
     inputs = normalize_inputs(example_inputs, model)
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     shapes = [tuple(x.shape) for x in inputs]
@@ -283,12 +400,23 @@ def verify(
     want = _flatten(masked_forward(model, dg, plan, inputs))
     with torch.no_grad(), eval_mode(slim):
         got = _flatten(slim(*fresh_inputs(inputs)))
-    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
-        return float("inf")
-    inexact = [g.id for g in dg.groups if g.id in plan and not g.exact]
-    if inexact:
-        warnings.warn(f"plan prunes inexact groups {inexact}; verify checked shapes and finiteness only",
-                      stacklevel=2)
-        return 0.0 if all(torch.isfinite(b).all() for b in got) else float("inf")
-    diffs = [(a.double() - b.double()).abs().max().item() for a, b in zip(want, got) if a.numel()]
-    return max(diffs, default=0.0)
+    dense = _dense(dg, inputs)
+    masked_diff, change = _max_diff(want, got), _max_diff(dense, got)
+    change = change / _scale(dense) if _scale(dense) > 0 and math.isfinite(change) else change
+    reasons = {g.id: g.inexact_reason for g in dg.groups if g.id in plan and not g.exact}
+    if not reasons or math.isinf(masked_diff):
+        return Verification(masked_diff, reasons=reasons, output_change=change, scale=_scale(want))
+    if not all(torch.isfinite(b).all() for b in got):
+        return Verification(math.inf, reasons=reasons, output_change=change, masked_diff=masked_diff)
+    part = Plan({gid: ch for gid, ch in plan.items() if gid not in reasons})
+    value, scale = 0.0, 0.0
+    if part:
+        try:
+            want = _flatten(masked_forward(model, dg, part, inputs))
+            slim_part = apply(model, dg, part, check=False)
+        except GraphPruneError:  # the exact part needs the rest of the plan: shapes and finiteness only
+            pass
+        else:
+            with torch.no_grad(), eval_mode(slim_part):
+                value, scale = _max_diff(want, _flatten(slim_part(*fresh_inputs(inputs)))), _scale(want)
+    return Verification(value, reasons=reasons, output_change=change, masked_diff=masked_diff, scale=scale)

@@ -56,7 +56,7 @@ def fingerprint(name: str, build: str) -> dict[str, dict[str, str]]:
     for plan_name, options in PLANS.items():
         plan = gp.select(dg, scores, **options)
         slim = gp.apply(model, dg, plan)
-        counts = gp.count(slim, inputs)
+        counts = gp.count(slim, inputs, batch_size=1)  # the whole example batch, as pinned
         out[plan_name] = {
             "groups": _sha(_groups(dg)),
             "plan": _sha(plan.to_json()),

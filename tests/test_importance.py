@@ -297,8 +297,9 @@ def test_criteria_leave_the_model_untouched_and_restore_train_mode() -> None:
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dg = gp.DependencyGraph.build(model, x)
-    for name in ("taylor", "hessian", "oracle", "shapley"):
-        gp.score(name, model, dg, data=[(x, y)], loss_fn=F.cross_entropy, permutations=1, progress=False)
+    for name, options in (("taylor", {}), ("hessian", {}), ("oracle", {"progress": False}),
+                          ("shapley", {"permutations": 1, "progress": False})):
+        gp.score(name, model, dg, data=[(x, y)], loss_fn=F.cross_entropy, **options)
     assert all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -308,8 +309,8 @@ def test_every_criterion_prunes_through_gp_prune() -> None:
     model, x, y = _resnetlet()
     for name in ("magnitude", "l1", "l2", "bn_scale", "random", "taylor", "hessian", "oracle", "shapley"):
         assert name in CRITERIA
-        result = gp.prune(model, x, method=name, ratio=0.5, data=[(x, y)], loss_fn=F.cross_entropy,
-                          permutations=2, progress=False)
+        options = {"shapley": {"permutations": 2, "progress": False}, "oracle": {"progress": False}}.get(name, {})
+        result = gp.prune(model, x, method=name, ratio=0.5, data=[(x, y)], loss_fn=F.cross_entropy, **options)
         assert result.after.macs < result.before.macs
         assert gp.verify(model, x, result.plan) < 1e-5
 
@@ -323,3 +324,19 @@ def test_score_accepts_callables_and_checks_shapes() -> None:
         gp.score(lambda model, dg, **kw: {0: np.arange(4.0)}, model, dg)
     with pytest.raises(gp.InputError, match="unknown method"):
         gp.score("nope", model, dg)
+
+
+def test_unknown_criterion_options_raise_and_name_the_valid_ones() -> None:
+    # criteria take **_, so a typo once went unnoticed
+    model, x, _ = _mlp()
+    dg = gp.DependencyGraph.build(model, x)
+    with pytest.raises(gp.InputError, match=r"unknown option 'pp' \(did you mean 'p'\?\).*p, roles, normalize"):
+        gp.score("magnitude", model, dg, pp=3)
+    with pytest.raises(gp.InputError, match="unknown options 'sed' \\(did you mean 'seed'\\?\\), 'x'; criterion 'random' takes data, loss_fn, seed"):
+        gp.score("random", model, dg, sed=1, x=2)
+    from graphprune.importance import criterion_options
+
+    assert criterion_options("l2") == ("data", "loss_fn", "roles", "normalize")
+    assert criterion_options("shapley")[:3] == ("data", "loss_fn", "permutations")
+    assert criterion_options(lambda model, dg, *, k=1, **_: {}) == ("data", "loss_fn", "k")
+    assert criterion_options(lambda model, dg, **options: {}) is None

@@ -145,3 +145,22 @@ def test_unreachable_target_warns(resnet20) -> None:
     model, _, dg = resnet20
     with pytest.warns(RuntimeWarning, match="closest plan removes"):
         gp.select(dg, gp.score("l1", model, dg), 0.9, target="macs", min_keep=0.5)
+
+
+def test_per_module_ratios_max_ratio_and_modules(resnet20) -> None:
+    model, _, dg = resnet20
+    scores = gp.score("l1", model, dg)
+    sizes = {g.id: g.size for g in dg.groups}
+    plan = gp.select(dg, scores, ratios={"layer3.*.conv1": 0.5, model.layer1[0].conv1: 0.25})
+    gids = {gid for gid in plan}
+    conv1s = {g.id for g in dg.groups if any(p.startswith("layer3.") and p.endswith("conv1.weight")
+                                             for p in g.producers)}
+    first = next(g.id for g in dg.groups if "layer1.0.conv1.weight" in g.producers)
+    assert gids == conv1s | {first} and len(plan[first]) == 2
+    assert all(len(plan[g]) == sizes[g] // 2 for g in conv1s)
+    capped = gp.select(dg, scores, 0.5, scope="global", max_ratio=0.3)
+    assert all(len(ch) <= 0.3 * sizes[g] for g, ch in capped.items())
+    with pytest.raises(gp.InputError, match="ceilings"):
+        gp.select(dg, scores, ratios={"layer3": 0.5}, scope="global")
+    with pytest.raises(gp.InputError, match=r"ratios\['layer3'\]"):
+        gp.select(dg, scores, ratios={"layer3": 1.0})

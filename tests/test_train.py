@@ -87,6 +87,58 @@ def test_finetune_max_steps_and_adam(setup):
         gt.finetune(model, _data(), optimizer="nope", progress=False)
 
 
+class HFStyle(nn.Module):
+    """Keyword inputs; given ``labels`` it returns its own loss, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(12, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        h = (self.emb(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+        logits = self.head(h)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels) + 100.0  # marks the model's own loss
+        return out
+
+
+def _hf_batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 12, (4, 5), generator=g), "attention_mask": torch.ones(4, 5),
+             "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(n)]
+
+
+def test_finetune_takes_hugging_face_dict_batches():
+    torch.manual_seed(0)
+    model = HFStyle()
+    res = gt.finetune(model, _hf_batches(), epochs=2, lr=0.01, progress=False)
+    assert res.history[0]["loss"] > 100  # the loss the model computed from the labels it was given
+    ids = _hf_batches(1)[0]
+    slim = gp.prune(model, {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]},
+                    ratio=0.5).model  # takes no labels: they become targets of cross-entropy on the logits
+    res = gt.finetune(slim, _hf_batches(), epochs=2, lr=0.01, progress=False, eval_data=_hf_batches())
+    assert res.history[0]["loss"] < 100 and 0 <= res.history[-1]["eval"] <= 1
+    custom = gt.finetune(slim, _hf_batches(), loss_fn=lambda logits, t: F.cross_entropy(logits, t) * 0 + 7,
+                         progress=False)
+    assert custom.history[0]["loss"] == 7  # an explicit loss_fn gets the logits
+    with pytest.raises(gp.InputError, match="labels"):
+        gt.finetune(slim, [{"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}],
+                    progress=False)
+
+
+def test_finetune_takes_batches_with_extra_items_and_auto_device(setup):
+    model, _, _ = setup
+    data = [(x, y, torch.arange(len(x)), "paths") for x, y in _data()]
+    res = gt.finetune(model, data, epochs=1, progress=False, device="auto")
+    assert res.history[0]["steps"] == len(data)
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(model.parameters()).device.type == want and gt.finetune.__globals__["resolve_device"]("auto") == want
+    assert 0 <= gt.evaluate(model, data, device="auto") <= 1
+    with pytest.raises(gp.InputError, match="batch must be"):
+        gt.finetune(model, [(torch.randn(2, 1, 6, 6),)], progress=False)
+
+
 # --- restarts ---------------------------------------------------------------------------------------
 def test_restart_modes(setup):
     model, ex, dg = setup

@@ -4,6 +4,8 @@ computes, without false alarms from tied weights or forwards that change their i
 from __future__ import annotations
 
 import copy
+import json
+import pickle
 import warnings
 
 import numpy as np
@@ -247,3 +249,69 @@ def test_tensors_sharing_storage_are_masked_apart():
     g = next(g for g in dg.groups if g.prunable and any(m.param == "a.weight" for m in g.members))
     assert len(g.members) == 4  # a's rows and bias, c's columns, and s1 (a constant of the traced graph)
     assert gp.verify(model, x, {g.id: [0, 3]}, dg=dg) < 1e-5
+
+
+# --- the result says exact or inexact, and measures the inexact part ------------------------------
+class Normed(nn.Module):
+    """An exact group (``a``'s outputs) and an inexact one (``b``'s, normalised by a LayerNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.norm, self.c = nn.Linear(6, 12), nn.Linear(12, 16), nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.c(self.norm(self.b(torch.relu(self.a(x)))))
+
+
+def _normed():
+    torch.manual_seed(0)
+    model = Normed().eval()
+    dg = gp.DependencyGraph.build(model, X)
+    exact = next(g.id for g in dg.groups if g.prunable and g.exact)
+    inexact = next(g.id for g in dg.groups if g.prunable and not g.exact)
+    return model, dg, exact, inexact
+
+
+def test_verify_result_of_an_exact_plan_is_a_float_that_says_so():
+    model, dg, exact, _ = _normed()
+    result = gp.verify(model, X, {exact: [1, 2]}, dg=dg)
+    assert isinstance(result, float) and result < 1e-5 and float(result) == result.masked_diff
+    assert result.exact and result.inexact_groups == () and result.reason == ""
+    assert str(result).startswith("exact (max diff ") and f"{result:.1g}" in str(result)
+    assert result.output_change > 0  # pruning did change the outputs (exactly as masking does)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["exact"] is True and data["summary"] == str(result)
+    again = pickle.loads(pickle.dumps(result))
+    assert again == result and again.exact and str(again) == str(result)
+
+
+def test_verify_says_inexact_and_measures_it_without_a_warning():
+    model, dg, exact, inexact = _normed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = gp.verify(model, X, {exact: [1, 2], inexact: [0, 5, 7]}, dg=dg)
+    assert result < 1e-5  # the exact part alone matches its masked original
+    assert not result.exact and result.inexact_groups == (inexact,)
+    assert result.reason == "normalisation over pruned channels" and "LayerNorm" in result.reasons[inexact]
+    assert result.masked_diff > 1e-3 and result.output_change > 1e-3  # what the inexact part changes
+    assert str(result) == ("inexact (normalisation over pruned channels): outputs changed by "
+                           f"{result.output_change:.3g} relative to the dense model")
+    assert result.to_dict()["inexact_groups"] == {str(inexact): result.reasons[inexact]}
+
+
+def test_verify_checks_the_exact_part_of_an_inexact_plan(monkeypatch):
+    model, dg, exact, inexact = _normed()
+    plan = {exact: [1, 2], inexact: [0, 5]}
+    slim = gp.apply(model, dg, plan)
+    real = gp.apply
+    # a rewrite that cut the wrong channels of the exact group is caught
+    monkeypatch.setitem(gp.verify.__globals__, "apply", lambda m, d, p, **k: real(m, d, {exact: [3, 4]}, **k))
+    result = gp.verify(model, X, plan, dg=dg, slim=slim)
+    assert result > 1e-3 and not result.exact and "MISMATCH" in str(result)
+
+
+def test_verify_result_of_a_plan_that_changes_output_shapes_is_inf():
+    model, dg, exact, _ = _normed()
+    bad = nn.Sequential(nn.Linear(6, 4))
+    result = gp.verify(model, X, {exact: [1]}, dg=dg, slim=bad)
+    assert result == float("inf") and str(result).startswith("failed")

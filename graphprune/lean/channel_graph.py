@@ -32,6 +32,7 @@ from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.lean.norms import kernel_l1_norms, kernel_operator_norms
 from graphprune.rules.base import CONCAT, LAYER, NORM, arg, find_rule, operand, operand_param
+from graphprune.tracing import require_values
 
 __all__ = ["Block", "ChannelGraph", "CRITERIA"]
 
@@ -167,6 +168,7 @@ class ChannelGraph:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f"n (mock image size) must be a positive int, got {n!r}")
         dg.check_model(model)
+        require_values(model, "LEAN's operator norms")
         fold = criterion != "l1" if fold_bn is None else bool(fold_bn)
         cg = cls()
         cg.criterion, cg.n = criterion, n

@@ -1,14 +1,27 @@
 """Plain-torch fine-tuning loop: works on any nn.Module, including slim torch.fx GraphModules.
 
-``data`` is any re-iterable of ``(inputs, targets)`` batches (a list, a DataLoader); ``inputs`` may be a
-tensor or a tuple of tensors (passed as positional arguments).
+``data`` is any re-iterable of batches (a list, a DataLoader) in one of these forms:
+
+- ``(inputs, targets)``: ``inputs`` a tensor (``model(inputs)``), a tuple or list of tensors
+  (``model(*inputs)``) or a dict (``model(**inputs)``);
+- ``(inputs, targets, *extra)``: the same, the extra items (sample ids, weights, paths) ignored;
+- a dict, Hugging Face style (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``):
+  the targets are ``batch[target_key]`` (``"labels"``); a model whose ``forward`` takes
+  ``labels`` gets the whole dict (and may return its own loss), any other (a slim GraphModule)
+  the rest of it, as keywords.
+
+The loss is ``loss_fn(outputs, targets)``; with ``loss_fn=None`` (the default) it is the loss
+the model returns (``outputs.loss`` or ``outputs["loss"]``), else cross-entropy. Outputs that
+carry ``logits`` (a Hugging Face ``ModelOutput`` or a dict) hand those to ``loss_fn`` and metrics.
+``device="auto"`` picks CUDA when it is available, else the CPU.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +32,7 @@ from tqdm.auto import tqdm
 
 from graphprune.errors import InputError
 
-Batch = tuple[Any, torch.Tensor]
+Batch = Any  # (inputs, targets), (inputs, targets, *extra) or a dict with a target key
 Plugin = Callable[[nn.Module], "torch.Tensor | None"]
 
 
@@ -39,16 +52,76 @@ class FinetuneResult:
         return max(scores) if scores else None
 
 
+def resolve_device(device: torch.device | str) -> torch.device | str:
+    """``"auto"``: ``"cuda"`` when CUDA is available, else ``"cpu"``; anything else as given.
+
+    >>> resolve_device("cpu")
+    'cpu'
+    """
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def _to(x: Any, device: torch.device | str) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
         return type(x)(_to(v, device) for v in x)
     return x
 
 
-def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` has a parameter ``name`` (Hugging Face models take ``labels``)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _split(batch: Any, target_key: str, pass_target: bool) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch; dict inputs keep the target when the model takes it."""
+    if isinstance(batch, Mapping):
+        if pass_target:
+            return dict(batch), batch.get(target_key)
+        return {k: v for k, v in batch.items() if k != target_key}, batch.get(target_key)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise InputError(f"a batch must be (inputs, targets), (inputs, targets, *extra) or a dict with a "
+                     f"{target_key!r} entry, got {type(batch).__name__}"
+                     + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
     return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def _logits(output: Any) -> Any:
+    """``output.logits`` / ``output["logits"]`` of a Hugging Face style output, else the output."""
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    return getattr(output, "logits", output) if not isinstance(output, (torch.Tensor, tuple, list)) else output
+
+
+def _model_loss(output: Any) -> torch.Tensor | None:
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def _loss(output: Any, target: Any, loss_fn: Callable | None) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(_logits(output), target)
+    own = _model_loss(output)
+    if own is not None:
+        return own
+    if target is None:
+        raise InputError("the batch has no targets and the model returned no loss: give batches with "
+                         "targets (or a 'labels' entry) or a model that computes its loss")
+    return F.cross_entropy(_logits(output), target)
 
 
 def accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
@@ -71,19 +144,25 @@ def evaluate(
     *,
     device: torch.device | str = "cpu",
     reduction: str = "mean",
+    target_key: str = "labels",
 ) -> float:
     """Average ``metric`` over ``data``; ``metric`` returns a per-batch sum (``accuracy``) by default.
 
     ``reduction="mean"`` divides the summed metric by the number of target elements; ``"batch"`` averages
-    per-batch metric values instead (for metrics that already return a mean, e.g. a loss).
+    per-batch metric values instead (for metrics that already return a mean, e.g. a loss). Batches take
+    the forms ``finetune`` takes (the targets of a dict batch are never passed to the model here).
     """
+    device = resolve_device(device)
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     try:
-        for inputs, target in data:
+        for batch in data:
+            inputs, target = _split(batch, target_key, False)
+            if target is None:
+                raise InputError(f"evaluate needs targets: a dict batch must hold {target_key!r}")
             inputs, target = _to(inputs, device), _to(target, device)
-            out = _call(model, inputs)
+            out = _logits(_call(model, inputs))
             total += float(metric(out, target))
             n += _count(out, target) if reduction == "mean" else 1
     finally:
@@ -123,7 +202,7 @@ def finetune(
     model: nn.Module,
     data: Iterable[Batch],
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     epochs: int = 1,
     lr: float = 0.01,
     optimizer: str | type[torch.optim.Optimizer] = "sgd",
@@ -138,6 +217,7 @@ def finetune(
     max_steps: int | None = None,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    target_key: str = "labels",
 ) -> FinetuneResult:
     """Train ``model`` in place on ``data`` and return it (in eval mode) with a per-epoch history.
 
@@ -151,8 +231,20 @@ def finetune(
       ``on_epoch_end(model, epoch)`` hooks; plain callables are treated as ``penalty``. A plugin whose
       ``stop`` attribute turns true ends training after the current step (SPP, AOFP use this).
     - ``max_steps`` caps the total number of optimizer steps (useful for short retrains).
+    - ``loss_fn(outputs, targets)``; None: the loss the model returns, else cross-entropy.
+    - Batches: ``(inputs, targets)``, ``(inputs, targets, *extra)`` or dicts with a ``target_key``
+      entry (see the module docstring). ``device="auto"``: CUDA if available, else the CPU.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(4, 3)
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> batches = [(x, y), (x, y, torch.arange(8)), {"input": x, "labels": y}]
+    >>> len(finetune(net, batches, epochs=2, progress=False, device="auto").history)
+    2
     """
+    device = resolve_device(device)
     model.to(device)
+    pass_target = _takes(model, target_key)
     if eval_fn is None and eval_data is not None:
         eval_fn = lambda m: evaluate(m, eval_data, device=device)  # noqa: E731
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, momentum)
@@ -182,11 +274,12 @@ def finetune(
         for epoch in range(epochs):
             model.train()
             run_loss, n = 0.0, 0
-            for inputs, target in data:
+            for batch in data:
                 if max_steps is not None and step >= max_steps:
                     break
+                inputs, target = _split(batch, target_key, pass_target)
                 inputs, target = _to(inputs, device), _to(target, device)
-                loss = loss_fn(_call(model, inputs), target)
+                loss = _loss(_call(model, inputs), target, loss_fn)
                 full = loss
                 for fn in penalties:
                     pen = fn(model)
