@@ -1,12 +1,12 @@
 """Hypothesis strategies: random architectures and random pruning plans.
 
-``architectures()`` draws an ``Arch``: a small DAG of operations over 4-D feature maps
-``[B, C, H, W]`` and, after a flatten or a global pool, 2-D features ``[B, F]``, on one
-input or two: convolutions (plain, depthwise, grouped, strided, functional with free
-weights), transposed convolutions (stride 1 or 2, grouped), BatchNorm, LayerNorm (on
-features, and over the channels of maps ConvNeXt-style, between permutes), GroupNorm,
-activations (module, functional, method and in-place forms), add, mul,
-squeeze-excitation gating, cat, split/chunk, pooling, upsampling, padding, flatten,
+``architectures()`` draws an ``Arch`` (``fuzznet``): a small DAG of operations over 4-D
+feature maps ``[B, C, H, W]`` and, after a flatten or a global pool, 2-D features
+``[B, F]``, on one input or two: convolutions (plain, depthwise, grouped, strided,
+functional with free weights), transposed convolutions (stride 1 or 2, grouped),
+BatchNorm, LayerNorm (on features, and over the channels of maps ConvNeXt-style, between
+permutes), GroupNorm, activations (module, functional, method and in-place forms), add,
+mul, squeeze-excitation gating, cat, split/chunk, pooling, upsampling, padding, flatten,
 linear layers, and attention over the spatial tokens of a map (``nn.MultiheadAttention``,
 or a hand-written qkv Linear + ``F.scaled_dot_product_attention`` + projection, with
 run-time or literal sizes, optionally residual), and ``again``: a second call of an
@@ -14,6 +14,11 @@ earlier op's module (conv, convT, BatchNorm, LayerNorm, GroupNorm, activation mo
 linear) on another value of that op's input shape. ``FuzzNet(arch)`` builds it as an
 ``nn.Module`` whose forward is plain torch code, traceable by ``torch.fx``;
 ``arch.source()`` prints that code, to paste as a repro.
+
+``architectures(hazardous=True)`` also draws the hazard ops and model traits of
+``hazards`` (channel counts as numbers, reductions and pooling over channel axes, weight
+statistics, channel indexing, tied weights, a grouped conv called twice, dropout;
+dict/list/nested outputs, in-place ops on the input, training mode, the export fallback).
 
 ``plans(dg)`` draws a plan for a built ``DependencyGraph``: explicit channel sets
 (valid or not), ``gp.select`` on random scores (any scope, target, rounding), or a
@@ -23,287 +28,24 @@ deliberately broken plan.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
+import hazards
 import numpy as np
 import torch
-import torch.nn.functional as F
+from fuzznet import MAX_C, MAX_HW, Arch, FuzzNet, FuzzNet2, Op, build, n_outputs
 from hypothesis import strategies as st
 from torch import nn
 
 import graphprune as gp
 
+__all__ = ["Arch", "Op", "FuzzNet", "FuzzNet2", "build", "architectures", "plans", "ACTIVATIONS"]
+
 ACTIVATIONS = ("relu", "relu_inplace", "F.relu", "torch.relu", "method_relu", "gelu", "silu",
                "sigmoid", "hardswish", "leaky_relu", "tanh", "relu6")
-MAX_C = 12
-MAX_HW = 16
-
-
-@dataclass(frozen=True)
-class Op:
-    kind: str
-    inputs: tuple[int, ...]
-    args: tuple = ()
-
-
-@dataclass
-class Arch:
-    """A random network: input ``[B, c_in, hw, hw]``, ``ops`` in order, ``outputs`` indices.
-
-    Value 0 is the input; with ``c_in2`` > 0 value 1 is a second input ``[B, c_in2, hw, hw]``.
-    Every op appends its outputs (one, or several for splits). ``shapes[i]`` is
-    ``(C, H, W)`` or ``(F,)`` of value ``i`` (batch dimension left out).
-    """
-
-    c_in: int
-    hw: int
-    ops: list[Op] = field(default_factory=list)
-    shapes: list[tuple[int, ...]] = field(default_factory=list)
-    outputs: tuple[int, ...] = ()
-    c_in2: int = 0
-
-    @property
-    def n_inputs(self) -> int:
-        return 2 if self.c_in2 else 1
-
-    def source(self) -> str:
-        """The forward pass as Python lines (``v0``, and ``v1`` for two inputs, are the inputs)."""
-        ins = [f"v0: [B, {self.c_in}, {self.hw}, {self.hw}]"]
-        if self.c_in2:
-            ins.append(f"v1: [B, {self.c_in2}, {self.hw}, {self.hw}]")
-        lines = [f"# input{'s' if self.c_in2 else ''}: {', '.join(ins)}"]
-        k = self.n_inputs
-        for i, op in enumerate(self.ops):
-            n_out = _n_outputs(op)
-            outs = ", ".join(f"v{k + j}" for j in range(n_out))
-            ins = ", ".join(f"v{j}" for j in op.inputs)
-            if op.kind == "again":
-                j = op.args[0]
-                lines.append(f"{outs} = again#{i}({ins})  # reuses op {j}'s module ({self.ops[j].kind}#{j})"
-                             f" -> {self.shapes[k:k + n_out]}")
-                k += n_out
-                continue
-            lines.append(f"{outs} = {op.kind}#{i}({ins}{', ' if op.args else ''}"
-                         f"{', '.join(map(repr, op.args))})  # -> {self.shapes[k:k + n_out]}")
-            k += n_out
-        lines.append(f"return {', '.join(f'v{j}' for j in self.outputs)}")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:  # hypothesis prints this for a falsifying example
-        return "Arch(\n" + self.source() + "\n)"
-
-
-def _n_outputs(op: Op) -> int:
-    if op.kind == "split":
-        return len(op.args[0])
-    if op.kind == "chunk":
-        return op.args[0]
-    return 1
 
 
 def _conv_out(h: int, k: int, stride: int, pad: int) -> int:
     return (h + 2 * pad - k) // stride + 1
-
-
-def _affine(norm: nn.Module, gen: torch.Generator) -> nn.Module:
-    """A LayerNorm/GroupNorm with random affine parameters (they start at ones and zeros)."""
-    if getattr(norm, "weight", None) is not None:
-        with torch.no_grad():
-            norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) + 0.5)
-            norm.bias.copy_(torch.randn(norm.bias.shape, generator=gen) * 0.1)
-    return norm
-
-
-class FuzzNet(nn.Module):
-    """The module an ``Arch`` describes; eval mode, BatchNorm with random statistics."""
-
-    def __init__(self, arch: Arch, seed: int = 0) -> None:
-        super().__init__()
-        self.arch = arch
-        gen = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.layers = nn.ModuleDict()
-            for i, op in enumerate(arch.ops):
-                self._make(i, op, arch.shapes[op.inputs[0]][0], gen)
-        self.eval()
-
-    def _make(self, i: int, op: Op, c: int, gen: torch.Generator) -> None:
-        L = self.layers
-        if op.kind == "conv":
-            c_out, k, stride, groups, bias = op.args
-            L[f"conv{i}"] = nn.Conv2d(c, c_out, k, stride=stride, padding=k // 2, groups=groups, bias=bias)
-        elif op.kind == "fconv":
-            c_out, k, groups, bias = op.args
-            self.register_parameter(f"w{i}", nn.Parameter(torch.randn(c_out, c // groups, k, k, generator=gen) * 0.3))
-            self.register_parameter(f"b{i}", nn.Parameter(torch.randn(c_out, generator=gen) * 0.1) if bias else None)
-        elif op.kind == "bn":
-            bn = nn.BatchNorm2d(c) if len(op.args) == 0 else nn.BatchNorm1d(c)
-            with torch.no_grad():
-                bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                bn.bias.copy_(torch.randn(c, generator=gen) * 0.1)
-                bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-                bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            L[f"bn{i}"] = bn
-        elif op.kind == "act":
-            name = op.args[0]
-            module = {"relu": nn.ReLU(), "relu_inplace": nn.ReLU(inplace=True), "gelu": nn.GELU(),
-                      "silu": nn.SiLU(), "hardswish": nn.Hardswish(), "leaky_relu": nn.LeakyReLU(0.1),
-                      "relu6": nn.ReLU6()}.get(name)
-            if module is not None:
-                L[f"act{i}"] = module
-        elif op.kind == "se":
-            (r,) = op.args
-            L[f"se{i}"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, r, 1), nn.ReLU(),
-                                        nn.Conv2d(r, c, 1), nn.Sigmoid())
-        elif op.kind == "pool":
-            mode = op.args[0]
-            L[f"pool{i}"] = {"max2": nn.MaxPool2d(2), "avg2": nn.AvgPool2d(2),
-                             "max3s1": nn.MaxPool2d(3, 1, 1), "adapt1": nn.AdaptiveAvgPool2d(1),
-                             "adapt2": nn.AdaptiveAvgPool2d(2)}[mode]
-        elif op.kind == "up" and op.args[0] == "module":
-            L[f"up{i}"] = nn.Upsample(scale_factor=2, mode="nearest")
-        elif op.kind == "linear":
-            n_out, bias = op.args
-            L[f"linear{i}"] = nn.Linear(c, n_out, bias=bias)
-        elif op.kind == "flatten" and op.args[0] == "module":
-            L[f"flatten{i}"] = nn.Flatten()
-        elif op.kind == "ln":
-            L[f"ln{i}"] = _affine(nn.LayerNorm(c, elementwise_affine=op.args[1]), gen)
-        elif op.kind == "gn":
-            g, affine = op.args
-            L[f"gn{i}"] = _affine(nn.GroupNorm(g, c, affine=affine), gen)
-        elif op.kind == "convT":
-            c_out, k, stride, pad, out_pad, groups, bias = op.args
-            L[f"convT{i}"] = nn.ConvTranspose2d(c, c_out, k, stride, pad, out_pad, groups, bias)
-        elif op.kind == "mha":
-            attn = nn.MultiheadAttention(c, op.args[0], batch_first=True)
-            with torch.no_grad():  # biases start at zero: random ones, so they count
-                attn.in_proj_bias.copy_(torch.randn(3 * c, generator=gen) * 0.1)
-                attn.out_proj.bias.copy_(torch.randn(c, generator=gen) * 0.1)
-            L[f"mha{i}"] = attn
-        elif op.kind == "sdpa":
-            heads, d = op.args[:2]
-            L[f"qkv{i}"] = nn.Linear(c, 3 * heads * d)
-            L[f"proj{i}"] = nn.Linear(heads * d, c)
-
-    def forward(self, x: torch.Tensor):
-        return self._run([x])
-
-    def _run(self, vals: list):
-        L = self.layers
-        for i, op in enumerate(self.arch.ops):
-            ins = [vals[j] for j in op.inputs]
-            kind, a = op.kind, op.args
-            if kind == "conv":
-                out = L[f"conv{i}"](ins[0])
-            elif kind == "fconv":
-                out = F.conv2d(ins[0], getattr(self, f"w{i}"), getattr(self, f"b{i}"), 1, a[1] // 2, 1, a[2])
-            elif kind == "bn":
-                out = L[f"bn{i}"](ins[0])
-            elif kind == "act":
-                name = a[0]
-                if name == "F.relu":
-                    out = F.relu(ins[0])
-                elif name == "torch.relu":
-                    out = torch.relu(ins[0])
-                elif name == "method_relu":
-                    out = ins[0].relu()
-                elif name == "sigmoid":
-                    out = torch.sigmoid(ins[0])
-                elif name == "tanh":
-                    out = ins[0].tanh()
-                else:
-                    out = L[f"act{i}"](ins[0])
-            elif kind == "add":
-                out = ins[0] + ins[1]
-            elif kind == "iadd":
-                out = ins[0] * 1.0
-                out += ins[1]
-            elif kind == "mul":
-                out = ins[0] * ins[1]
-            elif kind == "se":
-                out = ins[0] * L[f"se{i}"](ins[0])
-            elif kind == "scale":
-                out = ins[0] * a[0] + a[1]
-            elif kind == "cat":
-                out = torch.cat(ins, dim=1)
-            elif kind == "split":
-                parts = torch.split(ins[0], list(a[0]), dim=1)
-                vals.extend(parts[j] for j in range(len(a[0])))  # fx cannot iterate a Proxy
-                continue
-            elif kind == "chunk":
-                parts = ins[0].chunk(a[0], 1)
-                vals.extend(parts[j] for j in range(a[0]))
-                continue
-            elif kind == "pool":
-                out = L[f"pool{i}"](ins[0])
-            elif kind == "fpool":
-                out = F.max_pool2d(ins[0], 2) if a[0] == "max" else F.avg_pool2d(ins[0], 2)
-            elif kind == "up":
-                out = L[f"up{i}"](ins[0]) if a[0] == "module" else F.interpolate(ins[0], scale_factor=2.0)
-            elif kind == "pad":
-                out = F.pad(ins[0], (1, 1, 1, 1))
-            elif kind == "gap":
-                out = ins[0].mean((2, 3)) if a[0] == "mean" else torch.flatten(F.adaptive_avg_pool2d(ins[0], 1), 1)
-            elif kind == "flatten":
-                out = L[f"flatten{i}"](ins[0]) if a[0] == "module" else (
-                    torch.flatten(ins[0], 1) if a[0] == "torch" else ins[0].reshape(ins[0].shape[0], -1))
-            elif kind == "linear":
-                out = L[f"linear{i}"](ins[0])
-            elif kind == "ln":
-                out = L[f"ln{i}"](ins[0]) if a[0] == "flat" else (
-                    L[f"ln{i}"](ins[0].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
-            elif kind == "gn":
-                out = L[f"gn{i}"](ins[0])
-            elif kind == "convT":
-                out = L[f"convT{i}"](ins[0])
-            elif kind in ("mha", "sdpa"):
-                out = self._attention(i, op, ins[0])
-            elif kind == "again":
-                out = self._reuse(a[0], ins[0])
-            else:  # pragma: no cover - the strategy draws only the kinds above
-                raise AssertionError(kind)
-            vals.append(out)
-        outs = [vals[j] for j in self.arch.outputs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    def _reuse(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """Op ``j``'s module (created for op ``j``) called again, on ``x``."""
-        op = self.arch.ops[j]
-        module = self.layers[f"{op.kind}{j}"]
-        if op.kind == "ln" and op.args[0] == "channels":
-            return module(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return module(x)
-
-    def _attention(self, i: int, op: Op, x: torch.Tensor) -> torch.Tensor:
-        """Attention over the ``H*W`` tokens of map ``x``, back to a map.
-
-        ``sizes``: ``"batch"`` takes B (and N) from ``x.shape`` at run time, ``"literal"``
-        writes every size as a constant (batch 1, as ``build`` makes it).
-        """
-        L = self.layers
-        c, h, w = self.arch.shapes[op.inputs[0]]
-        sizes, residual = op.args[-2:]
-        b, n = (x.shape[0], x.shape[2] * x.shape[3]) if sizes == "batch" else (1, h * w)
-        t = x.flatten(2).transpose(1, 2)  # [B, N, C]
-        if op.kind == "mha":
-            y = L[f"mha{i}"](t, t, t, need_weights=False)[0]
-        else:
-            heads, d = op.args[:2]
-            qkv = L[f"qkv{i}"](t).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            y = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, d]
-            y = L[f"proj{i}"](y.transpose(1, 2).reshape(b, n, heads * d))
-        out = y.transpose(1, 2).reshape(b, c, h, w)
-        return out + x if residual else out
-
-
-class FuzzNet2(FuzzNet):
-    """A ``FuzzNet`` of an ``Arch`` with two inputs."""
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor):
-        return self._run([x, y])
 
 
 # --- architectures ------------------------------------------------------------------------
@@ -335,7 +77,7 @@ def _reuse_candidates(arch: Arch) -> list[tuple[int, int]]:
     return out
 
 
-def _draw_op(draw, arch: Arch) -> None:
+def _draw_op(draw, arch: Arch, hazardous: bool = False, without: frozenset = frozenset()) -> None:
     shapes = arch.shapes
     reuse = _reuse_candidates(arch)
     maps = [i for i, s in enumerate(shapes) if len(s) == 3]
@@ -359,11 +101,17 @@ def _draw_op(draw, arch: Arch) -> None:
         kinds += ["cat", "cat"]
     if reuse:
         kinds += ["again", "again", "again"]
+    if hazardous:
+        kinds += hazards.kinds(arch, maps, flats, without)
     kind = draw(st.sampled_from(kinds))
 
     def emit(op: Op, *out_shapes: tuple[int, ...]) -> None:
         arch.ops.append(op)
         arch.shapes.extend(out_shapes)
+
+    if kind in hazards.WEIGHTS:
+        hazards.draw_op(draw, arch, kind, emit, _pick)
+        return
 
     if kind in ("add", "mul", "iadd") and any(len(v) > 1 for v in by_shape.values()):
         pool = [v for v in by_shape.values() if len(v) > 1]
@@ -374,7 +122,7 @@ def _draw_op(draw, arch: Arch) -> None:
         return
     if kind == "again":
         j, x = draw(st.sampled_from(reuse))
-        out_index = arch.n_inputs + sum(_n_outputs(o) for o in arch.ops[:j])
+        out_index = arch.n_inputs + sum(n_outputs(o) for o in arch.ops[:j])
         emit(Op("again", (x,), (j,)), shapes[out_index])
         return
     if kind == "cat":
@@ -503,11 +251,14 @@ def _draw_conv_transpose(draw, emit, x: int, c: int, h: int, w: int) -> None:
 
 
 @st.composite
-def architectures(draw, max_ops: int = 12) -> Arch:
+def architectures(draw, max_ops: int = 12, hazardous: bool = False, without: frozenset = frozenset()) -> Arch:
     """A random ``Arch`` of 1..``max_ops`` operations on a ``[B, c_in, hw, hw]`` input, and
-    sometimes a second input ``[B, c_in2, hw, hw]``."""
+    sometimes a second input ``[B, c_in2, hw, hw]``; with ``hazardous``, hazard ops among
+    them and model traits (``hazards``), but none of the kinds or traits named in ``without``."""
     hw = draw(st.sampled_from([4, 6, 8]))
     arch = Arch(c_in=draw(st.integers(1, 4)), hw=hw)
+    if hazardous:
+        hazards.draw_traits(draw, arch, without)
     arch.shapes.append((arch.c_in, hw, hw))
     if draw(st.integers(0, 4)) == 4:  # one network in five has two inputs (shrinks to one)
         arch.c_in2 = draw(st.integers(1, 4))
@@ -521,7 +272,7 @@ def architectures(draw, max_ops: int = 12) -> Arch:
         arch.ops.append(Op("conv", (1,), (c1, draw(st.sampled_from([1, 3])), 1, 1, draw(st.booleans()))))
         arch.shapes.append((c1, hw, hw))
     for _ in range(draw(st.integers(1, max(1, max_ops - 1)))):
-        _draw_op(draw, arch)
+        _draw_op(draw, arch, hazardous, without)
     head = draw(st.sampled_from(["linear", "conv", "linear", "none"]))  # simplest first: a head
     last = len(arch.shapes) - 1
     if head == "conv" and len(arch.shapes[last]) == 3:
@@ -541,18 +292,6 @@ def architectures(draw, max_ops: int = 12) -> Arch:
     return arch
 
 
-def build(arch: Arch, batch: int = 1, dtype: torch.dtype = torch.float64,
-          seed: int = 0) -> tuple[FuzzNet, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-    """The model of ``arch`` (eval mode, ``dtype``) and a random example input: a tensor,
-    or a tuple of two for an ``Arch`` with two inputs (call ``model(*x)``)."""
-    model = (FuzzNet2 if arch.c_in2 else FuzzNet)(arch, seed).to(dtype)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, arch.c_in, arch.hw, arch.hw, generator=gen, dtype=dtype)
-    if not arch.c_in2:
-        return model, x
-    return model, (x, torch.randn(batch, arch.c_in2, arch.hw, arch.hw, generator=gen, dtype=dtype))
-
-
 # --- plans ------------------------------------------------------------------------------
 
 
@@ -560,8 +299,9 @@ def build(arch: Arch, batch: int = 1, dtype: torch.dtype = torch.float64,
 def plans(draw, dg: gp.DependencyGraph, model: nn.Module | None = None, x: torch.Tensor | None = None):
     """A plan for ``dg``: ``("explicit"|"select"|"broken", plan)``.
 
-    Explicit plans pick random channels of random prunable groups (sometimes all of a
-    group's channels, valid only for removable groups); ``select`` plans come from
+    Explicit plans pick random channels of random prunable groups, mostly of groups that can
+    lose some channels (sometimes all of a group's channels: one in ten removable groups, one
+    in thirty others, for which the plan is refused); ``select`` plans come from
     ``gp.select`` on random scores; broken plans name a missing group, an index out of
     range or an unprunable group, and must be rejected with a ``PlanError``.
     """
@@ -569,11 +309,16 @@ def plans(draw, dg: gp.DependencyGraph, model: nn.Module | None = None, x: torch
     modes = ["explicit"] * 3 + ["select"] * 3 + ["broken"] if prunable else ["broken"]
     mode = draw(st.sampled_from(modes))
     if mode == "explicit":
-        chosen = draw(st.lists(st.sampled_from(prunable), min_size=1, max_size=len(prunable),
+        # groups that can lose some channels: one channel of a one-channel group is all of it
+        partial = [g for g in prunable if g.size > 1 or g.removable]
+        pool = prunable if not partial or hazards.one_in(draw, 10) else partial
+        chosen = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=len(pool),
                                unique_by=lambda g: g.id))
         plan = {}
         for g in chosen:
-            everything = draw(st.integers(0, 9)) == 0
+            # all of a group: valid for removable groups only (a plan emptying another is refused,
+            # and one such group spoils the whole plan, so those are drawn less often)
+            everything = hazards.one_in(draw, 10 if g.removable else 30) or g.size == 1
             if everything:
                 plan[g.id] = list(range(g.size))
             else:

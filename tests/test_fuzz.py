@@ -6,6 +6,9 @@ add/mul/cat/split, pooling, upsampling, flatten, Linear layers, attention over s
 tokens (``nn.MultiheadAttention`` or a hand-written SDPA block) and ``again`` (an earlier
 op's module called a second time, on another value), on one input or two.
 
+The dependency graph is built with random options (``grouped="groups"|"channels"``,
+``factor="largest"|"heads"``).
+
 Property: for any architecture the strategy draws and any plan, either the slim model
 is exact (``gp.verify`` <= 1e-4, so the outputs keep their shapes) or graphprune raises
 a typed ``gp.GraphPruneError``; never another exception. The user's model is never
@@ -51,6 +54,9 @@ MAX_OPS = int(os.environ.get("GRAPHPRUNE_FUZZ_MAX_OPS", "12"))
 TOLERANCE = 1e-4
 REPORT = LONG or os.environ.get("GRAPHPRUNE_FUZZ_REPORT", "") not in ("", "0")
 TALLY: collections.Counter = collections.Counter()
+# how grouped convolutions shrink and which factor of a split channel axis is pruned
+BUILD_OPTIONS = st.fixed_dictionaries({"grouped": st.sampled_from(["groups", "channels"]),
+                                       "factor": st.sampled_from(["largest", "heads"])})
 FIRST: dict[str, str] = {}  # outcome -> first error message, for the report
 
 
@@ -75,7 +81,8 @@ def check_prune(model: torch.nn.Module, x, data: st.DataObject) -> str:
     snap, training = snapshot(model), model.training
     params = {k: id(v) for k, v in model.named_parameters()}
     try:
-        dg = gp.DependencyGraph.build(model, x)
+        options = data.draw(BUILD_OPTIONS, label="build options")
+        dg = gp.DependencyGraph.build(model, x, **options)
         mode, plan = data.draw(plans(dg), label="plan")
         note(f"{mode} plan: {dict(plan.items())}")
         slim = gp.apply(model, dg, plan)

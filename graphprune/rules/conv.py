@@ -34,7 +34,10 @@ def conv_core(ctx, x, w, b, groups: int, transposed: bool, out_shape, weight_nod
 
     ``groups == 1``: the output is a fresh set of channels; the input channels are the
     weight's input axis. ``groups > 1`` (grouped, depthwise): only whole conv groups
-    can go, so each group's input and output channels form one channel class.
+    can go, so each group's input and output channels form one channel class; with
+    ``grouped="channels"``, the same positions of every group go, from the input (the
+    weight's input axis) and from the output, each on its own. Every call of a module
+    shares its weight: an input that is not a channel axis keeps every weight column.
     """
     x_lab = ctx.labels(x)
     xin = x_lab[1] if x_lab is not None else None
@@ -47,11 +50,14 @@ def conv_core(ctx, x, w, b, groups: int, transposed: bool, out_shape, weight_nod
         out = w[out_axis]
         ctx.set_role(weight_node, out_axis, "out")
         ctx.mark_produced(out)
-    elif ctx.grouped_mode == "channels" and not transposed and cin // groups > 1 and xin is not None:
+    elif ctx.grouped_mode == "channels" and not transposed and cin // groups > 1:
         # The same input and output positions in every conv group: `groups` is kept.
         ipg, opg = cin // groups, cout // groups
-        _, in_pos = ctx.factorize(xin.reshape(groups, ipg), free=1)
-        ctx.couple([w[1], in_pos], ipg, reason)
+        if xin is not None:
+            _, in_pos = ctx.factorize(xin.reshape(groups, ipg), free=1)
+            ctx.couple([w[1], in_pos], ipg, reason)
+        else:  # every column reads this input (a module called on it and on channels): all stay
+            ctx.pin(w[1], reason)
         ctx.set_role(weight_node, 1, "in")
         out = w[0]
         ctx.set_role(weight_node, 0, "out")

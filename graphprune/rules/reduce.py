@@ -17,7 +17,7 @@ from graphprune.rules.base import arg, aten_ops, norm_dim, register, target_name
 
 @register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
           torch.norm, "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm",
-          *aten_ops("mean.dim", "sum.dim_IntList", "amax.default", "amin.default"))
+          *aten_ops("mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default", "amin.default"))
 def reduction(ctx, node, module):
     """Reducing spatial axes keeps channels.
 
@@ -32,7 +32,7 @@ def reduction(ctx, node, module):
     name = target_name(node)
     dim_index = 2 if name == "norm" else 1
     dims = arg(node, dim_index, "dim", None)
-    if dims is None:
+    if dims is None or (isinstance(dims, (tuple, list)) and not dims):  # dim=() reduces every axis too
         axes = list(range(len(labels)))
     else:
         axes = [norm_dim(int(d), len(labels)) for d in ([dims] if isinstance(dims, int) else dims)]
@@ -46,7 +46,8 @@ def reduction(ctx, node, module):
                 out.append(None)
         else:
             out.append(lab)
-    if not isinstance(out_shape, torch.Size) or len(out) != len(out_shape):
+    if not isinstance(out_shape, torch.Size) or len(out) != len(out_shape):  # not followed: never guess
+        ctx.pin_all(labels, f"{ctx.describe_node()} reduces axes in a way graphprune does not follow")
         return tuple(None for _ in out_shape) if isinstance(out_shape, torch.Size) else None
     return tuple(out)
 

@@ -252,3 +252,35 @@ def test_grouped_convs_keep_their_structure(mode):
             assert conv.groups == original[name]       # same groups, fewer channels each
         else:
             assert conv.weight.shape[1] == model.get_submodule(name).weight.shape[1]
+
+
+class GroupedTwice(nn.Module):
+    """One grouped conv module called on channels and again on the model input."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.a = nn.Conv2d(4, 4, 1)
+        self.g = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.h = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.g(self.a(x)) + self.g(x) if self.order == "channels first" else self.g(x) + self.g(self.a(x))
+        return self.h(y)
+
+
+@pytest.mark.parametrize("order", ["channels first", "input first"])
+def test_grouped_conv_called_on_channels_and_on_an_input_keeps_its_columns(order):
+    # adversary's report, reproduced by the hazard fuzzer: with grouped="channels" the call on
+    # the model input left the weight's input axis to the other call, which pruned it, and the
+    # slim conv failed on the unpruned input (RewriteError "Given groups=2, weight of size
+    # [6, 1, 3, 3], expected input[1, 4, 6, 6] to have 2 channels")
+    torch.manual_seed(0)
+    model, x = GroupedTwice(order), x2d(4, 6)
+    dg = gp.DependencyGraph.build(model.eval(), x, grouped="channels")
+    assert not group_of(dg, "a.weight", 0).prunable  # g reads a's channels and x through the same columns
+    g = group_of(dg, "g.weight", 0)
+    assert g.prunable and g.size == 3  # output positions within each of the two conv groups
+    slim = exact(model, x, {g.id: [1]}, dg=dg)
+    assert slim.g.groups == 2 and slim.g.in_channels == 4 and slim.g.out_channels == 4
+    conv_attrs_agree(slim.g)

@@ -158,3 +158,33 @@ def test_width_in_a_shape_argument_follows_the_slim_width():
     g = group_of(dg, "a.weight", 0)
     assert g.size == 4  # the per-head dim is the free factor: a group channel is one channel of each head
     exact(model, x, {g.id: [1]}, dg=dg)  # the view must now say 3, not 4, per head
+
+
+class OneChannelHeads(nn.Module):
+    """Heads of one channel each, sizes read at run time: ``c // heads`` sizes an axis of 1."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.sizes = sizes
+        self.a = nn.Conv2d(3, 4, 1)
+        self.h = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        b, c, hh, ww = y.shape
+        if self.sizes == "runtime":
+            t = y.view(b, 4, c // 4, hh * ww)
+        else:
+            t = y.view(y.shape[0], 4, y.shape[1] // 4, -1)
+        return self.h(t.softmax(-1).reshape(b, c, hh, ww))
+
+
+@pytest.mark.parametrize("sizes", ["runtime", "minus1"])
+def test_width_sizing_an_axis_without_channels_keeps_its_value(sizes):
+    # found by fuzzing (tests/hazards.py "heads"): the slim view computed c // 4 from the slim
+    # width, 0 once a head went, and the slimmed model failed to run (RewriteError)
+    model, x = OneChannelHeads(sizes), x2d()
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable and g.size == 4  # whole heads of one channel
+    exact(model, x, {g.id: [1, 2]}, dg=dg)
