@@ -107,9 +107,9 @@ def test_random_architectures_prune_exactly_or_raise_typed_errors(arch, data):
     check_prune(model, x, data)
 
 
-SMALL_ZOO = ["resnet20", "densenet", "mobilenet_v2", "vgg11", "shufflenet_v2", "vit_tiny", "unet",
-             "squeezenet", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_small", "resnext",
-             "inception", "msd", "swin_tiny", "vit_mha"]
+SMALL_ZOO = ["resnet20", "mini_densenet", "mini_mobilenet_v2", "vgg11", "mini_shufflenet_v2", "mini_vit",
+             "mini_unet", "mini_squeezenet", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_small",
+             "mini_resnext", "mini_inception", "msd", "swin_tiny", "mini_vit_mha"]
 
 
 class _Zoo(dict):
