@@ -98,6 +98,30 @@ class Group:
                 "members": [m.to_dict() for m in self.members]}
 
 
+def _check_view(view: str) -> None:
+    if view not in ("groups", "layers"):
+        raise InputError(f"view must be 'groups' or 'layers', got {view!r}")
+
+
+_STATE_ATTRS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _layers_text(g: Group, order: dict[str, int]) -> str:
+    """``producers -> consumers; also others``: module names (a parameter's own name where it
+    is not a module's weight, bias or statistics), each list in model order."""
+    by_role: dict[str, dict[str, int]] = {"out": {}, "in": {}, "pass": {}}
+    for m in g.members:
+        owner, _, attr = m.param.rpartition(".")
+        name = owner if owner and attr in _STATE_ATTRS else m.param
+        by_role.get(m.role, by_role["pass"]).setdefault(name, order.get(m.param, len(order)))
+    for name in list(by_role["pass"]):  # a layer listed as producer or consumer is not listed again
+        if name in by_role["out"] or name in by_role["in"]:
+            del by_role["pass"][name]
+    names = {role: ", ".join(sorted(d, key=d.__getitem__)) for role, d in by_role.items()}
+    text = f"{names['out'] or '(none)'} -> {names['in'] or '(none)'}"
+    return text + (f"; also {names['pass']}" if names["pass"] else "")
+
+
 def _join(reasons: list[str]) -> str:
     return "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
 
@@ -297,37 +321,61 @@ class DependencyGraph:
                     f"the model changed after its dependency graph was built: {name!r} "
                     f"was {shape}, now {now.get(name)}; build the DependencyGraph again")
 
-    def describe(self, width: int = 60) -> str:
-        """A table of groups: id, channels, prunable or why not, members.
+    def describe(self, width: int | None = None) -> str:
+        """A table of groups: id, channels, prunable or why not, and the layers involved.
 
-        Long reasons and member lists are cut to ``width`` characters; ``to_json()``
-        has everything.
+        The last column names the group's layers by their full module names: the layers
+        that produce its channels, ``->`` the layers that read them, then (``also``) the
+        modules that carry them along (normalisation layers). With ``width`` every cell is
+        cut to that many characters; by default nothing is cut. ``to_json()`` has every
+        parameter slice.
         """
         def cut(text: str) -> str:
-            return text if len(text) <= width else text[: width - 3] + "..."
+            return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
-        rows = [("group", "channels", "prunable", "members")]
+        order = {name: i for i, name in enumerate(self.state_shapes)}
+        rows = [("group", "channels", "prunable", "layers: producers -> consumers; also")]
         for g in self.groups:
             if g.prunable:
                 status = "yes" + (", removable" if g.removable else "")
                 status += "" if g.exact else f", inexact: {g.inexact_reason}"
             else:
                 status = f"no: {g.reason}"
-            mem = ", ".join(f"{m.param}[{m.dim}]" for m in g.members)
-            rows.append((str(g.id), str(g.size), cut(status), cut(mem)))
+            rows.append((str(g.id), str(g.size), cut(status), cut(_layers_text(g, order))))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
+        lines.insert(1, "-" * min(max(len(line) for line in lines), 120))
         n_prunable = sum(g.prunable for g in self.groups)
         lines.append(f"{len(self.groups)} groups, {n_prunable} prunable, "
                      f"{sum(g.size for g in self.groups if g.prunable)} prunable channels, "
                      f"{sum(1 for g in self.groups if g.prunable and not g.exact)} inexact")
         return "\n".join(lines)
 
-    def to_networkx(self):
-        """A networkx MultiGraph: group nodes linked to the tensors they slice, one edge per axis."""
+    def layer_graph(self) -> Any:
+        """The data-flow graph of the model's layers, each with the groups it produces and reads
+        (``graphprune.views.layers.LayerGraph``); what ``to_dot()``, ``--svg`` and the HTML view draw."""
+        from graphprune.views.layers import layer_graph
+
+        return layer_graph(self)
+
+    def to_networkx(self, view: str = "groups"):
+        """A networkx graph of the groups.
+
+        ``view="groups"``: a MultiGraph, group nodes linked to the tensors they slice, one
+        edge per axis. ``view="layers"``: a DiGraph of ``layer_graph()``, layers linked in
+        data-flow order, each node with its ``kind``, ``op``, ``out_groups``, ``in_groups``
+        and ``width``.
+        """
         import networkx as nx
 
+        if view == "layers":
+            lg = self.layer_graph()
+            digraph = nx.DiGraph()
+            for layer in lg.layers:
+                digraph.add_node(layer.name, **{k: v for k, v in layer.__dict__.items() if k != "name"})
+            digraph.add_edges_from((lg.layers[a].name, lg.layers[b].name) for a, b in lg.edges)
+            return digraph
+        _check_view(view)
         graph = nx.MultiGraph()
         for g in self.groups:
             graph.add_node(f"group {g.id}", kind="group", size=g.size, prunable=g.prunable,
@@ -338,8 +386,19 @@ class DependencyGraph:
                                positions=len(m.positions))
         return graph
 
-    def to_dot(self) -> str:
-        """Graphviz DOT text of ``to_networkx()``: groups as boxes, tensors as ellipses."""
+    def to_dot(self, view: str = "groups") -> str:
+        """Graphviz DOT text.
+
+        ``view="groups"``: ``to_networkx()``, groups as boxes, tensors as ellipses.
+        ``view="layers"``: the layer graph in data-flow order, top to bottom, each layer
+        filled with the colour of the group it produces (grey: pinned), as the
+        ``graphprune inspect --dot`` output.
+        """
+        if view == "layers":
+            from graphprune.views.svg import layer_dot
+
+            return layer_dot(self)
+        _check_view(view)
         lines = ["graph dependency_groups {", "  rankdir=LR;"]
         for g in self.groups:
             color = "palegreen" if g.prunable else "lightgray"
