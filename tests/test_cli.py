@@ -160,18 +160,24 @@ def test_selection_flags_reach_gp_prune(tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_flags_that_need_a_newer_gp_prune(tmp_path, capsys):
-    """--max-ratio and --ratios pass through when gp.prune takes max_ratio / ratios; else one clear line."""
-    accepted = inspect.signature(gp.prune).parameters
-    for flags, key in ((["--max-ratio", "0.3"], "max_ratio"), (["--ratios", "fc1=0.2,fc2=0.1"], "ratios"),
-                       (["--factor", "heads"], "factor")):
-        rc = cli.main(["prune", "mlp", "--repeats", "0", *flags])
-        err = capsys.readouterr().err
-        if key in accepted:
-            assert rc == 0, err
-        else:
-            assert rc == 1 and err.count("\n") == 1
-            assert f"{flags[0]} needs gp.prune({key}=...), which this version of graphprune" in err
+@pytest.mark.parametrize("flags, key, widths", [
+    (["--max-ratio", "0.3"], "max_ratio", (90, 45)),  # at most 30 % of each layer goes
+    (["--ratios", "fc1=0.25", "--ratios", "fc2=0.0"], "ratios", (96, 64)),
+    (["--factor", "heads"], "factor", (64, 32)),  # the MLP has no heads: the same as without
+])
+def test_flags_that_need_a_newer_gp_prune(flags, key, widths, tmp_path, capsys):
+    """--max-ratio, --ratios and --factor reach gp.prune when it takes max_ratio / ratios / factor;
+    else the command stops with one clear line (never ignores them)."""
+    out = tmp_path / "m.gp"
+    rc = cli.main(["prune", "mlp", "--ratio", "0.5", "--repeats", "0", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    if key in inspect.signature(gp.prune).parameters:
+        assert rc == 0, err
+        slim = gp.load(out)
+        assert (slim.fc1.out_features, slim.fc2.out_features) == widths
+    else:
+        assert rc == 1 and err.count("\n") == 1 and not out.exists()
+        assert f"{flags[0]} needs gp.prune({key}=...), which this version of graphprune" in err
 
 
 def test_checkpoint_loads_trained_weights(tmp_path, capsys):
@@ -407,3 +413,16 @@ def test_data_driven_method_with_data_file(tmp_path, capsys):
     torch.save({"x": torch.zeros(2)}, bad)
     assert cli.main(["prune", "mlp", "--method", "taylor", "--data", str(bad), "--repeats", "0"]) == 1
     assert "must hold" in capsys.readouterr().err
+
+
+def test_demo_says_why_there_is_no_widths_png(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert cli.main(["demo", "--model", "mlp", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(no widths.png: matplotlib is not installed; pip install 'graphprune[plot]'" in out
+    assert (tmp_path / "mlp_report" / "groups.html").exists()
+
+
+def test_demo_draws_widths_png_in_the_dev_install(runs):
+    work, _ = _ok(runs, "demo")
+    assert (work / "demo_out" / "mlp_report" / "widths.png").exists(), "make demo installs matplotlib (dev extra)"
