@@ -32,10 +32,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from graphprune.errors import InputError
-from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext
+from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext, _aliases
 from graphprune.removal import vanish_problems
-from graphprune.rules.base import iter_arrays, unlabelled  # noqa: F401  (importable from here too)
+from graphprune.rules.base import find_rule, iter_arrays, unlabelled  # noqa: F401  (importable from here too)
 from graphprune.tracing import bind_inputs, code_fingerprints, named_state, trace
+from graphprune.views.layers import layers_text
 
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
 
@@ -103,23 +104,31 @@ def _check_view(view: str) -> None:
         raise InputError(f"view must be 'groups' or 'layers', got {view!r}")
 
 
-_STATE_ATTRS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _layers_text(g: Group, order: dict[str, int]) -> str:
-    """``producers -> consumers; also others``: module names (a parameter's own name where it
-    is not a module's weight, bias or statistics), each list in model order."""
-    by_role: dict[str, dict[str, int]] = {"out": {}, "in": {}, "pass": {}}
-    for m in g.members:
-        owner, _, attr = m.param.rpartition(".")
-        name = owner if owner and attr in _STATE_ATTRS else m.param
-        by_role.get(m.role, by_role["pass"]).setdefault(name, order.get(m.param, len(order)))
-    for name in list(by_role["pass"]):  # a layer listed as producer or consumer is not listed again
-        if name in by_role["out"] or name in by_role["in"]:
-            del by_role["pass"][name]
-    names = {role: ", ".join(sorted(d, key=d.__getitem__)) for role, d in by_role.items()}
-    text = f"{names['out'] or '(none)'} -> {names['in'] or '(none)'}"
-    return text + (f"; also {names['pass']}" if names["pass"] else "")
+def _uncovered(model: torch.nn.Module, dg: DependencyGraph) -> dict[str, str]:
+    """Every parameter of ``model`` that no group holds, with the reason."""
+    held = {m.param for g in dg.groups for m in g.members}
+    canonical = {alias: first for first, alias in _aliases(model)}
+    calls = {n.target: n for n in dg.gm.graph.nodes if n.op == "call_module"}
+    used = {n.target for n in dg.gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    modules = dict(dg.gm.named_modules())
+    out: dict[str, str] = {}
+    for name, _ in model.named_parameters():
+        name = canonical.get(name, name)
+        if name in held or name in out:
+            continue
+        owner = name.rpartition(".")[0]
+        holders = [p for p in (owner.split(".")[:i] for i in range(owner.count(".") + 1, -1, -1))]
+        call = next((calls[".".join(p)] for p in holders if ".".join(p) in calls), None)
+        if call is not None and find_rule(call, modules.get(call.target)) is None:
+            out[name] = f"inside {type(modules[call.target]).__name__} module {call.target!r}, which has no rule"
+        elif call is not None:
+            out[name] = f"{type(modules[call.target]).__name__} module {call.target!r} keeps this tensor whole"
+        elif not any(name == u or name.startswith(u + ".") for u in used) and \
+                not any(u.startswith(owner + ".") or u == owner for u in used if owner):
+            out[name] = "not used by the traced forward"
+        else:
+            out[name] = "none of its axes is a channel axis of a layer (kept whole)"
+    return out
 
 
 def _join(reasons: list[str]) -> str:
@@ -178,8 +187,10 @@ class DependencyGraph:
                             "factor": factor, "grouped": grouped}
         dg.state_shapes = {k: tuple(v.shape) for k, v in named_state(model).items()}
         dg.code = code_fingerprints(model)  # apply refuses a model whose forward code differs
+        dg.uncovered = _uncovered(model, dg)
         bound = bind_inputs(model, example_inputs)
         dg.example_names, dg.example_constants = bound.names, dict(bound.constants)
+        dg.example = bound  # the module form is checked on these (run on fresh copies, never changed)
         inputs = bound.tensors
         dg.example_shapes = [tuple(x.shape) for x in inputs]
         dg.example_dtypes = [x.dtype for x in inputs]
@@ -341,7 +352,7 @@ class DependencyGraph:
                 status += "" if g.exact else f", inexact: {g.inexact_reason}"
             else:
                 status = f"no: {g.reason}"
-            rows.append((str(g.id), str(g.size), cut(status), cut(_layers_text(g, order))))
+            rows.append((str(g.id), str(g.size), cut(status), cut(layers_text(g, order))))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
         lines.insert(1, "-" * min(max(len(line) for line in lines), 120))
@@ -349,7 +360,20 @@ class DependencyGraph:
         lines.append(f"{len(self.groups)} groups, {n_prunable} prunable, "
                      f"{sum(g.size for g in self.groups if g.prunable)} prunable channels, "
                      f"{sum(1 for g in self.groups if g.prunable and not g.exact)} inexact")
-        return "\n".join(lines)
+        return "\n".join(lines + self.coverage_lines())
+
+    def coverage_lines(self) -> list[str]:
+        """Lines naming every parameter no group holds, and why (no silent coverage holes)."""
+        if not self.uncovered:
+            return []
+        out = [f"{len(self.uncovered)} parameters are in no group and keep their shape:"]
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.uncovered.items():
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            out.append(f"  {shown}: {why}")
+        return out
 
     def layer_graph(self) -> Any:
         """The data-flow graph of the model's layers, each with the groups it produces and reads
@@ -369,12 +393,7 @@ class DependencyGraph:
         import networkx as nx
 
         if view == "layers":
-            lg = self.layer_graph()
-            digraph = nx.DiGraph()
-            for layer in lg.layers:
-                digraph.add_node(layer.name, **{k: v for k, v in layer.__dict__.items() if k != "name"})
-            digraph.add_edges_from((lg.layers[a].name, lg.layers[b].name) for a, b in lg.edges)
-            return digraph
+            return self.layer_graph().to_networkx()
         _check_view(view)
         graph = nx.MultiGraph()
         for g in self.groups:

@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 
 from graphprune import rules as _rules  # noqa: F401  (registers the built-in rules)
 from graphprune.errors import InputError
+from graphprune.probe import channelwise
 from graphprune.rules.base import Multi, Rule, as_array, find_rule, iter_arrays, op_name, operand, unlabelled
 from graphprune.tracing import named_state
 
@@ -315,6 +316,10 @@ class BuildContext:
         rule = find_rule(node, module)
         self.module, self.rule = module, rule
         if rule is None:
+            probed = channelwise(self, node, module)  # channel-wise when run: the labels pass
+            if probed is not None:
+                self.node_info[node.name] = {"probed": True}
+                return probed
             return self._no_rule(node, module)
         try:
             return rule.build(self, node, module)

@@ -20,6 +20,8 @@ class SlimMultiheadAttention(nn.Module):
     scale. Parameters keep the names of ``nn.MultiheadAttention``.
     """
 
+    _qkv_same_embed_dim = False  # torch's transformer layers take their fused fast path only without it
+
     def __init__(self, in_dim: int, num_heads: int, head_dim: int, out_dim: int, *,
                  scale: float, bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0) -> None:
@@ -44,7 +46,7 @@ class SlimMultiheadAttention(nn.Module):
         new.in_proj_bias = mha.in_proj_bias
         new.out_proj.weight = mha.out_proj.weight
         new.out_proj.bias = mha.out_proj.bias
-        return new
+        return new.train(mha.training)  # an eval model's attention keeps its dropout off
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):

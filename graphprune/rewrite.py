@@ -28,8 +28,9 @@ import torch
 import torch.fx
 
 from graphprune.copying import copy_as_graph_module, copy_targets, empty_graph_module, set_graph
-from graphprune.errors import PlanError, RewriteError
+from graphprune.errors import InputError, PlanError, RewriteError
 from graphprune.graph import DependencyGraph
+from graphprune.module_form import own_classes
 from graphprune.plan import Plan
 from graphprune.removal import Removal
 from graphprune.rules.base import CONCAT, Rule, find_rule, is_inplace, iter_arrays, operand
@@ -209,8 +210,14 @@ def _has_effect(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> boo
     return is_inplace(node, module)
 
 
-def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, check: bool = True) -> torch.fx.GraphModule:
+def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, check: bool = True,
+          output: str = "graph", attributes: dict[str, Any] | None = None) -> torch.nn.Module:
     """A new GraphModule computing ``model`` with the plan's channels physically removed.
+
+    ``output="module"`` returns instead a copy of ``model`` in its own classes (its
+    methods and config: ``generate()``, ``save_pretrained()``), checked against the
+    GraphModule (see ``graphprune.module_form``); ``attributes`` gives widths its code
+    reads that cannot be inferred (``{"blocks.0.attn.head_dim": 8}``).
 
     ``model`` must be the module ``dg`` was built from, or one with the same code and
     parameter shapes (a fine-tuned copy): another forward is refused with ``InputError``
@@ -219,6 +226,8 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
     module is run once on zeros shaped like the example inputs to confirm it keeps the
     original output shapes.
     """
+    if output not in ("graph", "module"):
+        raise InputError(f"output must be 'graph' (a GraphModule) or 'module' (the model's own classes), got {output!r}")
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     plan.validate(dg)
     dg.check_model(model)
@@ -240,6 +249,7 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
     touched_modules = {".".join(c.split(".")[:i]) for c in changed for i in range(1, c.count(".") + 2)}
     modules = dict(slim.named_modules())
     rw = RewriteContext(removal, modules, slim)
+    edits: list[str] = []  # calls whose arguments the slim graph changed (the module form cannot)
     try:
         _freeze_widths(graph, dg)
         for node in list(graph.nodes):
@@ -254,7 +264,10 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
             if rule.resize is not None and touched:
                 rule.resize(module)
             if rule.patch is not None:
+                before = (node.op, node.target, node.args, node.kwargs)
                 rule.patch(rw, node)
+                if module is None and before != (node.op, node.target, node.args, node.kwargs):
+                    edits.append(f"{node.name} ({getattr(before[1], '__name__', before[1])})")
         _drop_vanished(graph, vanished, modules)
         graph.lint()
         set_graph(slim, graph)  # code is generated once, for the final graph
@@ -271,8 +284,11 @@ def apply(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict, *, che
     slim.meta["graphprune"] = {**copy.deepcopy({k: prev[k] for k in ("origin", "inputs") if k in prev}), **step,
                                "plans": [*prev.get("plans", ()), step["plan"]],  # a slim input's chain goes on
                                "builds": [*prev.get("builds", ()), step["build"]]}
-    if check:
+    if check or output == "module":
         _check_runs(slim, dg)
+    if output == "module":
+        return own_classes(model, dg, removal, slim, slice_state=_slice_state, rewrite_context=RewriteContext,
+                           attributes=attributes, graph_edits=edits)
     return slim
 
 

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import operator
 import os
 import threading
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -45,6 +43,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from graphprune.errors import InputError, TraceError
 from graphprune.export_trace import export_trace
 from graphprune.fingerprint import check_same_code, code_fingerprint, code_fingerprints
+from graphprune.inputs import BoundInputs, bind_inputs, fixed_arguments, fresh_inputs, normalize_inputs  # noqa: F401
 from graphprune.preserve import untouched
 from graphprune.rules.base import has_own_module_rule
 
@@ -65,6 +64,13 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(__file__)
 
 
+# torch's transformer stacks are traced through (their attention, linear and norm layers have
+# rules), with the fused fast path off while tracing and their probe of nested tensors
+# answered for traced values (it only serves the causal-mask check, unused without a mask)
+_TRACED_THROUGH = (torch.nn.TransformerEncoder, torch.nn.TransformerEncoderLayer,
+                   torch.nn.TransformerDecoder, torch.nn.TransformerDecoderLayer, torch.nn.Transformer)
+
+
 class GraphTracer(torch.fx.Tracer):
     """fx tracer that keeps user leaf modules whole and remembers where tracing is."""
 
@@ -76,7 +82,7 @@ class GraphTracer(torch.fx.Tracer):
         self.failed_module: str | None = None
 
     def trace(self, root: Any, concrete_args: dict | None = None) -> torch.fx.Graph:
-        with TRACE_LOCK, _thread_patches():
+        with TRACE_LOCK, _thread_patches(), _no_fastpath():
             return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
@@ -84,6 +90,8 @@ class GraphTracer(torch.fx.Tracer):
             return True
         if has_own_module_rule(type(m)):  # a user registered a rule for exactly this type
             return True
+        if type(m) in _TRACED_THROUGH:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx signature
@@ -97,6 +105,26 @@ class GraphTracer(torch.fx.Tracer):
             raise
         finally:
             self.current_module = outer
+
+
+@contextlib.contextmanager
+def _no_fastpath() -> Iterator[None]:
+    """The fused transformer fast path off (it checks tensors in Python and calls one fused op),
+    and torch's ``_get_seq_len`` (``if src.is_nested``) answering ``None`` for traced values."""
+    from torch.nn.modules import transformer
+
+    was, seq_len = torch.backends.mha.get_fastpath_enabled(), transformer._get_seq_len
+
+    def traced_seq_len(src: Any, batch_first: bool) -> Any:
+        return None if isinstance(src, torch.fx.Proxy) else seq_len(src, batch_first)
+
+    torch.backends.mha.set_fastpath_enabled(False)
+    transformer._get_seq_len = traced_seq_len
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+        transformer._get_seq_len = seq_len
 
 
 def _owned(new: Any, orig: Any, owner: int) -> Any:
@@ -143,108 +171,6 @@ if hasattr(_fx_trace, "_Patcher") and hasattr(_fx_trace, "_new_patcher"):
             _fx_trace._new_patcher = original
 else:  # pragma: no cover - other torch versions: the lock alone serialises tracing
     _thread_patches = contextlib.nullcontext
-
-
-@dataclass(frozen=True)
-class BoundInputs:
-    """Example inputs bound to a model's ``forward``.
-
-    ``tensors`` are the traced graph's positional inputs, in ``forward``'s parameter order.
-    Example inputs given as a dict are keyword arguments: ``names`` holds the keyword of
-    each tensor, and ``constants`` the non-tensor ones (``use_cache=False``), which the
-    graph fixes; the traced graph's ``forward`` takes exactly ``names``, so the slim model
-    is called as the model was (``slim(**kwargs)``, or positionally).
-    """
-
-    tensors: tuple[torch.Tensor, ...]
-    names: tuple[str, ...] | None = None
-    constants: dict[str, Any] = field(default_factory=dict)
-
-    def kwargs(self, tensors: Sequence[torch.Tensor] | None = None) -> dict[str, Any]:
-        """The keyword arguments of a call (``tensors`` in place of the example's)."""
-        return {**dict(zip(self.names or (), tensors if tensors is not None else self.tensors)), **self.constants}
-
-    def run(self, model: torch.nn.Module, tensors: Sequence[torch.Tensor] | None = None) -> Any:
-        """Call ``model`` the way these inputs were given: keywords for a dict, else positionally."""
-        tensors = tuple(tensors if tensors is not None else self.tensors)
-        return model(**self.kwargs(tensors)) if self.names is not None else model(*tensors)
-
-
-def _check_tensor(x: Any, where: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"{where} is a {type(x).__name__}, expected a tensor")
-    if x.device.type == "meta":
-        raise InputError(f"{where} is on the meta device; pass real tensors")
-    return x
-
-
-def bind_inputs(model: torch.nn.Module | None, example_inputs: Any) -> BoundInputs:
-    """``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword arguments) bound
-    to ``model.forward``; ``InputError`` names what does not fit.
-
-    >>> m = torch.nn.Linear(3, 2)
-    >>> b = bind_inputs(m, {"input": torch.zeros(1, 3)})
-    >>> b.names, [tuple(t.shape) for t in b.tensors]
-    (('input',), [(1, 3)])
-    """
-    if isinstance(example_inputs, Mapping):
-        if not example_inputs:
-            raise InputError("example_inputs is an empty dict; give the model's keyword arguments")
-        items = dict(example_inputs)
-        fixed = getattr(model, "meta", {}).get("graphprune_fixed", {}) if model is not None else {}
-        for key in [k for k in items if k in fixed]:  # baked into this traced graph when it was made
-            if not isinstance(items[key], torch.Tensor):
-                if items.pop(key) != fixed[key]:
-                    raise InputError(f"{type(model).__name__} was traced with {key}={fixed[key]!r} fixed "
-                                     f"in its graph; it cannot run with another value")
-        if model is not None:
-            params = inspect.signature(model.forward).parameters
-            order = {name: i for i, name in enumerate(params)}
-            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-            unknown = [k for k in items if k not in order or params[k].kind in (
-                inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-            if unknown and not takes_any:
-                named = [n for n, p in params.items() if p.kind not in (
-                    inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-                raise InputError(f"example_inputs names {unknown}, which {type(model).__name__}.forward does "
-                                 f"not take; its parameters are {named}")
-            items = dict(sorted(items.items(), key=lambda kv: order.get(kv[0], len(order))))
-        names = tuple(k for k, v in items.items() if isinstance(v, torch.Tensor))
-        if not names:
-            raise InputError("example_inputs (a dict) holds no tensor; give at least one tensor argument")
-        tensors = tuple(_check_tensor(items[k], f"example_inputs[{k!r}]") for k in names)
-        return BoundInputs(tensors, names, {k: v for k, v in items.items() if k not in names})
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, str) or not example_inputs:
-        raise InputError(
-            "example_inputs must be a tensor, a non-empty tuple of tensors or a dict of keyword "
-            f"arguments, got {type(example_inputs).__name__}"
-        )
-    return BoundInputs(tuple(_check_tensor(x, f"example_inputs[{i}]") for i, x in enumerate(example_inputs)))
-
-
-def normalize_inputs(example_inputs: Any, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, ...]:
-    """The tensors of ``example_inputs`` in the traced graph's order (see ``bind_inputs``), or
-    raise ``InputError``."""
-    return bind_inputs(model, example_inputs).tensors
-
-
-def fixed_arguments(model: torch.nn.Module, bound: BoundInputs) -> dict[str, Any]:
-    """For keyword inputs: every parameter of ``forward`` they do not give, at its default, and
-    the non-tensor ones they give; fx bakes these in, so the graph takes exactly ``bound.names``."""
-    if bound.names is None:
-        return {}
-    fixed = dict(bound.constants)
-    for name, p in inspect.signature(model.forward).parameters.items():
-        if name in bound.names or name in fixed or p.kind in (inspect.Parameter.VAR_POSITIONAL,
-                                                              inspect.Parameter.VAR_KEYWORD):
-            continue
-        if p.default is inspect.Parameter.empty:
-            raise InputError(f"example_inputs (a dict) do not give {name!r}, which "
-                             f"{type(model).__name__}.forward needs")
-        fixed[name] = p.default
-    return fixed
 
 
 def named_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -496,12 +422,3 @@ def trace(
     if fixed:  # keyword arguments baked into the graph: later calls may give them again
         gm.meta["graphprune_fixed"] = fixed
     return gm
-
-
-def fresh_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Copies of ``inputs`` for one run (a forward may change its inputs in place)."""
-    out = []
-    for x in inputs:
-        y = x.detach().clone()
-        out.append(y.requires_grad_() if x.requires_grad else y)
-    return tuple(out)

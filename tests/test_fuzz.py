@@ -255,7 +255,7 @@ def test_dropping_a_vanished_layer_keeps_unused_inplace_ops(how):
 def test_attention_inner_groups_cannot_be_emptied(factor):
     """Found by fuzzing: nn.MultiheadAttention's inner dims were marked removable, so a plan
     emptying them passed validation and the rewrite failed; now the plan is refused."""
-    model, x = gp.zoo.create("vit_mha")
+    model, x = gp.zoo.create("mini_vit_mha")
     dg = gp.DependencyGraph.build(model, x, factor=factor)
     inner = [g for g in dg.groups if g.prunable and any(p.endswith("in_proj_weight") for p in g.producers)]
     assert inner and not any(g.removable for g in inner)

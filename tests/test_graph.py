@@ -8,6 +8,7 @@ import re
 import networkx as nx
 import pytest
 import torch
+import torch.nn as nn
 from helpers import Block
 
 import graphprune as gp
@@ -104,3 +105,25 @@ def test_to_json(dg):
     for item, g in zip(data, dg.groups, strict=True):
         assert (item["id"], item["size"], item["prunable"]) == (g.id, g.size, g.prunable)
         assert {m["param"] for m in item["members"]} == {m.param for m in g.members}
+
+
+def test_every_parameter_is_in_a_group_or_named_with_a_reason():
+    # no silent coverage holes: a layer without a rule, an unused layer, a scalar all show up
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.cell = nn.GRUCell(6, 6)  # no rule: its parameters are in no group
+            self.unused = nn.Linear(3, 3)
+            self.h = nn.Linear(6, 2)
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.h(self.cell(self.a(x))) * self.scale
+
+    dg = gp.DependencyGraph.build(Net().eval(), torch.randn(2, 4))
+    held = {m.param for g in dg.groups for m in g.members}
+    assert held | set(dg.uncovered) == {n for n, _ in Net().named_parameters()}
+    assert "no rule" in dg.uncovered["cell.weight_hh"] and "not used" in dg.uncovered["unused.weight"]
+    text = dg.describe()
+    assert "in no group" in text and "cell.weight_ih" in text and "GRUCell module 'cell'" in text

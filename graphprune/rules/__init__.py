@@ -10,6 +10,7 @@ do to values along channel axes:
 ``linear``         nn.Linear, F.linear, nn.Bilinear, matrix products
 ``norm``           BatchNorm, InstanceNorm, LayerNorm, RMSNorm, GroupNorm
 ``attention``      nn.MultiheadAttention, scaled dot-product attention
+``recurrent``      nn.LSTM, nn.GRU, nn.RNN hidden units
 ``pool``           pooling, upsampling, padding
 ``reduce``         sum, mean, max, var, norm, softmax along an axis
 ``shape``          view/reshape/flatten, permute, expand, pixel shuffle, size queries
@@ -29,6 +30,7 @@ from graphprune.rules import (  # noqa: F401  (registration)
     norm,
     pointwise,
     pool,
+    recurrent,
     reduce,
     shape,
 )

@@ -40,6 +40,27 @@ def _index_items(index, ndim):
     return out
 
 
+def _slim_item(keep, item, size):
+    """Index item ``item`` (an int or a slice of an axis of ``size``) in the slim model, where
+    ``keep`` marks the axis' surviving positions."""
+    if isinstance(item, int):
+        return int(keep[:item % size].sum())
+    if item.step not in (None, 1):  # whole blocks of `step` go (see _strided): same offset, to the end
+        return slice(item.indices(size)[0], None, item.step)
+    start, stop, _ = item.indices(size)
+    return slice(int(keep[:start].sum()), int(keep[:stop].sum()))
+
+
+def _sliced(ctx, labels, item, size):
+    """Labels of one axis cut by slice ``item`` (run-time bounds read from the example)."""
+    item = _concrete(ctx, item, labels)
+    if labels is None:
+        return None
+    if item.step not in (None, 1):
+        return _strided(ctx, labels, item, size)
+    return labels[item]
+
+
 def _getitem_patch(rw, node):
     x, index = node.args
     if not isinstance(x, torch.fx.Node) or isinstance(rw.labels(x), Multi):
@@ -57,13 +78,7 @@ def _getitem_patch(rw, node):
         if keep.all():  # nothing goes on this axis (bounds computed at run time pin theirs)
             new_items.append(it)
             continue
-        if isinstance(it, int):
-            new_items.append(int(keep[:it % shape[d]].sum()))
-        elif it.step not in (None, 1):  # whole blocks of `step` go (see _strided): same offset, to the end
-            new_items.append(slice(it.indices(shape[d])[0], None, it.step))
-        else:
-            start, stop, _ = it.indices(shape[d])
-            new_items.append(slice(int(keep[:start].sum()), int(keep[:stop].sum())))
+        new_items.append(_slim_item(keep, it, shape[d]))
         k += 1
     if k:
         rw.set_arg(node, 1, "index", tuple(new_items) if isinstance(index, tuple) or len(new_items) > 1 else new_items[0])
@@ -120,15 +135,12 @@ def getitem(ctx, node, module):
         return None
     out = []
     for d, it in _index_items(index, len(shape)):
-        if isinstance(it, (slice, torch.fx.Node)) and d is not None:
+        if isinstance(it, torch.fx.Node) and d is not None:
             it = _concrete(ctx, it, labels[d])
         if d is None:
             out.append(None)
         elif isinstance(it, slice):
-            if labels[d] is not None and it.step not in (None, 1):
-                out.append(_strided(ctx, labels[d], it, shape[d]))
-            else:
-                out.append(labels[d][it] if labels[d] is not None else None)
+            out.append(_sliced(ctx, labels[d], it, shape[d]))
         elif isinstance(it, int):
             if labels[d] is not None:
                 k = it % shape[d]
@@ -151,45 +163,43 @@ def getitem(ctx, node, module):
     return tuple(out)
 
 
-def _slice_patch(rw, node):
-    """aten.slice(x, dim, start, end, step): bounds follow the surviving channels."""
+def _axis(rw, node):
+    """``(labels, size, dim)`` of the axis an ATen slice/select cuts, or None if it has no channels."""
     x = node.args[0]
     labels, size = rw.labels(x), rw.old_shape(x)
     d = norm_dim(arg(node, 1, "dim", 0), len(size))
-    if labels is None or labels[d] is None:
+    return None if labels is None or labels[d] is None else (labels[d], size[d], d)
+
+
+def _aten_slice_item(node):
+    return slice(arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1))
+
+
+def _slice_patch(rw, node):
+    """aten.slice(x, dim, start, end, step): bounds follow the surviving channels."""
+    found = _axis(rw, node)
+    if found is None or rw.keep(found[0]).all():
         return
-    start, stop, _ = slice(arg(node, 2, "start", None), arg(node, 3, "end", None)).indices(size[d])
-    keep = rw.keep(labels[d])
-    rw.set_arg(node, 2, "start", int(keep[:start].sum()))
-    rw.set_arg(node, 3, "end", int(keep[:stop].sum()))
+    new = _slim_item(rw.keep(found[0]), _aten_slice_item(node), found[1])
+    rw.set_arg(node, 2, "start", new.start)
+    rw.set_arg(node, 3, "end", new.stop)
 
 
 @register(*aten_ops("slice.Tensor"), patch=_slice_patch)
 def aten_slice(ctx, node, module):
-    labels = ctx.labels(node.args[0])
+    """``x[..., start:end:step]`` as torch.export records it: as the getitem rule."""
+    labels = list(ctx.labels(node.args[0]))
     size = ctx.shape(node.args[0])
     d = norm_dim(arg(node, 1, "dim", 0), len(size))
-    step = arg(node, 4, "step", 1)
-    out = list(labels)
-    if out[d] is not None:
-        if step != 1:
-            ctx.pin(out[d], f"{ctx.describe_node()} slices a channel axis with a step")
-            out[d] = None
-        else:
-            start, stop, _ = slice(arg(node, 2, "start", None), arg(node, 3, "end", None)).indices(size[d])
-            out[d] = out[d][start:stop]
-    return tuple(out)
+    labels[d] = _sliced(ctx, labels[d], _aten_slice_item(node), size[d])
+    return tuple(labels)
 
 
 def _select_patch(rw, node):
     """aten.select(x, dim, index): the picked channel (kept, it is pinned) moves to its slim position."""
-    x = node.args[0]
-    labels, size = rw.labels(x), rw.old_shape(x)
-    d = norm_dim(arg(node, 1, "dim", 0), len(size))
-    if labels is None or labels[d] is None:
-        return
-    k = arg(node, 2, "index") % size[d]
-    rw.set_arg(node, 2, "index", int(rw.keep(labels[d])[:k].sum()))
+    found = _axis(rw, node)
+    if found is not None:
+        rw.set_arg(node, 2, "index", _slim_item(rw.keep(found[0]), arg(node, 2, "index"), found[1]))
 
 
 @register(*aten_ops("select.int"), patch=_select_patch)

@@ -55,12 +55,20 @@ def norm_core(ctx, x, params, statistics: str = "none"):
     return x_lab[:1] + (coupled,) + x_lab[2:]
 
 
+def _resize_norm(module: nn.Module) -> None:
+    """``num_features`` from the sliced tensors (a module the graph calls gets ``_norm_patch``,
+    which also covers one without tensors)."""
+    ref = module.weight if module.weight is not None else module.running_mean
+    if ref is not None:
+        module.num_features = ref.shape[0]
+
+
 def _norm_patch(rw, node) -> None:
     """``num_features`` follows the slim input (InstanceNorm often has no tensor to slice)."""
     rw.module(node).num_features = rw.new_shape(node.args[0])[1]
 
 
-@register(*_BATCH_NORM, patch=_norm_patch, operands=BATCH_NORM_MODULE, kind=NORM)
+@register(*_BATCH_NORM, resize=_resize_norm, patch=_norm_patch, operands=BATCH_NORM_MODULE, kind=NORM)
 def batch_norm(ctx, node, module):
     """BatchNorm / InstanceNorm: per-channel weight, bias and running statistics."""
     params = [ctx.operand_param(a, 0, "pass") for a in _PER_CHANNEL]
@@ -128,6 +136,11 @@ def _layer_norm_core(ctx, x, params, n_axes):
     return tuple(labels)
 
 
+def _resize_layer_norm(module: nn.Module) -> None:
+    if getattr(module, "weight", None) is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+
+
 def _layer_norm_patch(rw, node):
     new = rw.new_shape(node)
     module = rw.module(node)
@@ -151,7 +164,7 @@ def first_call_labels(ctx, node):
     return None if first is node else ctx.node_labels.get(first.name)
 
 
-@register(nn.LayerNorm, *_RMS, patch=_layer_norm_patch,
+@register(nn.LayerNorm, *_RMS, resize=_resize_layer_norm, patch=_layer_norm_patch,
           operands=Operands(weight="weight", bias="bias", eps="eps"), kind=NORM)
 def layer_norm(ctx, node, module):
     """LayerNorm / RMSNorm: affine parameters follow the normalised axes (inexact)."""
@@ -191,6 +204,14 @@ if hasattr(F, "rms_norm"):
              operands=RMS_NORM_FUNCTION, kind=NORM)(_layer_norm_function)
 
 
+def _resize_group_norm(module: nn.GroupNorm) -> None:
+    if module.weight is not None:
+        per_group = module.num_channels // module.num_groups
+        module.num_channels = module.weight.shape[0]
+        if module.num_groups > 1:
+            module.num_groups = module.num_channels // per_group
+
+
 def _group_norm_patch(rw, node):
     """Widths from the slim input, not the weight: a GroupNorm without affine parameters
     has no sliced tensor, yet its ``num_groups`` must shrink with its input. With one
@@ -202,7 +223,7 @@ def _group_norm_patch(rw, node):
         module.num_groups = module.num_channels // per_group
 
 
-@register(nn.GroupNorm, patch=_group_norm_patch,
+@register(nn.GroupNorm, resize=_resize_group_norm, patch=_group_norm_patch,
           operands=Operands(weight="weight", bias="bias", eps="eps"), kind=NORM)
 def group_norm(ctx, node, module):
     """GroupNorm: whole normalisation groups are pruned, which keeps it exact."""

@@ -20,6 +20,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphprune.probe import channelwise
 from graphprune.rules.base import arg, aten_ops, is_inplace, norm_dim, register, target_name
 
 
@@ -137,7 +138,7 @@ def _reshape_patch(rw, node):
     if not changed:
         return
     if isinstance(module, nn.Unflatten):
-        rw.replace_module(node, nn.Unflatten(module.dim, tuple(sizes)))
+        rw.replace_module(node, nn.Unflatten(module.dim, tuple(sizes)).train(module.training))
     elif target_name(node) == "unflatten":
         rw.set_arg(node, 2, "sizes", tuple(sizes))
     else:
@@ -252,7 +253,10 @@ def shape_query(ctx, node, module):
     """
     out = ctx.shape(node)
     labels = ctx.labels(node.args[0])
-    if isinstance(out, torch.Size):
+    if isinstance(out, torch.Size):  # a tensor attribute (x.real, x.T): kept if it is channel-wise
+        probed = channelwise(ctx, node, module)
+        if probed is not None:
+            return probed
         ctx.pin_all(labels, f"{ctx.describe_node()} returns a tensor")
         return tuple(None for _ in out)
     if type(labels) is not tuple:

@@ -32,7 +32,7 @@ import torch.fx
 
 from graphprune.rules.base import LAYER, NORM, find_rule, operand_param, target_name
 
-__all__ = ["Layer", "LayerGraph", "layer_graph"]
+__all__ = ["Layer", "LayerGraph", "layer_graph", "layers_text"]
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,40 @@ class LayerGraph:
             out[layer.name] = (layer.width, layer.width - removed)
         return out
 
+    def to_networkx(self) -> Any:
+        """A networkx DiGraph: layers by name with their fields as attributes, data-flow edges."""
+        import networkx as nx
+
+        digraph = nx.DiGraph()
+        for layer in self.layers:
+            digraph.add_node(layer.name, **{k: v for k, v in layer.__dict__.items() if k != "name"})
+        digraph.add_edges_from((self.layers[a].name, self.layers[b].name) for a, b in self.edges)
+        return digraph
+
     def group_layers(self, gid: int) -> tuple[list[str], list[str]]:
         """Names of the layers that produce group ``gid``'s channels, and of those that read them."""
         return ([x.name for x in self.layers if gid in x.out_groups],
                 [x.name for x in self.layers if gid in x.in_groups])
+
+
+_STATE_ATTRS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def layers_text(g: Any, order: Mapping[str, int]) -> str:
+    """Group ``g``'s layers as ``producers -> consumers; also others`` (``describe()``'s last
+    column): module names (a parameter's own name where it is not a module's weight, bias or
+    statistics), each list in the order of ``order`` (parameter name -> position)."""
+    by_role: dict[str, dict[str, int]] = {"out": {}, "in": {}, "pass": {}}
+    for m in g.members:
+        owner, _, attr = m.param.rpartition(".")
+        name = owner if owner and attr in _STATE_ATTRS else m.param
+        by_role.get(m.role, by_role["pass"]).setdefault(name, order.get(m.param, len(order)))
+    for name in list(by_role["pass"]):  # a layer listed as producer or consumer is not listed again
+        if name in by_role["out"] or name in by_role["in"]:
+            del by_role["pass"][name]
+    names = {role: ", ".join(sorted(d, key=d.__getitem__)) for role, d in by_role.items()}
+    text = f"{names['out'] or '(none)'} -> {names['in'] or '(none)'}"
+    return text + (f"; also {names['pass']}" if names["pass"] else "")
 
 
 def _is_data(node: torch.fx.Node) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import exact, group_of
 
 import graphprune as gp
 from graphprune.modules import SlimMultiheadAttention
@@ -46,7 +47,7 @@ def _sizes(dg):
     return [g.size for g in dg.groups if g.prunable]
 
 
-@pytest.mark.parametrize("name", ["vit_tiny", "vit_mha"])
+@pytest.mark.parametrize("name", ["mini_vit", "mini_vit_mha"])
 def test_attention_prunes_head_dims_or_whole_heads(name):
     model, x = gp.zoo.create(name)
     by_dim = gp.DependencyGraph.build(model, x)
@@ -62,7 +63,7 @@ def test_attention_prunes_head_dims_or_whole_heads(name):
 
 
 def test_head_pruning_rewrites_reshapes_and_projections():
-    model, x = gp.zoo.create("vit_tiny")
+    model, x = gp.zoo.create("mini_vit")
     dg = gp.DependencyGraph.build(model, x, factor="heads")
     first = next(g for g in dg.groups if g.prunable and g.size == 4)
     slim = gp.apply(model, dg, {first.id: [1, 3]})
@@ -75,7 +76,7 @@ def test_head_pruning_rewrites_reshapes_and_projections():
 
 
 def test_multihead_attention_is_replaced_by_an_equivalent_slim_module():
-    model, x = gp.zoo.create("vit_mha")
+    model, x = gp.zoo.create("mini_vit_mha")
     dg = gp.DependencyGraph.build(model, x)
     head_dim_groups = [g for g in dg.groups if g.prunable and g.size == 16]
     plan = {g.id: list(range(0, 16, 2)) for g in head_dim_groups}
@@ -84,3 +85,36 @@ def test_multihead_attention_is_replaced_by_an_equivalent_slim_module():
     assert len(replaced) == len(head_dim_groups) and replaced[0].head_dim == 8
     assert replaced[0].scale == pytest.approx(16 ** -0.5)  # the original scale survives
     assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-4
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_is_traced_through_and_prunes(norm_first):
+    # regression: nn.TransformerEncoder was a leaf without a rule (nothing pruned); it is traced
+    # through now (fast path off while tracing), its MultiheadAttention has a rule
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True, norm_first=norm_first)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.h = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.h(self.enc(self.a(x)))
+
+    model, x = Model().eval(), torch.randn(2, 5, 8)
+    dg = gp.DependencyGraph.build(model, x)
+    mlp = group_of(dg, "enc.layers.0.linear1.weight", 0)
+    attention = group_of(dg, "enc.layers.1.self_attn.in_proj_weight", 0)
+    assert mlp.exact and attention.exact and mlp.size == 32
+    exact(model, x, {mlp.id: [0, 5, 31], attention.id: [1]}, dg=dg)
+    result = gp.prune(model, x, ratio=0.5)
+    assert result.after.params < 0.35 * result.before.params
+    slim = result.model
+    with torch.no_grad():  # an eval model's slim attention keeps dropout off (it used to be on)
+        assert torch.equal(slim(x), slim(x))
+        own = gp.apply(model, result.graph, result.plan, output="module")
+        torch.testing.assert_close(own(x), slim(x))
+    assert type(own.enc) is nn.TransformerEncoder
