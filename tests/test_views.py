@@ -165,3 +165,22 @@ def test_html_without_plan_and_small_models():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     page = views.to_html(gp.DependencyGraph.build(model, torch.randn(1, 4)))
     assert page.count('<li class="group') == 2 and "plan removes" not in page
+
+
+def test_inputs_that_are_none_or_flags_are_not_drawn():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x, attn_mask=None, is_causal=False):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+            return self.proj(y)
+
+    model = Attn().eval()
+    dg = gp.DependencyGraph.build(model, torch.randn(2, 5, 8))
+    assert [n.name for n in dg.gm.graph.nodes if n.op == "placeholder"] == ["x", "attn_mask", "is_causal"]
+    lg = dg.layer_graph()
+    assert [x.name for x in lg.layers if x.kind == "input"] == ["x"]
+    assert not [x for x in lg.layers if x.kind == "join"]  # q, k, v come from one layer

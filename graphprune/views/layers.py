@@ -114,9 +114,12 @@ def layers_text(g: Any, order: Mapping[str, int]) -> str:
 
 
 def _is_data(node: torch.fx.Node) -> bool:
-    """Whether ``node`` computes tensors (not sizes read off a tensor, which are no data flow)."""
-    shape = node.meta.get("shape")
-    if shape is None or isinstance(shape, torch.Size):
+    """Whether ``node`` computes tensors: not sizes read off a tensor, nor an input that is
+    ``None`` or a flag (``attn_mask=None``, ``is_causal=False``), which are no data flow."""
+    if "shape" not in node.meta:
+        return True  # not recorded: count it
+    shape = node.meta["shape"]
+    if isinstance(shape, torch.Size):
         return True
     return isinstance(shape, (tuple, list)) and any(isinstance(s, torch.Size) for s in shape)
 
@@ -148,7 +151,8 @@ def layer_graph(dg: Any) -> LayerGraph:
         ins = [sources.get(n, frozenset()) for n in node.all_input_nodes if _is_data(n)]
         srcs = frozenset().union(*ins)
         if node.op == "placeholder":
-            add(Layer(node.name, "input", "input"), node, frozenset())
+            if _is_data(node):
+                add(Layer(node.name, "input", "input"), node, frozenset())
             continue
         if node.op == "output":
             add(Layer("output", "output", "output"), node, srcs)
