@@ -36,7 +36,7 @@ from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext, _alias
 from graphprune.removal import vanish_problems
 from graphprune.rules.base import find_rule, iter_arrays, unlabelled  # noqa: F401  (importable from here too)
 from graphprune.tracing import bind_inputs, code_fingerprints, named_state, trace
-from graphprune.views.layers import layers_text
+from graphprune.views.layers import LayerGraph, layers_text
 
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
 
@@ -375,14 +375,14 @@ class DependencyGraph:
             out.append(f"  {shown}: {why}")
         return out
 
-    def layer_graph(self) -> Any:
+    def layer_graph(self) -> LayerGraph:
         """The data-flow graph of the model's layers, each with the groups it produces and reads
         (``graphprune.views.layers.LayerGraph``); what ``to_dot()``, ``--svg`` and the HTML view draw."""
         from graphprune.views.layers import layer_graph
 
         return layer_graph(self)
 
-    def to_networkx(self, view: str = "groups"):
+    def to_networkx(self, view: str = "groups") -> Any:
         """A networkx graph of the groups.
 
         ``view="groups"``: a MultiGraph, group nodes linked to the tensors they slice, one
