@@ -1,6 +1,7 @@
 # Two entry points, each self-contained on a fresh machine:
 #   make demo   trace a zoo ResNet, show its groups, prune 50% by magnitude, measure, save
-#   make test   lint and run the test suite
+#   make test   lint and run the test suite (it builds the API reference too: mkdocs build --strict)
+#   make docs   build the documentation site, API reference included, into site/
 # torch==2.13.0 (a CPU wheel) is installed before anything else, and everything else is
 # installed against constraints.txt, which pins it, so pip never pulls a CUDA build.
 PY ?= python3
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench docs
 demo: $(STAMP)
 	$(BIN)/python -m graphprune demo
 
@@ -23,3 +24,6 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -x --timeout=600 graphprune tests
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -d site

@@ -36,6 +36,7 @@ from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext, _alias
 from graphprune.removal import vanish_problems
 from graphprune.rules.base import find_rule, iter_arrays, unlabelled  # noqa: F401  (importable from here too)
 from graphprune.tracing import bind_inputs, code_fingerprints, named_state, trace
+from graphprune.views.layers import LayerGraph, layers_text
 
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
 
@@ -96,6 +97,11 @@ class Group:
                 "inexact_reason": self.inexact_reason,
                 "producers": list(self.producers),
                 "members": [m.to_dict() for m in self.members]}
+
+
+def _check_view(view: str) -> None:
+    if view not in ("groups", "layers"):
+        raise InputError(f"view must be 'groups' or 'layers', got {view!r}")
 
 
 def _uncovered(model: torch.nn.Module, dg: DependencyGraph) -> dict[str, str]:
@@ -326,27 +332,30 @@ class DependencyGraph:
                     f"the model changed after its dependency graph was built: {name!r} "
                     f"was {shape}, now {now.get(name)}; build the DependencyGraph again")
 
-    def describe(self, width: int = 60) -> str:
-        """A table of groups: id, channels, prunable or why not, members.
+    def describe(self, width: int | None = None) -> str:
+        """A table of groups: id, channels, prunable or why not, and the layers involved.
 
-        Long reasons and member lists are cut to ``width`` characters; ``to_json()``
-        has everything.
+        The last column names the group's layers by their full module names: the layers
+        that produce its channels, ``->`` the layers that read them, then (``also``) the
+        modules that carry them along (normalisation layers). With ``width`` every cell is
+        cut to that many characters; by default nothing is cut. ``to_json()`` has every
+        parameter slice.
         """
         def cut(text: str) -> str:
-            return text if len(text) <= width else text[: width - 3] + "..."
+            return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
-        rows = [("group", "channels", "prunable", "members")]
+        order = {name: i for i, name in enumerate(self.state_shapes)}
+        rows = [("group", "channels", "prunable", "layers: producers -> consumers; also")]
         for g in self.groups:
             if g.prunable:
                 status = "yes" + (", removable" if g.removable else "")
                 status += "" if g.exact else f", inexact: {g.inexact_reason}"
             else:
                 status = f"no: {g.reason}"
-            mem = ", ".join(f"{m.param}[{m.dim}]" for m in g.members)
-            rows.append((str(g.id), str(g.size), cut(status), cut(mem)))
+            rows.append((str(g.id), str(g.size), cut(status), cut(layers_text(g, order))))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
+        lines.insert(1, "-" * min(max(len(line) for line in lines), 120))
         n_prunable = sum(g.prunable for g in self.groups)
         lines.append(f"{len(self.groups)} groups, {n_prunable} prunable, "
                      f"{sum(g.size for g in self.groups if g.prunable)} prunable channels, "
@@ -366,10 +375,26 @@ class DependencyGraph:
             out.append(f"  {shown}: {why}")
         return out
 
-    def to_networkx(self):
-        """A networkx MultiGraph: group nodes linked to the tensors they slice, one edge per axis."""
+    def layer_graph(self) -> LayerGraph:
+        """The data-flow graph of the model's layers, each with the groups it produces and reads
+        (``graphprune.views.layers.LayerGraph``); what ``to_dot()``, ``--svg`` and the HTML view draw."""
+        from graphprune.views.layers import layer_graph
+
+        return layer_graph(self)
+
+    def to_networkx(self, view: str = "groups") -> Any:
+        """A networkx graph of the groups.
+
+        ``view="groups"``: a MultiGraph, group nodes linked to the tensors they slice, one
+        edge per axis. ``view="layers"``: a DiGraph of ``layer_graph()``, layers linked in
+        data-flow order, each node with its ``kind``, ``op``, ``out_groups``, ``in_groups``
+        and ``width``.
+        """
         import networkx as nx
 
+        if view == "layers":
+            return self.layer_graph().to_networkx()
+        _check_view(view)
         graph = nx.MultiGraph()
         for g in self.groups:
             graph.add_node(f"group {g.id}", kind="group", size=g.size, prunable=g.prunable,
@@ -380,8 +405,19 @@ class DependencyGraph:
                                positions=len(m.positions))
         return graph
 
-    def to_dot(self) -> str:
-        """Graphviz DOT text of ``to_networkx()``: groups as boxes, tensors as ellipses."""
+    def to_dot(self, view: str = "groups") -> str:
+        """Graphviz DOT text.
+
+        ``view="groups"``: ``to_networkx()``, groups as boxes, tensors as ellipses.
+        ``view="layers"``: the layer graph in data-flow order, top to bottom, each layer
+        filled with the colour of the group it produces (grey: pinned), as the
+        ``graphprune inspect --dot`` output.
+        """
+        if view == "layers":
+            from graphprune.views.svg import layer_dot
+
+            return layer_dot(self)
+        _check_view(view)
         lines = ["graph dependency_groups {", "  rankdir=LR;"]
         for g in self.groups:
             color = "palegreen" if g.prunable else "lightgray"

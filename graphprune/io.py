@@ -151,7 +151,7 @@ def _normalize_origin(origin: Any) -> tuple[dict[str, Any], list[str], list[Any]
     if "zoo" in origin:
         from graphprune import zoo
 
-        if origin["zoo"] not in zoo.list_models():
+        if not zoo.exists(origin["zoo"]):  # a former name (zoo.ALIASES) still names its model
             raise SerializationError(f"origin names zoo model {origin['zoo']!r}, which does not exist; "
                                      f"choose one of: {', '.join(zoo.list_models())}")
         out["zoo"] = origin["zoo"]

@@ -2,8 +2,9 @@
 
 ``build_report`` collects what a prune did (per group kept and removed channels,
 parameters, MACs, latency before and after, method and settings) into a plain dict;
-``write_report`` writes it as JSON and Markdown, plus ``widths.png`` (per-layer
-widths before and after) when matplotlib is installed (``pip install graphprune[plot]``).
+``write_report`` writes it as JSON and Markdown, plus ``widths.png`` (the fraction of its
+output channels each layer keeps) when matplotlib is installed (``pip install
+graphprune[plot]``) and ``groups.html`` (``graphprune.views``) given the dependency graph.
 
 >>> human(251_495_680), human(855_770), human(12)
 ('251.50 M', '855.77 K', '12')
@@ -22,7 +23,7 @@ import torch.nn as nn
 from graphprune.rules.base import layer_width
 
 __all__ = ["human", "table", "truncate", "layer_widths", "group_rows", "counts_table",
-           "build_report", "to_markdown", "write_report", "plot_widths"]
+           "build_report", "to_markdown", "write_report", "plot_widths", "widths_figure", "NO_PLOT"]
 
 
 def human(n: float) -> str:
@@ -179,46 +180,87 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "## Layer widths", "", "| layer | before | after |", "|---|---:|---:|"]
         lines += [f"| {r['layer']} | {r['before']} | {r['after']} |" for r in report["layers"]]
         if report.get("plot"):
-            lines += ["", f"![layer widths]({report['plot']})"]
+            lines += ["", f"![output channels kept per layer]({report['plot']})"]
+    if report.get("view"):
+        lines += ["", f"Groups and layers, interactive: [{report['view']}]({report['view']})"]
     return "\n".join(lines) + "\n"
 
 
-def plot_widths(layers: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Bar chart of per-layer widths before and after; None when matplotlib is missing."""
-    try:
-        import matplotlib
+#: why a report has no widths.png
+NO_PLOT = "matplotlib is not installed; pip install 'graphprune[plot]' (make demo installs it)"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def widths_figure(layers: Sequence[Mapping[str, Any]], title: str = "") -> Any:
+    """A matplotlib figure of the fraction of its output channels each layer keeps.
+
+    One horizontal bar per layer, in model order from the top, on a 0-100 % axis, so a
+    1000-class head does not squash the early layers; ``before -> after`` widths are
+    written beside each bar. The figure grows with the number of layers (labels stay at
+    8 pt). Raises ImportError without matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    n = len(layers)
+    kept = [r["after"] / r["before"] if r["before"] else 1.0 for r in layers]
+    fig, ax = plt.subplots(figsize=(8.0, max(2.5, 0.24 * n + 1.3)))
+    ys = list(range(n))
+    ax.barh(ys, [1.0] * n, color="#e3e3e3", height=0.7, label="removed")
+    ax.barh(ys, kept, color="tab:blue", height=0.7, label="kept")
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r["layer"] for r in layers], fontsize=8)
+    ax.set_ylim(n - 0.5, -0.5)  # the first layer on top
+    ax.set_xlim(0.0, 1.0)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel("output channels kept", fontsize=9)
+    for y, r in zip(ys, layers):
+        ax.text(1.01, y, f"{r['before']} → {r['after']}", va="center", fontsize=8,
+                transform=ax.get_yaxis_transform())
+    ax.set_title(title or "output channels kept per layer", fontsize=10, loc="left")
+    ax.legend(loc="lower right", fontsize=8, bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_widths(layers: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Save ``widths_figure(layers, title)`` as a PNG; None when matplotlib is missing."""
+    try:
+        fig = widths_figure(layers, title)
     except ImportError:
         return None
-    names = [r["layer"] for r in layers]
-    xs = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names) + 2), 4))
-    ax.bar(xs, [r["before"] for r in layers], color="lightgray", label="before")
-    ax.bar(xs, [r["after"] for r in layers], color="tab:blue", label="after")
-    ax.set_ylabel("output channels")
-    ax.set_title(title or "layer widths")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.legend()
-    fig.tight_layout()
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path, *, plot: bool = True) -> list[Path]:
-    """Write report.json, report.md and (with matplotlib) widths.png into ``out_dir``."""
+def write_report(report: dict[str, Any], out_dir: str | Path, *, plot: bool = True, dg: Any = None) -> list[Path]:
+    """Write report.json, report.md, widths.png (with matplotlib) and, given the dependency graph
+    ``dg`` the plan was made on, groups.html (``graphprune.views``) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if plot and report.get("layers"):
-        png = plot_widths(report["layers"], out / "widths.png", f"{report['model']}: layer widths")
+        png = plot_widths(report["layers"], out / "widths.png", f"{report['model']}: output channels kept")
         if png is not None:
             report["plot"] = png.name
             written.append(png)
+    if dg is not None:
+        from types import SimpleNamespace
+
+        from graphprune.views import write_html
+
+        plan = {int(k): v for k, v in report["plan"].items()}
+        counts = [SimpleNamespace(params=report["params"][k], macs=report["macs"][k]) for k in ("before", "after")]
+        written.append(write_html(out / "groups.html", dg, plan, title=report["model"], before=counts[0],
+                                  after=counts[1]))
+        report["view"] = "groups.html"
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(to_markdown(report))
     return [out / "report.json", out / "report.md", *written]

@@ -7,9 +7,15 @@ Public entry: ``resolve(text, ...) -> Source``. ``text`` is one of
   name, that returns the model or a tuple ``(model, example_inputs)``;
 - a file path and a factory in it: ``"path/to/models.py:make_net"`` (loaded with
   importlib from that path);
-- a file written by ``gp.save`` (``"slim.gp"``), rebuilt with ``gp.load``.
+- a file written by ``gp.save`` (``"slim.gp"``), rebuilt with ``gp.load``;
+- ``timm:NAME`` (``timm.create_model``) or ``hf:CONFIG_OR_DIR`` (a Hugging Face
+  ``transformers`` model from a local directory, a config file or a Hub config), built
+  on this machine by ``graphprune.hub``; their packages are imported only then.
 
-``timm:NAME`` and ``hf:...`` are reserved for a later release and raise ``InputError``.
+Example inputs come from the zoo, the factory, the saved file or the hub model; a model
+that states its input size (timm's ``pretrained_cfg["input_size"]``) gets a random input
+of that size. ``checkpoint=`` loads a state dict of trained weights into the model
+(``load_checkpoint``).
 
 The same module holds the **trust gate** that ``gp.load`` uses for names read from a
 file (``import_trusted``): only zoo models and callables defined in modules the
@@ -53,7 +59,6 @@ __all__ = ["Source", "resolve", "import_trusted", "normalize_trust", "build_orig
 LEAF_TRUST = ("torch.nn", "graphprune.zoo")
 #: Default limit on what one model built from a spec (parameters, buffers, example inputs) may take.
 MAX_BYTES = 4 * 2**30
-_SCHEMES_LATER = ("timm", "hf")  # model hubs: a later release
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_SPEC = 400
 
@@ -62,21 +67,29 @@ _MAX_SPEC = 400
 class Source:
     """A model named by text, its example inputs and how to rebuild it.
 
-    ``origin`` is a dict (``{'zoo' | 'factory': ..., 'kwargs': ...}``) for zoo names and
-    import specs, or the loaded model for saved files (it records its own origin).
-    ``kind`` is ``"zoo"``, ``"import"``, ``"path"`` or ``"file"``.
+    ``origin`` is a dict (``{'zoo' | 'factory': ..., 'kwargs': ...}``) for zoo names,
+    import specs and hub models, or the loaded model for saved files (it records its own
+    origin). ``kind`` is ``"zoo"``, ``"import"``, ``"path"``, ``"file"``, ``"timm"`` or
+    ``"hf"``. ``inputs`` is a tuple of tensors, or a dict of keyword arguments (``hf``).
     """
 
     name: str
     model: torch.nn.Module
-    inputs: tuple[torch.Tensor, ...]
+    inputs: tuple[torch.Tensor, ...] | dict[str, Any]
     origin: Any
     kind: str
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def describe_inputs(self) -> str:
-        return ", ".join("x".join(map(str, x.shape)) + f" {str(x.dtype).removeprefix('torch.')}"
-                         for x in self.inputs)
+        """The example inputs as text: ``2x3x32x32 float32``, keyword inputs by name."""
+        def one(x: Any) -> str:
+            if not isinstance(x, torch.Tensor):
+                return repr(x)
+            return "x".join(map(str, x.shape)) + f" {str(x.dtype).removeprefix('torch.')}"
+
+        if isinstance(self.inputs, dict):
+            return ", ".join(f"{k}={one(v)}" for k, v in self.inputs.items())
+        return ", ".join(one(x) for x in self.inputs)
 
 
 # --- trust ------------------------------------------------------------------------------------
@@ -255,9 +268,10 @@ def build_origin(origin: Mapping[str, Any], *, trust: Any = (), max_bytes: int =
         from graphprune import zoo
 
         name = origin["zoo"]
-        if not isinstance(name, str) or name not in zoo.list_models():
+        if not zoo.exists(name):
             raise InputError(f"origin names zoo model {str(name)[:80]!r}, which does not exist; "
                              f"choose one of: {', '.join(zoo.list_models())}")
+        name = zoo.canonical(name)  # a former name builds the same model
         if kwargs:
             _check_size(zoo._REGISTRY[name].factory, kwargs, f"zoo model {name!r}", max_bytes)
         try:
@@ -319,15 +333,39 @@ def sample_inputs(specs: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
                  for z in make_inputs(specs))
 
 
+def _hub(scheme: str, name: str, kwargs: dict[str, Any], given: Any, text: str) -> Source:
+    from graphprune import hub
+
+    if not name:
+        raise InputError(f"{text!r} names no model: write {scheme}:NAME")
+    model, inputs, origin = (hub.timm_source if scheme == "timm" else hub.hf_source)(name, kwargs)
+    if given is None and inputs is None:
+        raise InputError(f"{text} states no input size: give example inputs (--input-shape on the command "
+                         "line, example_inputs= in code)")
+    return Source(name, model, given if given is not None else inputs, origin, scheme, kwargs)
+
+
 def resolve(text: str | os.PathLike, *, example_inputs: Any = None, kwargs: Mapping[str, Any] | None = None,
-            trust: Any = (), max_bytes: int = MAX_BYTES) -> Source:
+            trust: Any = (), max_bytes: int = MAX_BYTES, checkpoint: str | os.PathLike | None = None) -> Source:
     """Turn a model named by text into a ``Source`` (model, example inputs, origin).
 
-    ``example_inputs`` replace the ones the zoo, factory or saved file supplies; an import
-    spec whose factory returns none needs them. ``kwargs`` go to the zoo or factory.
+    ``example_inputs`` replace the ones the zoo, factory, hub or saved file supplies; an
+    import spec whose factory returns none needs them, unless its model states its input
+    size (``pretrained_cfg["input_size"]``). ``kwargs`` go to the zoo, factory or hub.
     ``trust`` is passed to ``gp.load`` for saved files (the import spec given here as
-    ``text`` is the caller's own choice and needs no trust).
+    ``text`` is the caller's own choice and needs no trust). ``checkpoint`` is a state
+    dict file loaded into the model (``graphprune.checkpoint``).
     """
+    src = _resolve(text, example_inputs, kwargs, trust, max_bytes)
+    if checkpoint is not None:
+        from graphprune.checkpoint import load_checkpoint
+
+        load_checkpoint(src.model, checkpoint)
+    return src
+
+
+def _resolve(text: Any, example_inputs: Any, kwargs: Mapping[str, Any] | None, trust: Any,
+             max_bytes: int) -> Source:
     from graphprune.tracing import normalize_inputs
 
     trust = normalize_trust(trust)
@@ -337,6 +375,9 @@ def resolve(text: str | os.PathLike, *, example_inputs: Any = None, kwargs: Mapp
     if not isinstance(text_s, str) or not text_s:
         raise InputError(f"a model source is a non-empty string, got {text!r}")
     path = Path(text_s)
+    head, sep, attr = text_s.partition(":")
+    if sep and head in ("timm", "hf"):
+        return _hub(head, attr, kwargs, given, text_s)
     if text_s.endswith(".gp") or path.is_file():
         from graphprune.io import load
 
@@ -345,9 +386,6 @@ def resolve(text: str | os.PathLike, *, example_inputs: Any = None, kwargs: Mapp
         model = load(path, trust=trust, max_bytes=max_bytes)
         return Source(path.name, model, given or sample_inputs(model.meta["graphprune"]["inputs"]), model, "file")
     head, sep, attr = text_s.rpartition(":")
-    if sep and head in _SCHEMES_LATER:
-        raise InputError(f"{head}: model sources are not supported yet; build the model in a function of your "
-                         f"own module and name it as 'package.module:factory'")
     if sep:
         kind = "import"
         if head.endswith(".py") or "/" in head or os.sep in head:
@@ -357,14 +395,20 @@ def resolve(text: str | os.PathLike, *, example_inputs: Any = None, kwargs: Mapp
         origin = {"factory": f"{head}:{attr}", "kwargs": kwargs}
         model, inputs = build_origin(origin, trust=[head], max_bytes=max_bytes, _owner_check=False)
         if given is None and inputs is None:
+            from graphprune.hub import inputs_from_model
+
+            inputs = inputs_from_model(model)
+        if given is None and inputs is None:
             raise InputError(f"{text_s} needs example inputs (--input-shape 1,3,32,32 on the command line, "
                              "example_inputs= in code): its factory returns a model without them")
         return Source(attr, model, given or inputs, origin, kind, kwargs)
     from graphprune import zoo
 
-    if text_s not in zoo.list_models():
+    if not zoo.exists(text_s):
         raise InputError(f"unknown MODEL {text_s!r}: not a zoo model ('graphprune zoo' lists them), an import "
-                         "spec package.module:factory, a file path models.py:factory, or an existing file")
-    origin = {"zoo": text_s, "kwargs": kwargs}
+                         "spec package.module:factory, a file path models.py:factory, timm:NAME, "
+                         "hf:CONFIG_OR_DIR, or an existing file")
+    name = zoo.canonical(text_s)
+    origin = {"zoo": name, "kwargs": kwargs}
     model, inputs = build_origin(origin, max_bytes=max_bytes)
-    return Source(text_s, model, given or inputs, origin, "zoo", kwargs)
+    return Source(name, model, given or inputs, origin, "zoo", kwargs)

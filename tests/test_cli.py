@@ -8,9 +8,10 @@ in-process through ``cli.main`` (exit status and the one message line).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 import textwrap
@@ -85,21 +86,144 @@ def _ok(runs, name):
     return work, out
 
 
-def test_zoo_lists_models(capsys):
+def test_zoo_lists_models_with_parameter_counts(capsys):
     assert cli.main(["zoo"]) == 0
     out = capsys.readouterr().out
-    for name in ("resnet20", "resnet56", "mlp"):
-        assert name in out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:] if line.strip() and "," in line[:40]}
+    for name in ("resnet20", "resnet56", "mlp", "mini_resnet18"):
+        assert rows[name] == f"{gp.zoo.param_count(name):,}"
+    assert rows["mini_resnet18"] == "703,386" and "resnet18" not in rows
+    assert "resnet18 -> mini_resnet18" in out  # former names are listed as such
 
 
-def test_inspect_prints_groups_and_writes_dot(tmp_path, capsys):
-    dot, js = tmp_path / "g.dot", tmp_path / "g.json"
-    assert cli.main(["inspect", "mlp", "--dot", str(dot), "--json", str(js)]) == 0
+def test_inspect_prints_groups_and_writes_dot_json_svg_html(tmp_path, capsys):
+    dot, js, svg, page = tmp_path / "g.dot", tmp_path / "g.json", tmp_path / "out" / "g.svg", tmp_path / "g.html"
+    assert cli.main(["inspect", "mlp", "--dot", str(dot), "--json", str(js), "--svg", str(svg),
+                     "--html", str(page)]) == 0
     out = capsys.readouterr().out
     assert "prunable" in out and "reaches a model output" in out
-    assert dot.read_text().startswith("graph dependency_groups")
+    assert dot.read_text().startswith("digraph layers {") and "fc1 -> " not in dot.read_text()
     groups = json.loads(js.read_text())
     assert [g["size"] for g in groups] == [128, 64, 10]
+    drawing = svg.read_text()  # no Graphviz needed: the layer graph, drawn by graphprune
+    assert drawing.startswith("<svg") and drawing.count('class="node layer') == 3
+    assert page.read_text().count('<li class="group') == 3
+
+
+def test_inspect_full_names_producers_and_consumers(capsys):
+    assert cli.main(["inspect", "resnet56", "--full"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("0 "))
+    producers, consumers = row.split("yes", 1)[1].split(" -> ")
+    assert producers.split(",")[0].strip() == "conv1"
+    assert "layer1.8.conv2" in producers and "layer2.0.shortcut.0" in consumers  # none cut
+    assert "..." not in out and "bn1.bias" not in out
+    assert len(row) > 300
+
+
+def _sizes(out: str) -> list[int]:
+    return [int(m.group(1)) for m in re.finditer(r"^\d+\s+(\d+)\s", out, re.MULTILINE)]
+
+
+def test_inspect_factor_heads(capsys):
+    assert cli.main(["inspect", "mini_vit", "--full"]) == 0
+    assert _sizes(capsys.readouterr().out)[1] == 16  # per-head dims of 4 heads
+    assert cli.main(["inspect", "mini_vit", "--full", "--factor", "heads"]) == 0
+    assert _sizes(capsys.readouterr().out)[1] == 4  # whole heads
+
+
+def _prune_to(tmp_path, *flags: str) -> torch.nn.Module:
+    out = tmp_path / f"m{abs(hash(flags))}.gp"
+    assert cli.main(["prune", *flags, "--repeats", "0", "--out", str(out)]) == 0
+    return gp.load(out)
+
+
+def test_selection_flags_reach_gp_prune(tmp_path, capsys):
+    model, x = gp.zoo.create("resnet20")
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def widths(slim):
+        return [slim.get_submodule(n).out_channels for n in convs]
+
+    base = widths(_prune_to(tmp_path, "resnet20", "--ratio", "0.4"))
+    rounded = widths(_prune_to(tmp_path, "resnet20", "--ratio", "0.4", "--round-to", "8"))
+    assert any(w % 8 for w in base) and all(w % 8 == 0 for w in rounded)
+    glob = widths(_prune_to(tmp_path, "resnet20", "--ratio", "0.4", "--scope", "global"))
+    assert glob != base  # one ranking over all groups, not the same fraction of each
+    kept = widths(_prune_to(tmp_path, "resnet20", "--ratio", "0.9", "--min-keep", "6"))
+    assert min(kept) == 6
+    ignored = _prune_to(tmp_path, "resnet20", "--ratio", "0.5", "--ignore", "layer1.0.conv1", "0")
+    assert ignored.get_submodule("layer1.0.conv1").out_channels == 16 and ignored.conv1.out_channels == 16
+    assert ignored.get_submodule("layer1.1.conv1").out_channels == 8
+    stepped = _prune_to(tmp_path, "mlp", "--ratio", "0.5", "--steps", "2")
+    assert len(stepped.meta["graphprune"]["plans"]) == 2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags, key, widths", [
+    (["--max-ratio", "0.3"], "max_ratio", (90, 45)),  # at most 30 % of each layer goes
+    (["--ratios", "fc1=0.25", "--ratios", "fc2=0.0"], "ratios", (96, 64)),
+    (["--factor", "heads"], "factor", (64, 32)),  # the MLP has no heads: the same as without
+])
+def test_flags_that_need_a_newer_gp_prune(flags, key, widths, tmp_path, capsys):
+    """--max-ratio, --ratios and --factor reach gp.prune when it takes max_ratio / ratios / factor;
+    else the command stops with one clear line (never ignores them)."""
+    out = tmp_path / "m.gp"
+    rc = cli.main(["prune", "mlp", "--ratio", "0.5", "--repeats", "0", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    if key in inspect.signature(gp.prune).parameters:
+        assert rc == 0, err
+        slim = gp.load(out)
+        assert (slim.fc1.out_features, slim.fc2.out_features) == widths
+    else:
+        assert rc == 1 and err.count("\n") == 1 and not out.exists()
+        assert f"{flags[0]} needs gp.prune({key}=...), which this version of graphprune" in err
+
+
+def test_checkpoint_loads_trained_weights(tmp_path, capsys):
+    model, x = gp.zoo.create("mlp")
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    trained["fc1.weight"][:, :] = 0.0
+    trained["fc1.weight"][:10] = 1.0  # only ten rows with any magnitude
+    torch.save(trained, tmp_path / "w.pt")
+    slim = _prune_to(tmp_path, "mlp", "--ratio", "0.5", "--checkpoint", str(tmp_path / "w.pt"))
+    assert slim.fc1.out_features == 64 and int((slim.fc1.weight.abs().sum(1) > 0).sum()) == 10
+    torch.save({"fc1.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
+    assert cli.main(["inspect", "mlp", "--checkpoint", str(tmp_path / "bad.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit MLP" in err and "wrong shape (fc1.weight" in err
+
+
+def test_unwritable_outputs_are_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for argv in (["prune", "mlp", "--report", str(blocker / "rep")], ["prune", "mlp", "--out", str(blocker / "m.gp")],
+                 ["inspect", "mlp", "--html", str(blocker / "g.html")], ["inspect", "mlp", "--svg", str(tmp_path)],
+                 ["prune", "mlp", "--report", "/proc/graphprune/rep"]):
+        assert cli.main([*argv, "--repeats", "0"] if argv[0] == "prune" else argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("graphprune: error: --") and "cannot write there" in err, err
+        assert "internal error" not in err
+
+
+def test_an_os_error_while_writing_is_one_line(tmp_path, capsys, monkeypatch):
+    def fail(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "rep" / "report.json"))
+
+    monkeypatch.setattr("graphprune.report.write_report", fail)
+    assert cli.main(["prune", "mlp", "--report", str(tmp_path / "rep"), "--repeats", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"graphprune: error: {tmp_path / 'rep' / 'report.json'}: Permission denied\n"
+
+
+def test_closed_pipe_ends_quietly_with_sigpipe_status(tmp_path):
+    """``graphprune inspect ... | head -1``: no traceback, no internal error, status 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "graphprune", "inspect", "resnet56", "--full"], cwd=tmp_path,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before the output comes (head -1 with more than a pipe's worth)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
 
 
 def test_prune_saves_model_and_report(runs):
@@ -169,8 +293,18 @@ def test_bad_input_subprocess_one_line(runs):
     (["prune", "mlp", "-O", "oops"], 1, "name=value"),
     (["prune", "nosuchpkg_xyz:make", "--input-shape", "1,2"], 1, "cannot import module 'nosuchpkg_xyz'"),
     (["prune", "os:getcwd", "--input-shape", "1,2"], 1, "must return an nn.Module"),
-    (["prune", "timm:resnet18"], 1, "timm: model sources are not supported yet"),
-    (["prune", "hf:bert-base-uncased"], 1, "hf: model sources are not supported yet"),
+    (["prune", "timm:"], 1, "names no model"),
+    (["prune", "hf:"], 1, "names no model"),
+    (["prune", "mlp", "--ignore", "nosuchlayer"], 1, "ignore names 'nosuchlayer'"),
+    (["prune", "mlp", "--checkpoint", "missing_weights.pt"], 1, "checkpoint 'missing_weights.pt': no such file"),
+    (["prune", "mlp", "--round-to", "0"], 2, "--round-to: must be at least 1"),
+    (["prune", "mlp", "--steps", "0"], 2, "--steps: must be at least 1"),
+    (["prune", "mlp", "--min-keep", "0"], 2, "neither a channel count"),
+    (["prune", "mlp", "--min-keep", "1.5"], 2, "neither a channel count"),
+    (["prune", "mlp", "--max-ratio", "1.5"], 2, "--max-ratio: must be in (0, 1]"),
+    (["prune", "mlp", "--ratios", "fc1"], 2, "is not LAYER=RATIO"),
+    (["prune", "mlp", "--scope", "galactic"], 2, "invalid choice"),
+    (["inspect", "mlp", "--factor", "nosuch"], 2, "invalid choice"),
     (["prune", "nosuchdir/models.py:make"], 1, "no such file"),
     (["inspect", "mlp", "--trust", "__main__"], 1, "trust names modules"),
     (["inspect", "missing_file.gp"], 1, "no such file"),
@@ -192,15 +326,6 @@ def test_target_flags_pass_through_or_fail_clearly(capsys):
     rc = cli.main(["prune", "mlp", "--macs", "0.5", "--repeats", "0"])
     err = capsys.readouterr().err
     assert rc == 0, err
-
-
-def test_svg_without_graphviz_is_a_clear_message(capsys, tmp_path):
-    rc = cli.main(["inspect", "mlp", "--svg", str(tmp_path / "g.svg")])
-    err = capsys.readouterr().err
-    if shutil.which("dot"):
-        assert rc == 0 and (tmp_path / "g.svg").exists()
-    else:
-        assert rc == 1 and "Graphviz" in err
 
 
 def test_loaded_file_can_be_pruned_again(tmp_path, capsys):
@@ -288,3 +413,16 @@ def test_data_driven_method_with_data_file(tmp_path, capsys):
     torch.save({"x": torch.zeros(2)}, bad)
     assert cli.main(["prune", "mlp", "--method", "taylor", "--data", str(bad), "--repeats", "0"]) == 1
     assert "must hold" in capsys.readouterr().err
+
+
+def test_demo_says_why_there_is_no_widths_png(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert cli.main(["demo", "--model", "mlp", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(no widths.png: matplotlib is not installed; pip install 'graphprune[plot]'" in out
+    assert (tmp_path / "mlp_report" / "groups.html").exists()
+
+
+def test_demo_draws_widths_png_in_the_dev_install(runs):
+    work, _ = _ok(runs, "demo")
+    assert (work / "demo_out" / "mlp_report" / "widths.png").exists(), "make demo installs matplotlib (dev extra)"

@@ -213,8 +213,8 @@ def test_torch_fx_passes_apply_to_the_slim_model(name):
 
 
 # method="random" on a spread of topologies (the random plans above cover every model)
-RANDOM_METHOD_MODELS = {"conv1d", "densenet", "inception", "mobilenet_v2", "msd", "resnet20",
-                        "se_resnet", "shufflenet_v2", "unet", "vit_tiny"}
+RANDOM_METHOD_MODELS = {"conv1d", "mini_densenet", "mini_inception", "mini_mobilenet_v2", "msd", "resnet20",
+                        "se_resnet20", "mini_shufflenet_v2", "mini_unet", "mini_vit"}
 PRUNE_CASES = [(n, "magnitude") for n in MODELS] + [(n, "random") for n in MODELS
                                                      if n in RANDOM_METHOD_MODELS]
 
@@ -240,7 +240,7 @@ def test_prune_one_call(name, method):
     assert_state(model, snap)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "densenet", "mobilenet_v2", "msd"])
+@pytest.mark.parametrize("name", ["resnet20", "mini_densenet", "mini_mobilenet_v2", "msd"])
 def test_a_slim_model_can_be_pruned_again(name):
     _, x, _, _, _ = _built(name)
     _, slim = _pruned(name)

@@ -70,7 +70,7 @@ def test_data_dependent_model_names_both_causes():
     assert "control flow" in message and "torch.export" in message
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "shufflenet_v2", "vit_tiny", "msd"])
+@pytest.mark.parametrize("name", ["resnet20", "mini_mobilenet_v2", "mini_shufflenet_v2", "mini_vit", "msd"])
 def test_zoo_models_prune_exactly_from_their_export_graph(name):
     model, x = gp.zoo.create(name)
     exported = _export_trace(model, x, TraceError("forced for the test"))

@@ -114,9 +114,9 @@ def test_random_architectures_prune_exactly_or_raise_typed_errors(arch, data):
     check_prune(model, x, data)
 
 
-SMALL_ZOO = ["resnet20", "densenet", "mobilenet_v2", "vgg11", "shufflenet_v2", "vit_tiny", "unet",
-             "squeezenet", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_small", "resnext",
-             "inception", "msd", "swin_tiny", "vit_mha"]
+SMALL_ZOO = ["resnet20", "mini_densenet", "mini_mobilenet_v2", "vgg11", "mini_shufflenet_v2", "mini_vit",
+             "mini_unet", "mini_squeezenet", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_small",
+             "mini_resnext", "mini_inception", "msd", "swin_tiny", "mini_vit_mha"]
 
 
 class _Zoo(dict):
@@ -262,7 +262,7 @@ def test_dropping_a_vanished_layer_keeps_unused_inplace_ops(how):
 def test_attention_inner_groups_cannot_be_emptied(factor):
     """Found by fuzzing: nn.MultiheadAttention's inner dims were marked removable, so a plan
     emptying them passed validation and the rewrite failed; now the plan is refused."""
-    model, x = gp.zoo.create("vit_mha")
+    model, x = gp.zoo.create("mini_vit_mha")
     dg = gp.DependencyGraph.build(model, x, factor=factor)
     inner = [g for g in dg.groups if g.prunable and any(p.endswith("in_proj_weight") for p in g.producers)]
     assert inner and not any(g.removable for g in inner)

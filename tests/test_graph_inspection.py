@@ -78,7 +78,7 @@ def test_trace_adds_no_attributes_to_the_user_model():
     assert set(vars(model)) == before
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vit_mha", "densenet", "mobilenet_v3"])
+@pytest.mark.parametrize("name", ["resnet20", "mini_vit_mha", "mini_densenet", "mini_mobilenet_v3"])
 def test_named_state_is_torchs_parameters_then_buffers(name):
     from graphprune.tracing import named_state
 

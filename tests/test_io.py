@@ -107,7 +107,7 @@ def test_file_is_safetensors_with_the_spec_in_its_metadata(mlp, tmp_path):
     assert sorted(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet20", "mobilenet_v2", "densenet", "vit_tiny"])
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "mini_mobilenet_v2", "mini_densenet", "mini_vit"])
 def test_iterative_pruning_saves_the_whole_chain(name, tmp_path):
     if name not in gp.zoo.list_models():
         pytest.skip(f"zoo has no {name}")
@@ -342,7 +342,7 @@ def test_export_onnx_missing_says_what_to_install(mlp, tmp_path):
         gp.export(result.model, x, tmp_path / "slim.onnx")
 
 
-@pytest.mark.parametrize("name", ["msd", "shufflenet_v2", "unet"])
+@pytest.mark.parametrize("name", ["msd", "mini_shufflenet_v2", "mini_unet"])
 def test_round_trip_across_topologies(name, tmp_path):
     if name not in gp.zoo.list_models():
         pytest.skip(f"zoo has no {name}")

@@ -54,13 +54,13 @@ def test_estimate_equals_count_of_the_slim_model(name, route):
 
 def test_attention_macs_are_counted_by_the_estimator():
     # nn.MultiheadAttention and SDPA have a macs facet: the estimate once missed them (8.9 M of 21.8 M)
-    model, x = gp.zoo.create("vit_mha")
+    model, x = gp.zoo.create("mini_vit_mha")
     dg = gp.DependencyGraph.build(model, x)
     assert CountEstimator(dg).counts({})[1] == gp.count(model, x).macs == 10_880_128  # per sample, batch of 2
 
 
 def test_macs_target_is_hit_with_one_apply(monkeypatch):
-    model, x = gp.zoo.create("vit_mha")
+    model, x = gp.zoo.create("mini_vit_mha")
     dg = gp.DependencyGraph.build(model, x)
     calls = []
     real = gp.select.__globals__["apply"]
@@ -78,7 +78,7 @@ def resnet20():
 
 
 def test_count_estimator_matches_exact_counts(resnet20) -> None:
-    for model, x, dg in (resnet20, (*gp.zoo.create("densenet"), None)):
+    for model, x, dg in (resnet20, (*gp.zoo.create("mini_densenet"), None)):
         dg = dg or gp.DependencyGraph.build(model, x)
         est = CountEstimator(dg)
         before = gp.count(model, x)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import graphprune as gp
 
-ZOO = [n for n in gp.zoo.list_models() if n not in ("msd", "shufflenet_v2")]
+ZOO = [n for n in gp.zoo.list_models() if n not in ("msd", "mini_shufflenet_v2")]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -43,7 +43,7 @@ def test_layers_the_plan_removes_whole_are_refused():
 def test_calls_the_model_makes_itself_are_named_when_they_cannot_follow():
     # ShuffleNetV2 splits with x.chunk(2, 1): after pruning the halves differ, which its own code
     # cannot say; the error names the rewritten call and how to go on
-    model, x = gp.zoo.create("shufflenet_v2")
+    model, x = gp.zoo.create("mini_shufflenet_v2")
     dg = gp.DependencyGraph.build(model, x)
     plan = gp.select(dg, gp.score("random", model, dg, seed=0), 0.5)
     with pytest.raises(gp.RewriteError, match=r"rewrote these calls.*chunk|attributes="):

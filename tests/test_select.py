@@ -119,7 +119,7 @@ def test_bad_arguments_and_scores(resnet20) -> None:
     assert 0 not in gp.select(dg, partial, 0.5)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "inception"])
+@pytest.mark.parametrize("name", ["resnet20", "mini_mobilenet_v2", "mini_inception"])
 def test_macs_and_params_targets_are_hit_within_one_percent(name: str) -> None:
     model, x = gp.zoo.create(name)
     dg = gp.DependencyGraph.build(model, x)
@@ -134,7 +134,7 @@ def test_macs_and_params_targets_are_hit_within_one_percent(name: str) -> None:
 
 
 def test_macs_target_keeps_split_channels_valid() -> None:
-    model, x = gp.zoo.create("shufflenet_v2")  # chunks split groups: a plan must not empty a half
+    model, x = gp.zoo.create("mini_shufflenet_v2")  # chunks split groups: a plan must not empty a half
     dg = gp.DependencyGraph.build(model, x)
     plan = gp.select(dg, gp.score("l2", model, dg), 0.7, target="macs", scope="global", normalize="mean")
     slim = gp.apply(model, dg, plan)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import graphprune as gp
+from graphprune import io as gpio
 from graphprune import sources
 from graphprune.errors import InputError
 
@@ -123,14 +124,45 @@ def test_saved_file(tmp_path):
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("timm:resnet18", "timm: model sources are not supported yet"),
-    ("hf:bert-base-uncased", "hf: model sources are not supported yet"),
-    ("nosuchmodel", "unknown MODEL 'nosuchmodel'"),
+    ("nosuchmodel", "unknown MODEL 'nosuchmodel'.*timm:NAME, hf:CONFIG_OR_DIR"),
+    ("timm:", "names no model"),
+    ("hf:", "names no model"),
     ("", "non-empty string"),
 ])
 def test_unsupported_sources_are_typed_errors(text, needle):
     with pytest.raises(InputError, match=needle):
         sources.resolve(text)
+
+
+def test_former_zoo_names_resolve_to_the_renamed_models(tmp_path):
+    src = sources.resolve("resnet18")
+    assert src.name == "mini_resnet18" and src.origin == {"zoo": "mini_resnet18", "kwargs": {}}
+    model, inputs = sources.build_origin({"zoo": "vit_tiny"})
+    assert type(model).__name__ == "VisionTransformer" and inputs[0].shape == (2, 3, 32, 32)
+    # a file saved under a former name (before the rename) still loads
+    mlp_model, x = gp.zoo.create("mini_unet")
+    slim = gp.prune(mlp_model, x, ratio=0.5).model
+    gp.save(slim, tmp_path / "old.gp", origin="unet")
+    assert gpio.read_spec(tmp_path / "old.gp")["origin"]["zoo"] == "unet"
+    assert torch.equal(gp.load(tmp_path / "old.gp")(*x), slim(*x))
+    with pytest.raises(InputError, match="which does not exist"):
+        sources.build_origin({"zoo": "resnet1"})
+
+
+def test_input_shape_stated_by_the_model(models, tmp_path, monkeypatch):
+    path = tmp_path / "gp_src_cfgmodels.py"
+    path.write_text(MODELS + textwrap.dedent("""
+        def make_with_cfg():
+            net = make()
+            net.pretrained_cfg = {"input_size": (6,)}
+            return net
+    """))
+    monkeypatch.delitem(sys.modules, "gp_src_cfgmodels", raising=False)
+    src = sources.resolve(f"{path}:make_with_cfg")
+    assert tuple(src.inputs[0].shape) == (2, 6)  # timm's pretrained_cfg["input_size"], batch 2
+    with pytest.raises(InputError, match="needs example inputs"):
+        sources.resolve(f"{path}:make")
+    sys.modules.pop("gp_src_cfgmodels", None)
 
 
 def test_trusted_names_cover_submodules_only(models):

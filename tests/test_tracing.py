@@ -273,7 +273,7 @@ def test_export_with_batch_one_warns_how_to_get_a_dynamic_batch():
 
 # --- D: threads -----------------------------------------------------------------------------
 def test_tracing_from_many_threads_gives_the_single_threaded_results():
-    models = {name: gp.zoo.create(name) for name in ("resnet20", "mobilenet_v2", "vit_tiny", "msd")}
+    models = {name: gp.zoo.create(name) for name in ("resnet20", "mini_mobilenet_v2", "mini_vit", "msd")}
     models["branchy"] = (Branchy().eval(), (X,))  # the export fallback, in threads too
     expected = {name: gp.prune(m, x, ratio=0.5) for name, (m, x) in models.items()}
     shapes = {name: [tuple(p.shape) for p in r.model.parameters()] for name, r in expected.items()}

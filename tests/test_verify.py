@@ -139,7 +139,7 @@ def test_forward_changing_its_input_gives_no_false_alarm():
     assert torch.equal(x, X)
 
 
-@pytest.mark.parametrize("name", ["vit_mha", "vit_tiny", "swin_block", "resnet20", "mobilenet_v3", "densenet"])
+@pytest.mark.parametrize("name", ["mini_vit_mha", "mini_vit", "mini_swin", "resnet20", "mini_mobilenet_v3", "mini_densenet"])
 def test_masked_model_computes_what_the_slim_model_computes(name):
     model, x = gp.zoo.create(name)
     model.eval()

@@ -11,22 +11,22 @@ import torch.fx
 from graphprune import zoo
 
 MODELS = zoo.list_models()
-DENSE_PREDICTION = {"unet", "msd"}
-DEFAULT_CLASSES = {"unet": 2, "msd": 2}
+DENSE_PREDICTION = {"mini_unet", "msd"}
+DEFAULT_CLASSES = {"mini_unet": 2, "msd": 2}
 EXPECTED_MODELS = {
     "conv1d",
-    "densenet",
-    "inception",
+    "mini_densenet",
+    "mini_inception",
     "mlp",
-    "mobilenet_v2",
+    "mini_mobilenet_v2",
     "msd",
-    "resnet18",
+    "mini_resnet18",
     "resnet20",
-    "resnet50",
+    "mini_resnet50",
     "resnet56",
-    "se_resnet",
-    "unet",
-    "vgg11_bn",
+    "se_resnet20",
+    "mini_unet",
+    "mini_vgg11_bn",
 }
 
 
@@ -40,6 +40,34 @@ def _expected_shape(name: str, inputs: tuple[torch.Tensor, ...], classes: int) -
 def test_list_models_sorted_and_complete() -> None:
     assert MODELS == sorted(MODELS)
     assert EXPECTED_MODELS <= set(MODELS)
+
+
+def test_names_do_not_collide_with_torchvision_or_timm() -> None:
+    """A zoo model is never listed under the name of a different (larger) torchvision/timm network."""
+    taken = {"resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3", "shufflenet_v2",
+             "squeezenet", "efficientnet", "convnext", "densenet", "inception", "resnext", "vit_tiny", "se_resnet",
+             "vit_mha", "swin_block", "unet"}
+    assert not taken & set(MODELS)
+    assert all(zoo.ALIASES[old] in MODELS for old in taken)
+
+
+@pytest.mark.parametrize("old", sorted(zoo.ALIASES))
+def test_former_names_build_the_same_model(old: str) -> None:
+    new = zoo.ALIASES[old]
+    assert zoo.canonical(old) == zoo.canonical(new) == new and zoo.exists(old)
+    (a, xa), (b, xb) = zoo.create(old), zoo.create(new)
+    assert type(a) is type(b) and torch.equal(xa[0], xb[0])
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_param_count_without_building_weights() -> None:
+    assert zoo.param_count("mini_resnet18") == 703_386 == zoo.param_count("resnet18")
+    assert zoo.param_count("resnet20") == 272_474 and zoo.param_count("mlp", num_classes=3) < 17_482
+    for name in MODELS:  # equal to the built model's, for every model (meta device or CPU fallback)
+        model, _ = zoo.create(name)
+        assert zoo.param_count(name) == sum(p.numel() for p in model.parameters()), name
+    with pytest.raises(ValueError, match="unknown zoo model 'nosuch'"):
+        zoo.param_count("nosuch")
 
 
 def test_unknown_model_raises() -> None:

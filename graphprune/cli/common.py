@@ -1,14 +1,22 @@
 """What the ``graphprune`` subcommands share: errors, MODEL arguments, options, output.
 
-``resolve(spec, input_shapes, kwargs, trust)`` turns a MODEL argument into a model and
-example inputs (through ``graphprune.sources``); the rest parses options and data
-files and writes to the terminal.
+``resolve(spec, input_shapes, kwargs, trust, checkpoint)`` turns a MODEL argument into a
+model and example inputs (through ``graphprune.sources``); ``prune_options`` maps the
+pruning flags onto ``gp.prune``; ``writable`` checks an output path before the work
+starts; the rest parses options and data files and writes to the terminal.
+
+>>> parse_ratios("layer1=0.3, fc=0.1")
+{'layer1': 0.3, 'fc': 0.1}
+>>> parse_ignore("3"), parse_ignore("layer1.0.conv1"), parse_min_keep("0.25"), parse_min_keep("8")
+(3, 'layer1.0.conv1', 0.25, 8)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import inspect
 import json
 import os
 import re
@@ -75,16 +83,109 @@ def _kwargs(text: str | None) -> dict[str, Any]:
 
 
 def resolve(spec: str, input_shapes: Sequence[str] = (), kwargs: dict[str, Any] | None = None,
-            trust: Sequence[str] = ()) -> Source:
+            trust: Sequence[str] = (), checkpoint: str | None = None) -> Source:
     """Turn a MODEL argument into a model and example inputs (``graphprune.sources.resolve``).
 
     The current directory is importable, as under ``python -m``; import specs on the
     command line are the user's own choice, names read from saved files need ``--trust``.
+    ``checkpoint`` is a state dict file of trained weights (``--checkpoint``).
     """
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     given = _make_inputs(input_shapes) if input_shapes else None
-    return sources.resolve(spec, example_inputs=given, kwargs=kwargs, trust=tuple(trust))
+    return sources.resolve(spec, example_inputs=given, kwargs=kwargs, trust=tuple(trust), checkpoint=checkpoint)
+
+
+# --- pruning options -----------------------------------------------------------------------------
+def parse_ratios(text: str) -> dict[str, float]:
+    """``'layer1=0.3,fc=0.1'`` -> ``{'layer1': 0.3, 'fc': 0.1}`` (argparse type of ``--ratios``)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.rpartition("=")
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = -1.0
+        if not sep or not name.strip() or not 0 <= ratio < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} is not LAYER=RATIO with a ratio in [0, 1), "
+                                             "e.g. layer1=0.3,fc1=0.1")
+        out[name.strip()] = ratio
+    if not out:
+        raise argparse.ArgumentTypeError("give LAYER=RATIO pairs, e.g. layer1=0.3,fc1=0.1")
+    return out
+
+
+def parse_ignore(text: str) -> int | str:
+    """A group id (digits) or a module name (argparse type of ``--ignore``)."""
+    return int(text) if text.isdigit() else text
+
+
+def parse_min_keep(text: str) -> int | float:
+    """An integer >= 1, or a fraction in (0, 1) (argparse type of ``--min-keep``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value >= 1 and value.is_integer():
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a channel count >= 1 nor a fraction in (0, 1)")
+
+
+#: flags that need an option ``gp.prune`` may not have: flag -> gp.prune keyword
+_NEWER_OPTIONS = {"--max-ratio": "max_ratio", "--ratios": "ratios", "--factor": "factor"}
+
+
+def prune_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``gp.prune`` that the pruning flags ask for.
+
+    ``--max-ratio``, ``--ratios`` and ``--factor`` pass through only when this
+    graphprune's ``gp.prune`` takes them; otherwise the command stops with a message.
+    """
+    out: dict[str, Any] = {"ignore": list(args.ignore), "scope": args.scope, "round_to": args.round_to,
+                           "min_keep": args.min_keep, "steps": args.steps}
+    ratios: dict[str, float] = {}
+    for d in args.ratios:
+        ratios.update(d)
+    given = {"--max-ratio": args.max_ratio, "--ratios": ratios or None, "--factor": args.factor}
+    accepted = inspect.signature(_gp().prune).parameters
+    for flag, key in _NEWER_OPTIONS.items():
+        if given[flag] is None:
+            continue
+        if key not in accepted:
+            raise CLIError(f"{flag} needs gp.prune({key}=...), which this version of graphprune "
+                           f"({_gp().__version__}) does not have; leave {flag} out")
+        out[key] = given[flag]
+    return out
+
+
+def _gp() -> Any:
+    import graphprune
+
+    return graphprune
+
+
+# --- output files ----------------------------------------------------------------------------------
+def writable(path: str | Path | None, flag: str, *, folder: bool = False) -> None:
+    """Check, before any work, that ``path`` (a file, or with ``folder`` a directory) can be
+    written: create its folder and probe it; raise ``CLIError`` naming ``flag`` otherwise."""
+    if not path:
+        return
+    target = Path(path)
+    where = target if folder else target.parent
+    try:
+        if target.is_dir() and not folder:
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(target))
+        if folder and target.exists() and not target.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(target))
+        where.mkdir(parents=True, exist_ok=True)
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(where))
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise CLIError(f"{flag} {str(path)!r}: cannot write there ({why}"
+                       f"{': ' + str(exc.filename) if exc.filename and str(exc.filename) != str(path) else ''})") from exc
 
 
 # --- output helpers --------------------------------------------------------------------------------

@@ -8,6 +8,18 @@ Usage::
     model, example_inputs = zoo.create("resnet20")
     out = model(*example_inputs)
 
+Names say what a model is. ``resnet20``, ``resnet56`` and ``se_resnet20`` are the CIFAR
+networks at their published widths; models named ``mini_<architecture>`` follow a known
+ImageNet architecture at a fraction of its width and input size, so ``mini_resnet18`` has
+703,386 parameters where torchvision's ``resnet18`` has 11.7 M. The names these models
+had before (``resnet18``, ``vit_tiny``, ...) still work everywhere a zoo name does
+(``ALIASES``; files saved with them still load), but ``list_models()`` lists only the
+current ones. ``param_count(name)`` counts a model's parameters without building its
+weights.
+
+>>> canonical("resnet18"), param_count("mini_resnet18")
+('mini_resnet18', 703386)
+
 Every model is built under ``torch.manual_seed(0)`` (the caller's global RNG state
 is restored afterwards). Normalisation layers get random affine parameters
 (weight in [0.5, 1.5), bias ~ 0.1 * N(0, 1)) and running statistics calibrated on
@@ -25,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["ZooEntry", "create", "list_models", "register"]
+__all__ = ["ZooEntry", "ALIASES", "canonical", "create", "exists", "list_models", "param_count", "register"]
 
 BATCH_SIZE = 2
 _MODEL_SEED = 0
@@ -43,6 +55,17 @@ class ZooEntry(NamedTuple):
 
 _REGISTRY: dict[str, ZooEntry] = {}
 
+#: Former names of renamed zoo models -> current names. They collided with torchvision
+#: and timm models of the same name and much larger size.
+ALIASES: dict[str, str] = {
+    "resnet18": "mini_resnet18", "resnet50": "mini_resnet50", "vgg11_bn": "mini_vgg11_bn",
+    "mobilenet_v2": "mini_mobilenet_v2", "mobilenet_v3": "mini_mobilenet_v3",
+    "shufflenet_v2": "mini_shufflenet_v2", "squeezenet": "mini_squeezenet",
+    "efficientnet": "mini_efficientnet", "convnext": "mini_convnext", "densenet": "mini_densenet",
+    "inception": "mini_inception", "resnext": "mini_resnext", "se_resnet": "se_resnet20",
+    "vit_tiny": "mini_vit", "vit_mha": "mini_vit_mha", "swin_block": "mini_swin", "unet": "mini_unet",
+}
+
 
 def register(
     name: str, input_shape: tuple[int, ...]
@@ -59,21 +82,47 @@ def register(
 
 
 def list_models() -> list[str]:
-    """Return the sorted names of all registered models."""
+    """Return the sorted names of all registered models (current names, not ``ALIASES``)."""
     return sorted(_REGISTRY)
+
+
+def canonical(name: str) -> str:
+    """The current name of zoo model ``name`` (itself, or what a former name in ``ALIASES`` became).
+
+    Raises ``ValueError`` for a name that is neither.
+    """
+    name = ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown zoo model {name!r}; choose one of: {', '.join(list_models())}")
+    return name
+
+
+def exists(name: object) -> bool:
+    """Whether ``name`` is a zoo model's current or former name."""
+    return isinstance(name, str) and ALIASES.get(name, name) in _REGISTRY
+
+
+def param_count(name: str, **kwargs: object) -> int:
+    """Parameters of zoo model ``name`` built with ``kwargs``: counted on the meta device (no
+    weights), or on the CPU for a factory that cannot run there; the global RNG is untouched."""
+    entry = _REGISTRY[canonical(name)]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                model = entry.factory(**kwargs)
+        except RuntimeError:  # a factory that reads tensor values (.item()) while building
+            model = entry.factory(**kwargs)
+    return sum(p.numel() for p in model.parameters())
 
 
 def create(name: str, **kwargs: object) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Build zoo model ``name`` and deterministic example inputs (batch size 2).
 
     Keyword arguments are forwarded to the model factory (e.g. ``num_classes``,
-    ``width``, ``depth``). The model is returned in ``eval()`` mode.
+    ``width``, ``depth``). The model is returned in ``eval()`` mode. A former name
+    (``ALIASES``) builds the same model as its current name.
     """
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        raise ValueError(
-            f"unknown zoo model {name!r}; choose one of: {', '.join(list_models())}"
-        )
+    entry = _REGISTRY[canonical(name)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_MODEL_SEED)
         model = entry.factory(**kwargs)

@@ -183,7 +183,7 @@ class ConvNeXt(nn.Module):
         return self.head(x)
 
 
-@register("convnext", (3, 64, 64))
+@register("mini_convnext", (3, 64, 64))
 def convnext(
     num_classes: int = 10,
     dims: tuple[int, ...] = (16, 32, 64),

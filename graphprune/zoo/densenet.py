@@ -90,7 +90,7 @@ class DenseNet(nn.Module):
         return self.classifier(x)
 
 
-@register("densenet", (3, 32, 32))
+@register("mini_densenet", (3, 32, 32))
 def densenet(
     num_classes: int = 10,
     growth_rate: int = 8,

@@ -180,7 +180,7 @@ class EfficientNet(nn.Module):
         return x
 
 
-@register("efficientnet", (3, 64, 64))
+@register("mini_efficientnet", (3, 64, 64))
 def efficientnet(
     num_classes: int = 10, width_mult: float = 0.5, depth_mult: float = 0.5
 ) -> EfficientNet:

@@ -100,7 +100,7 @@ class InceptionNet(nn.Module):
         return self.fc(self.dropout(x))
 
 
-@register("inception", (3, 32, 32))
+@register("mini_inception", (3, 32, 32))
 def inception(num_classes: int = 10, width: int = 16) -> InceptionNet:
     """Two-block Inception network (5x5 branch in block 1, 3x3-3x3 in block 2)."""
     return InceptionNet(num_classes=num_classes, width=width)

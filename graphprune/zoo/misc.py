@@ -88,7 +88,7 @@ class SEResNet(nn.Module):
         return self.fc(x)
 
 
-@register("se_resnet", (3, 32, 32))
+@register("se_resnet20", (3, 32, 32))
 def se_resnet(num_classes: int = 10, depth: int = 20, width: int = 16) -> SEResNet:
     """CIFAR SE-ResNet-20 (squeeze-excitation reduction 4)."""
     return SEResNet(depth=depth, num_classes=num_classes, width=width)

@@ -104,7 +104,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@register("mobilenet_v2", (3, 64, 64))
+@register("mini_mobilenet_v2", (3, 64, 64))
 def mobilenet_v2(num_classes: int = 10, width_mult: float = 0.25) -> MobileNetV2:
     """MobileNetV2 with channels scaled by ``width_mult`` (multiples of 8)."""
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult)

@@ -184,7 +184,7 @@ class MobileNetV3(nn.Module):
         return x
 
 
-@register("mobilenet_v3", (3, 64, 64))
+@register("mini_mobilenet_v3", (3, 64, 64))
 def mobilenet_v3(num_classes: int = 10, width_mult: float = 0.5) -> MobileNetV3:
     """MobileNetV3-Small with channels scaled by ``width_mult`` (multiples of 8)."""
     return MobileNetV3(width_mult=width_mult, num_classes=num_classes)

@@ -1,4 +1,4 @@
-"""ResNets: CIFAR-style (resnet20/56) and reduced-width ImageNet-style (resnet18/50)."""
+"""ResNets: CIFAR-style (resnet20/56, real widths) and reduced-width ImageNet-style (mini_resnet18/50)."""
 
 from __future__ import annotations
 
@@ -188,13 +188,13 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-@register("resnet18", (3, 64, 64))
+@register("mini_resnet18", (3, 64, 64))
 def resnet18(num_classes: int = 10, width: int = 16) -> ResNet:
     """ResNet-18 (BasicBlock [2, 2, 2, 2]) with base width ``width``."""
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, width=width)
 
 
-@register("resnet50", (3, 64, 64))
+@register("mini_resnet50", (3, 64, 64))
 def resnet50(num_classes: int = 10, width: int = 16) -> ResNet:
     """ResNet-50 (Bottleneck [3, 4, 6, 3], expansion 4) with base width ``width``."""
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, width=width)

@@ -139,7 +139,7 @@ class ResNeXt(nn.Module):
         return x
 
 
-@register("resnext", (3, 32, 32))
+@register("mini_resnext", (3, 32, 32))
 def resnext(
     num_classes: int = 10, cardinality: int = 8, width_per_group: int = 4
 ) -> ResNeXt:

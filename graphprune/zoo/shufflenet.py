@@ -170,7 +170,7 @@ class ShuffleNetV2(nn.Module):
         return x
 
 
-@register("shufflenet_v2", (3, 64, 64))
+@register("mini_shufflenet_v2", (3, 64, 64))
 def shufflenet_v2(
     num_classes: int = 10,
     stages_repeats: tuple[int, int, int] = (2, 4, 2),

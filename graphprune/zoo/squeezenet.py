@@ -98,7 +98,7 @@ class SqueezeNet(nn.Module):
         return torch.flatten(x, 1)
 
 
-@register("squeezenet", (3, 64, 64))
+@register("mini_squeezenet", (3, 64, 64))
 def squeezenet(num_classes: int = 10, width_mult: float = 0.5) -> SqueezeNet:
     """SqueezeNet 1.1 at half width (fire expands 32..128 per branch)."""
     return SqueezeNet(num_classes=num_classes, width_mult=width_mult)

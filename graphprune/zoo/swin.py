@@ -325,7 +325,7 @@ class SwinTransformer(nn.Module):
         return self.head(x)
 
 
-@register("swin_block", (3, 32, 32))
+@register("mini_swin", (3, 32, 32))
 def swin_block(num_classes: int = 10, embed_dim: int = 32) -> SwinTransformer:
     """Two-stage Swin (2 blocks each, window 4, shift 2), patch 2, dims 32/64."""
     return SwinTransformer(num_classes=num_classes, embed_dim=embed_dim)

@@ -60,7 +60,7 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-@register("unet", (1, 64, 64))
+@register("mini_unet", (1, 64, 64))
 def unet(num_classes: int = 2, base: int = 8) -> UNet:
     """U-Net, depth 3, base width 8, 1 input channel, ``num_classes`` output maps."""
     return UNet(in_channels=1, num_classes=num_classes, base=base)

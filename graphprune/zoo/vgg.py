@@ -55,7 +55,7 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-@register("vgg11_bn", (3, 32, 32))
+@register("mini_vgg11_bn", (3, 32, 32))
 def vgg11_bn(num_classes: int = 10, width: int = 16, hidden: int = 128) -> VGG:
     """VGG-11-BN with channels ``width * (1, 2, 4, 4, 8, 8, 8, 8)`` on 3x32x32."""
     return VGG(_VGG11, num_classes=num_classes, width=width, hidden=hidden)

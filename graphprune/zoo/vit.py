@@ -1,8 +1,8 @@
 """Vision Transformers (Dosovitskiy et al. 2021) for 3x32x32 inputs.
 
-``vit_tiny`` follows timm's ``VisionTransformer`` (hand-written attention with a
+``mini_vit`` follows timm's ``VisionTransformer`` (hand-written attention with a
 fused ``qkv`` Linear, ``B, N, C = x.shape`` unpacking, class token concatenated
-along the sequence). ``vit_mha`` follows torchvision's ``VisionTransformer``
+along the sequence). ``mini_vit_mha`` follows torchvision's ``VisionTransformer``
 (``nn.MultiheadAttention(batch_first=True)`` inside each encoder block).
 """
 
@@ -150,7 +150,7 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
-@register("vit_tiny", (3, 32, 32))
+@register("mini_vit", (3, 32, 32))
 def vit_tiny(
     num_classes: int = 10, embed_dim: int = 64, depth: int = 4
 ) -> VisionTransformer:
@@ -278,11 +278,11 @@ class MHAVisionTransformer(nn.Module):
         return self.head(x)
 
 
-@register("vit_mha", (3, 32, 32))
+@register("mini_vit_mha", (3, 32, 32))
 def vit_mha(
     num_classes: int = 10, hidden_dim: int = 64, num_layers: int = 4
 ) -> MHAVisionTransformer:
-    """torchvision-style ViT with ``nn.MultiheadAttention``; same sizes as vit_tiny."""
+    """torchvision-style ViT with ``nn.MultiheadAttention``; same sizes as mini_vit."""
     return MHAVisionTransformer(
         num_layers=num_layers,
         hidden_dim=hidden_dim,

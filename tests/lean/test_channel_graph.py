@@ -50,7 +50,7 @@ def test_residual_classes_share_nodes_via_fixed_edges():
             assert set(cg.node_class[src]) <= set(cg.node_class[blk.dst])
 
 
-@pytest.mark.parametrize("name", ["resnet20", "unet", "msd", "densenet"])
+@pytest.mark.parametrize("name", ["resnet20", "mini_unet", "msd", "mini_densenet"])
 def test_export_fallback_gives_the_same_channel_graph_and_kernels(name):
     # the channel graph is built from the rule table, so an ATen graph (torch.export) gives the
     # same one as fx; it used to find 0 kernels there

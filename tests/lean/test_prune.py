@@ -10,7 +10,7 @@ from graphprune import lean
 
 
 @pytest.mark.parametrize("name,kwargs", [("msd", {"depth": 8, "num_classes": 3}),
-                                         ("resnet20", {"width": 4}), ("unet", {"base": 4})])
+                                         ("resnet20", {"width": 4}), ("mini_unet", {"base": 4})])
 def test_prune_lean_zoo(name, kwargs):
     model, x = gp.zoo.create(name, **kwargs)
     res = gp.prune(model, x, method="lean", ratio=0.7)

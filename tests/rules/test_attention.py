@@ -47,7 +47,7 @@ def _sizes(dg):
     return [g.size for g in dg.groups if g.prunable]
 
 
-@pytest.mark.parametrize("name", ["vit_tiny", "vit_mha"])
+@pytest.mark.parametrize("name", ["mini_vit", "mini_vit_mha"])
 def test_attention_prunes_head_dims_or_whole_heads(name):
     model, x = gp.zoo.create(name)
     by_dim = gp.DependencyGraph.build(model, x)
@@ -63,7 +63,7 @@ def test_attention_prunes_head_dims_or_whole_heads(name):
 
 
 def test_head_pruning_rewrites_reshapes_and_projections():
-    model, x = gp.zoo.create("vit_tiny")
+    model, x = gp.zoo.create("mini_vit")
     dg = gp.DependencyGraph.build(model, x, factor="heads")
     first = next(g for g in dg.groups if g.prunable and g.size == 4)
     slim = gp.apply(model, dg, {first.id: [1, 3]})
@@ -76,7 +76,7 @@ def test_head_pruning_rewrites_reshapes_and_projections():
 
 
 def test_multihead_attention_is_replaced_by_an_equivalent_slim_module():
-    model, x = gp.zoo.create("vit_mha")
+    model, x = gp.zoo.create("mini_vit_mha")
     dg = gp.DependencyGraph.build(model, x)
     head_dim_groups = [g for g in dg.groups if g.prunable and g.size == 16]
     plan = {g.id: list(range(0, 16, 2)) for g in head_dim_groups}

@@ -237,7 +237,7 @@ def test_computed_functional_weight_input_axis_is_a_consumer():
 
 @pytest.mark.parametrize("mode", ["groups", "channels"])
 def test_grouped_convs_keep_their_structure(mode):
-    model, x = gp.zoo.create("resnext")
+    model, x = gp.zoo.create("mini_resnext")
     dg = gp.DependencyGraph.build(model, x, grouped=mode)
     rng = np.random.default_rng(0)
     plan = {g.id: rng.choice(g.size, g.size // 2, replace=False).tolist()

@@ -197,7 +197,7 @@ def test_a_layer_norm_called_twice_ties_the_features_of_both_calls(affine):
 
 
 def test_layer_norm_makes_the_residual_stream_inexact_and_verify_says_so():
-    model, x = gp.zoo.create("vit_tiny")
+    model, x = gp.zoo.create("mini_vit")
     dg = gp.DependencyGraph.build(model, x)
     stream = next(g for g in dg.groups if g.prunable and not g.exact)
     assert "LayerNorm" in stream.inexact_reason and "inexact" in dg.describe()

@@ -103,7 +103,7 @@ def test_pixel_shuffle_and_unshuffle():
 
 
 def test_channel_shuffle_couples_matching_channels_of_both_halves():
-    model, x = gp.zoo.create("shufflenet_v2")
+    model, x = gp.zoo.create("mini_shufflenet_v2")
     dg = gp.DependencyGraph.build(model, x)
     rng = np.random.default_rng(1)
     plan = {g.id: rng.choice(g.size, g.size // 3, replace=False).tolist()
