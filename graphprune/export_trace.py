@@ -37,7 +37,7 @@ import torch.utils._pytree as pytree
 from graphprune.errors import TraceError
 from graphprune.preserve import structural_copy
 
-__all__ = ["export_trace"]
+__all__ = ["export_trace", "mode_dependent"]
 
 aten = torch.ops.aten
 _VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -49,7 +49,7 @@ _ASSERT_OPS = {getattr(aten, name).default for name in
                if hasattr(aten, name)}
 
 
-def _mode_dependent(model: torch.nn.Module) -> list[str]:
+def mode_dependent(model: torch.nn.Module) -> list[str]:
     """Modules in training mode whose forward reads ``self.training`` (BatchNorm, dropout, ...)."""
     found = []
     for name, m in model.named_modules():
@@ -202,15 +202,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def export_trace(model: torch.nn.Module, bound: Any, fx_error: TraceError) -> torch.fx.GraphModule:
+def export_trace(model: torch.nn.Module, bound: Any, fx_error: TraceError,
+                 training: list[str] | None = None) -> torch.fx.GraphModule:
     """An fx GraphModule of ``model`` from ``torch.export`` (non-strict), as described above,
     for ``bound`` (``tracing.BoundInputs``). The caller holds the tracing lock; neither
-    ``model`` nor the inputs change."""
+    ``model`` nor the inputs change. ``training`` names the modules whose training-mode
+    behaviour the graph leaves out (default: ``mode_dependent(model)``; a caller that put
+    the model in eval mode computes it first)."""
     from graphprune.tracing import eval_mode  # tracing imports this module
 
     name = type(model).__name__
     inputs = bound.tensors
-    training = _mode_dependent(model)
+    training = mode_dependent(model) if training is None else training
     work = structural_copy(model)
     with eval_mode(work):
         gm, why = None, None

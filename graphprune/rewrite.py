@@ -34,7 +34,8 @@ from graphprune.module_form import own_classes
 from graphprune.plan import Plan
 from graphprune.removal import Removal
 from graphprune.rules.base import CONCAT, Rule, find_rule, is_inplace, iter_arrays, operand
-from graphprune.tracing import check_same_code, eval_mode, named_state, on_meta_device, shape_of
+from graphprune.shapes import shape_of
+from graphprune.tracing import check_same_code, eval_mode, named_state, on_meta_device
 
 __all__ = ["apply", "RewriteContext", "iter_arrays", "copy_as_graph_module"]
 

@@ -32,20 +32,22 @@ import operator
 import os
 import threading
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.fx
 import torch.fx._symbolic_trace as _fx_trace
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from graphprune.errors import InputError, TraceError
-from graphprune.export_trace import export_trace
+from graphprune.export_trace import export_trace, mode_dependent
+from graphprune.fidelity import outputs_differ, same_random_state
 from graphprune.fingerprint import check_same_code, code_fingerprint, code_fingerprints
 from graphprune.inputs import BoundInputs, bind_inputs, fixed_arguments, fresh_inputs, normalize_inputs  # noqa: F401
 from graphprune.preserve import untouched
 from graphprune.rules.base import has_own_module_rule
+from graphprune.shapes import kept_buffers, propagate_shapes, shape_of
 
 __all__ = ["trace", "normalize_inputs", "bind_inputs", "BoundInputs", "shape_of", "named_state", "GraphTracer", "TRACE_LOCK",
            "code_fingerprint", "code_fingerprints", "check_same_code"]
@@ -293,111 +295,68 @@ def _symbolic_trace(
         ) from exc
 
 
-def _export_trace(model: torch.nn.Module, inputs: BoundInputs | tuple, fx_error: TraceError
-                  ) -> torch.fx.GraphModule:
+def _export_trace(model: torch.nn.Module, inputs: BoundInputs | tuple, fx_error: TraceError,
+                  training: list[str] | None = None) -> torch.fx.GraphModule:
     """``export_trace.export_trace`` under the tracing lock, with the model left as it was."""
     bound = inputs if isinstance(inputs, BoundInputs) else BoundInputs(tuple(inputs))
     with TRACE_LOCK, untouched(model):
-        return export_trace(model, bound, fx_error)
+        return export_trace(model, bound, fx_error, training)
 
 
-def shape_of(value: Any) -> Any:
-    """The shape structure recorded in ``node.meta['shape']`` for a runtime value."""
-    if isinstance(value, torch.Tensor):
-        return value.shape
-    if isinstance(value, (tuple, list)):
-        return tuple(shape_of(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(shape_of(v) for v in value.values())
-    if isinstance(value, (int, float, bool, str)) or value is None:
-        return value
-    if isinstance(value, torch.Size):
-        return tuple(value)
-    return None
+def _recorded_difference(gm: torch.fx.GraphModule, model: torch.nn.Module, bound: BoundInputs) -> str | None:
+    """Record shapes on ``gm``, then say how its output differs from the model's own (see
+    ``graphprune.fidelity``); nothing is compared for a model on the meta device."""
+    with same_random_state():
+        got = propagate_shapes(gm, fresh_inputs(bound.tensors))
+    if bound.tensors and bound.tensors[0].device.type == "meta":
+        return None
+    with same_random_state(), kept_buffers(model), torch.no_grad():
+        want = bound.run(model, fresh_inputs(bound.tensors))
+    return outputs_differ(got, want)
 
 
-def _run_recording(gm: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> Any:
-    """Run the graph once on real inputs, storing each node's output shape in ``node.meta``.
-
-    ``torch.fx.Interpreter`` semantics (placeholders with defaults and ``*args``, values
-    freed after their last use) with a fraction of its per-node overhead: each node's
-    callable is looked up once and arguments are filled in with ``map_arg``.
-    """
-    modules = dict(gm.named_modules())
-    last_user: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        for used in node.all_input_nodes:
-            last_user[used] = node
-    dead_after: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-    for used, user in last_user.items():
-        dead_after.setdefault(user, []).append(used)
-    env: dict[torch.fx.Node, Any] = {}
-    pending = iter(inputs)
-    for node in gm.graph.nodes:
-        try:
-            if node.op == "placeholder":
-                if node.target.startswith("*"):
-                    value = list(pending)
-                else:
-                    value = next(pending, _MISSING)
-                    if value is _MISSING:
-                        if not node.args:
-                            raise TypeError(f"no value for input {node.target!r}")
-                        value = node.args[0]
-            elif node.op == "get_attr":
-                value = gm
-                for part in node.target.split("."):
-                    value = getattr(value, part)
-            elif node.op == "output":
-                return torch.fx.node.map_arg(node.args[0], env.__getitem__)
-            else:
-                args = torch.fx.node.map_arg(node.args, env.__getitem__)
-                kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
-                if node.op == "call_function":
-                    value = node.target(*args, **kwargs)
-                elif node.op == "call_method":
-                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
-                else:
-                    value = modules[node.target](*args, **kwargs)
-        except Exception as exc:
-            culprit = f"module {node.target!r}" if node.op == "call_module" else f"{node.op} {node.target}"
-            raise TraceError(
-                f"running the example inputs through node {node.name!r} ({culprit}) failed: "
-                f"{type(exc).__name__}: {exc}. Check that example_inputs have the shape, "
-                "dtype and device the model expects."
-            ) from exc
-        node.meta["shape"] = shape_of(value)
-        if node.op == "placeholder" and isinstance(value, torch.Tensor):
-            node.meta["tensor_meta"] = _extract_tensor_metadata(value)
-        env[node] = value
-        for used in dead_after.get(node, ()):
-            del env[used]
-    return None
+def _warn_traced_in_eval(gm: torch.fx.GraphModule, training: list[str]) -> None:
+    """Warn about modules in training mode whose own code (traced through, not a leaf) reads
+    ``self.training``: the graph keeps their eval-mode branch."""
+    leaves = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    through = [name for name in training if name not in leaves
+               and not any(name.startswith(leaf + ".") for leaf in leaves)]
+    if through:
+        shown = ", ".join(repr(n) for n in through[:4]) + (" ..." if len(through) > 4 else "")
+        warnings.warn(f"{gm.__class__.__name__}: {shown} in training mode read self.training in code that was "
+                      "traced through; the graph records their eval-mode branch (F.dropout(x, p, self.training) "
+                      "is off), while dropout and norm modules still follow train()/eval(). Call model.eval() "
+                      "first to silence this", stacklevel=4)
 
 
-_MISSING = object()
-
-
-def propagate_shapes(gm: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
-    """Annotate ``gm`` in place with output shapes; state buffers are restored afterwards."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(inputs) > len(placeholders) or len(inputs) < sum(
-        1 for n in placeholders if not n.args
-    ):
-        names = ", ".join(n.target for n in placeholders)
-        raise TraceError(
-            f"the model's forward takes {len(placeholders)} input(s) ({names}) "
-            f"but {len(inputs)} example input(s) were given"
-        )
-    saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
+def _faithful_trace(model: torch.nn.Module, bound: BoundInputs, leaf_modules: Iterable[type | str],
+                    concrete_args: dict | None, export_fallback: bool, training: list[str]
+                    ) -> torch.fx.GraphModule:
+    """The torch.fx graph, shape-recorded, if it computes what the model computes; else the
+    torch.export graph if that does; else ``TraceError``."""
+    fixed = {**fixed_arguments(model, bound), **(concrete_args or {})}
     try:
-        with torch.no_grad():
-            return _run_recording(gm, inputs)
-    finally:
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
+        gm = _symbolic_trace(model, leaf_modules, fixed or None)
+    except TraceError as exc:
+        fx_error = exc
+    else:
+        difference = _recorded_difference(gm, model, bound)
+        if difference is None:
+            _warn_traced_in_eval(gm, training)
+            return gm
+        fx_error = TraceError(
+            f"the torch.fx graph of {type(model).__name__} does not compute what the model computes on "
+            f"the example inputs: {difference}. Python that symbolic tracing records differently (an "
+            "augmented assignment through an alias, y = x; y += 1) is the usual cause; write it out of "
+            "place (y = x + 1) or in place on purpose (x.add_(1))")
+    if not export_fallback:
+        raise fx_error
+    gm = _export_trace(model, bound, fx_error, training)
+    difference = _recorded_difference(gm, model, bound)
+    if difference is not None:
+        raise TraceError(f"{fx_error} The torch.export graph differs from the model too: {difference}; "
+                         "graphprune cannot prune a model it cannot trace faithfully") from fx_error
+    return gm
 
 
 def trace(
@@ -415,6 +374,11 @@ def trace(
     ``export_fallback`` is on, ``torch.export`` (non-strict) is tried for an ATen graph
     (see ``graphprune.export_trace``: inference mode, the model's output structure, a
     dynamic batch dimension); if that fails too, the ``TraceError`` names both causes.
+    The graph is traced in eval mode (the inference graph: ``F.dropout(x, p, self.training)``
+    is recorded off; dropout and norm modules still follow ``train()``/``eval()``) and
+    checked against one eager run of the model on the same inputs (``graphprune.fidelity``):
+    a torch.fx graph that computes something else is replaced by the torch.export graph,
+    and one that still differs raises ``TraceError``.
     ``model``, its attributes and ``example_inputs`` are left exactly as they were.
     The returned GraphModule shares submodules with ``model``; nothing is copied.
 
@@ -430,18 +394,14 @@ def trace(
         raise InputError("the example inputs are on the meta device but the model is not; put the model "
                          "on the meta device too (structure only: model.to('meta')), or pass real tensors")
     with TRACE_LOCK, untouched(model):
-        gm = model if isinstance(model, torch.fx.GraphModule) else None
-        if gm is None:
-            fixed = {**fixed_arguments(model, bound), **(concrete_args or {})}
-            try:
-                gm = _symbolic_trace(model, leaf_modules, fixed or None)
-            except TraceError as fx_error:
-                if not export_fallback:
-                    raise
-                gm = _export_trace(model, bound, fx_error)
+        if isinstance(model, torch.fx.GraphModule):  # already a graph (exported ones refuse eval())
+            gm = _GraphModule(model, model.graph.__deepcopy__(), type(model).__name__)
+            propagate_shapes(gm, fresh_inputs(bound.tensors))
         else:
-            gm = _GraphModule(gm, gm.graph.__deepcopy__(), type(gm).__name__)
-        propagate_shapes(gm, fresh_inputs(bound.tensors))
+            training = mode_dependent(model)
+            with eval_mode(model):
+                gm = _faithful_trace(model, bound, leaf_modules, concrete_args, export_fallback, training)
+            gm.training = model.training  # traced in eval mode; the submodules it shares keep their flags
     fixed = {**getattr(model, "meta", {}).get("graphprune_fixed", {}), **bound.constants}
     if fixed:  # keyword arguments baked into the graph: later calls may give them again
         gm.meta["graphprune_fixed"] = fixed

@@ -175,3 +175,21 @@ def small_cnn():
                           nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(6 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
     return model, torch.randn(2, 2, 8, 8)
+
+
+class InputInPlace(nn.Module):
+    """A forward that changes its input in place before using it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.b = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        if self.how == "mul_":
+            x.mul_(2.0)
+        else:
+            self.act(x)  # nn.ReLU(inplace=True) on the input
+        return self.b(self.a(x).relu())

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import assert_state, flat_outputs, snapshot
+from helpers import InputInPlace, assert_state, flat_outputs, snapshot
 
 import graphprune as gp
 from graphprune.verify import masked_forward
@@ -315,3 +315,17 @@ def test_verify_result_of_a_plan_that_changes_output_shapes_is_inf():
     bad = nn.Sequential(nn.Linear(6, 4))
     result = gp.verify(model, X, {exact: [1]}, dg=dg, slim=bad)
     assert result == float("inf") and str(result).startswith("failed")
+
+
+def test_verify_of_a_model_that_changes_its_input_in_place():
+    # verify.py: the masked original and the slim model run one after the other on the same
+    # tensors, so the slim model sees x * 4 where the masked original saw x * 2: verify reports
+    # about 1.0 for an exact plan, and the caller's inputs are changed
+    torch.manual_seed(0)
+    model, x = InputInPlace("mul_").eval(), torch.randn(1, 3, 6, 6)
+    dg = gp.DependencyGraph.build(model, x.clone())
+    plan = {0: [1, 4]}
+    assert dg.groups[0].prunable and dg.groups[0].exact
+    original = x.clone()
+    assert gp.verify(model, x, plan, dg=dg) <= 1e-4
+    assert torch.equal(x, original), "verify changed the example inputs"
