@@ -245,3 +245,42 @@ def group_norm(ctx, node, module):
     labels[1] = ctx.couple([labels[1], *[p for p in params if p is not None]], c,
                            f"{ctx.describe_node()} on a non-channel axis")
     return tuple(labels)
+
+
+# F.group_norm(input, num_groups, weight, bias, eps); aten.group_norm(..., eps, cudnn_enabled)
+GROUP_NORM_FUNCTION = Operands(groups=1, weight=2, bias=3, eps=4)
+
+
+def _group_norm_function_patch(rw, node):
+    """``num_groups`` shrinks with the channels (whole groups go; one group stays one)."""
+    groups = rw.operand(node, "groups")
+    if groups > 1:
+        per_group = rw.old_shape(node)[1] // groups
+        rw.set_operand(node, "groups", rw.new_shape(node)[1] // per_group)
+
+
+@register(F.group_norm, *aten_ops("group_norm.default"), patch=_group_norm_function_patch,
+          operands=GROUP_NORM_FUNCTION, kind=NORM)
+def group_norm_function(ctx, node, module):
+    """F.group_norm: whole normalisation groups are pruned (exact); one group is inexact."""
+    labels = list(ctx.labels(node.args[0]))
+    groups = ctx.operand("groups")
+    lab = labels[1] if len(labels) > 1 else None
+    if lab is None or not isinstance(groups, int):
+        if lab is not None:
+            ctx.pin(lab, f"{ctx.describe_node()} takes num_groups from a run-time value")
+        return tuple(labels)
+    c = ctx.shape(node)[1]
+    if groups > 1:
+        ctx.factorize(lab.reshape(groups, c // groups), free=0)
+    else:
+        ctx.inexact(lab, f"{ctx.describe_node()} normalises over all channels")
+    params = []
+    for name in ("weight", "bias"):
+        t = ctx.operand(name)
+        t_lab = ctx.labels(t) if t is not None else None
+        if t_lab is not None:
+            ctx.note_operand(t, name)
+            params.append(t_lab[0])
+    labels[1] = ctx.couple([lab, *params], c, f"{ctx.describe_node()} on a non-channel axis")
+    return tuple(labels)

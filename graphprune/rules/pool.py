@@ -52,12 +52,16 @@ register(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpo
 
 @register(F.pad, *aten_ops("constant_pad_nd.default"))
 def pad(ctx, node, module):
-    """Padding of spatial axes keeps channels; padding a channel axis pins it."""
+    """Padding of spatial axes keeps channels; an axis padded by (0, 0) is untouched (Swin
+    pads ``[B, H, W, C]`` with ``(0, 0, ...)``); padding or cropping a channel axis pins it."""
     labels = ctx.labels(node.args[0])
     widths = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
     n = len(widths) // 2
     out = list(labels)
-    for d in range(len(out) - n, len(out)):
+    for i in range(n):
+        d = len(out) - 1 - i
+        if widths[2 * i] == 0 and widths[2 * i + 1] == 0:  # literal zeros (a node is never == 0)
+            continue
         ctx.pin(out[d], f"{ctx.describe_node()} pads a channel axis")
         out[d] = None
     return tuple(out)

@@ -91,6 +91,60 @@ def test_group_norm_loses_whole_groups_exactly():
     assert gp.verify(model, x, {group.id: [1, 3]}, dg=dg, slim=slim) <= 1e-5
 
 
+class FunctionalGroupNorm(nn.Module):
+    def __init__(self, groups: int, affine: bool = True):
+        super().__init__()
+        self.groups = groups
+        self.a, self.b = nn.Conv2d(3, 12, 3), nn.Conv2d(12, 2, 1)
+        self.w = nn.Parameter(torch.rand(12) + 0.5) if affine else None
+        self.bias = nn.Parameter(torch.randn(12)) if affine else None
+
+    def forward(self, x):
+        return self.b(F.group_norm(self.a(x), self.groups, self.w, self.bias))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_functional_group_norm_loses_whole_groups_exactly(affine):
+    model, x = FunctionalGroupNorm(4, affine).eval(), torch.randn(2, 3, 8, 8)
+    dg = gp.DependencyGraph.build(model, x)
+    group = group_of(dg, "a.weight")
+    assert group.size == 4 and group.exact and group.prunable
+    if affine:
+        assert member(group, "w", 0).role == "pass" and member(group, "bias", 0).role == "pass"
+    exact(model, x, {group.id: [1, 3]}, dg=dg, zero={"b.weight": (1, [3, 4, 5, 9, 10, 11])})
+
+
+def test_functional_group_norm_with_one_group_is_inexact():
+    model, x = FunctionalGroupNorm(1).eval(), torch.randn(2, 3, 8, 8)
+    dg = gp.DependencyGraph.build(model, x)
+    group = group_of(dg, "a.weight")
+    assert group.size == 12 and not group.exact
+    assert "normalises over all channels" in dg.describe(width=200)
+    slim = gp.apply(model, dg, {group.id: [0, 5]})
+    assert slim(x).shape == (2, 2, 6, 6)
+
+
+def test_group_norm_in_an_export_graph_loses_whole_groups():
+    class Branch(nn.Module):  # a shape branch sends it through torch.export: aten.group_norm
+        def __init__(self):
+            super().__init__()
+            self.a, self.n, self.b = nn.Conv2d(3, 12, 3), nn.GroupNorm(4, 12), nn.Conv2d(12, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(self.n(y) if x.shape[-1] > 4 else y)
+
+    model, x = Branch().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.n.weight.uniform_(0.5, 1.5)
+        model.n.bias.normal_(0, 0.1)
+    dg = gp.DependencyGraph.build(model, x)
+    assert dg.gm.meta.get("graphprune_export")
+    group = next(g for g in dg.groups if g.prunable)
+    assert group.size == 4 and group.exact
+    assert gp.verify(model, x, {group.id: [0, 2]}, dg=dg) <= 1e-5
+
+
 @pytest.mark.parametrize("per_group", [1, 3])
 def test_group_norm_without_affine_parameters_shrinks_its_groups(per_group):
     """Found by fuzzing: GroupNorm(affine=False) has no tensor to slice, so its num_groups was

@@ -51,6 +51,33 @@ def test_padding_a_channel_axis_pins_it():
     assert "pads a channel axis" in dg.describe(width=200)
 
 
+class ChannelsLastPad(nn.Module):
+    """Swin-style: [B, H, W, C] padded on H and W with (0, 0) for C."""
+
+    def __init__(self, crop: bool = False):
+        super().__init__()
+        self.crop = crop
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(7 if crop else 8, 2)
+
+    def forward(self, x):
+        y = F.pad(self.a(x), (0, -1) if self.crop else (0, 0, 1, 1, 0, 2))
+        return self.b(y)
+
+
+def test_padding_a_channel_axis_by_nothing_keeps_its_channels():
+    model, x = ChannelsLastPad().eval(), torch.randn(2, 4, 4, 3)
+    dg = gp.DependencyGraph.build(model, x)
+    g = group_of(dg, "a.weight")
+    assert g.prunable and g.exact
+    exact(model, x, {g.id: [1, 5]}, dg=dg, zero={"b.weight": (1, [1, 5])})
+
+
+def test_cropping_a_channel_axis_pins_it():
+    dg = gp.DependencyGraph.build(ChannelsLastPad(crop=True), torch.randn(2, 4, 4, 3))
+    assert not group_of(dg, "a.weight").prunable
+    assert "pads a channel axis" in dg.describe(width=200)
+
+
 class ChannelsLastPool(nn.Module):
     """[B, N, C] tokens: avg_pool1d and interpolate act on the last axis, which carries channels."""
 
