@@ -35,7 +35,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from graphprune.errors import TraceError
-from graphprune.preserve import structural_copy
+from graphprune.preserve import structural_copy, untouched
 
 __all__ = ["export_trace", "mode_dependent"]
 
@@ -80,12 +80,15 @@ def _batch_dynamic(model: torch.nn.Module, bound: Any) -> tuple | dict:
 
 def _export(model: torch.nn.Module, bound: Any, dynamic: bool) -> torch.export.ExportedProgram:
     """``torch.export`` (non-strict) on copies of the inputs (keywords for dict example inputs),
-    with a dynamic batch dimension if ``dynamic``."""
+    with a dynamic batch dimension if ``dynamic``. Attributes the forward stores while it is
+    exported are undone after each attempt: a cache filled with fake tensors by one attempt
+    (ultralytics' ``Detect.anchors``) would be read as a constant by the next."""
     fresh = tuple(x.detach().clone() for x in bound.tensors)
     shapes = _batch_dynamic(model, bound) if dynamic else None
-    if bound.names is not None:
-        return torch.export.export(model, (), kwargs=bound.kwargs(fresh), dynamic_shapes=shapes, strict=False)
-    return torch.export.export(model, fresh, dynamic_shapes=shapes, strict=False)
+    with untouched(model):
+        if bound.names is not None:
+            return torch.export.export(model, (), kwargs=bound.kwargs(fresh), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(model, fresh, dynamic_shapes=shapes, strict=False)
 
 
 def _fixed_batch(program: torch.export.ExportedProgram, inputs: tuple, model_name: str) -> str | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["outputs_differ", "same_random_state", "TOLERANCE"]
 
@@ -42,6 +43,8 @@ def outputs_differ(got: Any, want: Any, tolerance: float = TOLERANCE) -> str | N
     if len(got_t) != len(want_t):
         return f"the graph returns {len(got_t)} tensor(s), the model {len(want_t)}"
     for i, (a, b) in enumerate(zip(got_t, want_t)):
+        if isinstance(a, FakeTensor):
+            return f"output {i} is a fake tensor left from tracing (a tensor the forward cached on a module)"
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"output {i} is {a.dtype} {tuple(a.shape)} in the graph, {b.dtype} {tuple(b.shape)} in the model"
         if a.device.type == "meta" or b.numel() == 0:

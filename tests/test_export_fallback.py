@@ -83,3 +83,42 @@ def test_zoo_models_prune_exactly_from_their_export_graph(name):
     slim = gp.apply(exported, dg, plan)
     assert gp.verify(exported, x, plan, dg=dg, slim=slim) <= 1e-4
     assert gp.count(slim, x).macs < gp.count(exported, x).macs
+
+
+class Remembers(nn.Module):
+    """Caches a tensor and a shape over class-level defaults, as ultralytics' Detect does."""
+
+    anchors = torch.empty(0)
+    shape = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if self.shape != x.shape:
+            self.anchors, self.shape = torch.arange(x.shape[-1], dtype=x.dtype), x.shape
+        return self.conv(x) + self.anchors
+
+
+def test_each_export_attempt_leaves_the_model_as_it_was():
+    # graphprune may export twice (a dynamic batch first, then static); what the first attempt
+    # stored (fake tensors among it) was read by the second: a cached Detect.anchors became a
+    # fake constant of ultralytics YOLO's graph at batch 1
+    from graphprune.export_trace import _export
+    from graphprune.inputs import BoundInputs
+
+    model = Remembers().eval()
+    _export(model, BoundInputs((torch.randn(2, 3, 4, 4),)), dynamic=True)
+    assert "anchors" not in vars(model) and "shape" not in vars(model)
+
+
+def test_a_cache_filled_while_exporting_at_batch_1_is_not_a_constant_of_the_graph():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), Remembers()).eval(), torch.randn(1, 3, 5, 5)
+    with pytest.warns(UserWarning, match="batch size is 1"):  # a dynamic attempt, then a static one
+        dg = gp.DependencyGraph.build(model, x)
+    assert dg.gm.meta.get("graphprune_export") and "anchors" not in vars(model[1])
+    plan = {g.id: [0, 2] for g in dg.groups if g.prunable}
+    slim = gp.apply(model, dg, plan)
+    assert plan and gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
