@@ -11,7 +11,8 @@ attribute whose name says it is a width and whose value is a width the plan chan
 exactly one way takes the new value. The copy is then run against ``reference`` (the
 slim GraphModule) on probe inputs; if they differ, a ``RewriteError`` names the widths
 it could not place and how to give them (``attributes={"path.to.attr": value}``).
-Nothing unchecked is returned.
+Nothing unchecked is returned; on the meta device (structure without weights) the check compares
+output shapes, or, where the model's code needs values to run, the shapes of its tensors.
 
 >>> import torch, graphprune as gp
 >>> model, x = gp.zoo.create("resnet20")
@@ -23,6 +24,7 @@ Nothing unchecked is returned.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Mapping
@@ -34,7 +36,7 @@ from graphprune.errors import InputError, RewriteError
 from graphprune.inputs import BoundInputs, fresh_inputs
 from graphprune.removal import Removal
 from graphprune.rules.base import find_module_rule, find_rule, iter_arrays
-from graphprune.tracing import eval_mode
+from graphprune.tracing import eval_mode, on_meta_device
 
 __all__ = ["own_classes", "width_changes"]
 
@@ -145,9 +147,11 @@ def _rebuilt(model: torch.nn.Module, work: torch.nn.Module, removal: Removal) ->
         if new_value != value:
             setattr(new_config, key, new_value)
             placed.append(f"config.{key}: {value} -> {new_value}")
+    on_meta = on_meta_device(model)
     try:
-        rebuilt = cls(new_config)
-        rebuilt.load_state_dict(work.state_dict(), strict=True)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            rebuilt = cls(new_config)
+        rebuilt.load_state_dict(work.state_dict(), strict=True, assign=on_meta)
     except Exception as exc:
         return None, f"{cls.__name__}(config) with {', '.join(placed) or 'no change'} does not take the slim " \
                      f"weights: {' '.join(str(exc).split())[:200]}"
@@ -252,14 +256,25 @@ def own_classes(model: torch.nn.Module, dg: Any, removal: Removal, reference: to
 
 
 def _differs(candidate: torch.nn.Module, reference: torch.nn.Module, probe: BoundInputs) -> str:
-    """Why ``candidate`` does not compute what ``reference`` does on ``probe``; '' if it does."""
+    """Why ``candidate`` does not compute what ``reference`` does on ``probe``; '' if it does.
+    On the meta device (structure without values) output shapes are compared, and a model
+    whose code needs values to run (``.item()``) is taken on the shapes of its tensors alone,
+    which ``own_classes`` has already matched to the slim ones."""
+    meta = on_meta_device(candidate)
+    if meta:
+        probe = BoundInputs(tuple(t.to("meta") for t in probe.tensors), probe.names, probe.constants)
     try:
         with torch.no_grad(), eval_mode(candidate), eval_mode(reference):
             want = _flatten(reference(*fresh_inputs(probe.tensors)))
             got = _flatten(probe.run(candidate, fresh_inputs(probe.tensors)))
     except Exception as exc:  # the model's code read a width from somewhere this could not place
+        if meta and "meta" in str(exc):
+            return ""
         return f"it fails to run: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-    same = len(want) == len(got) and all(
-        a.shape == b.shape and bool(((a.double() - b.double()).abs() <= 1e-5 * (1 + a.double().abs().max())).all())
-        for a, b in zip(want, got))
+    if meta:
+        same = [a.shape for a in want] == [b.shape for b in got]
+    else:
+        same = len(want) == len(got) and all(
+            a.shape == b.shape and bool(((a.double() - b.double()).abs() <= 1e-5 * (1 + a.double().abs().max())).all())
+            for a, b in zip(want, got))
     return "" if same else "its outputs differ from the slim graph's"

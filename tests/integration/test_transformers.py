@@ -119,3 +119,27 @@ def test_config_that_cannot_describe_the_widths_is_refused():
     plan = gp.select(dg, gp.score("magnitude", model, dg), 0.5)
     with pytest.raises(gp.RewriteError, match="config cannot describe"):
         gp.apply(model, dg, plan, output="module")
+
+
+def test_the_module_form_of_a_model_on_the_meta_device_takes_the_real_slim_weights():
+    # structure without weights: the slim class and config come from a meta-device build (no
+    # value is computed, nothing is allocated); the weights pruned elsewhere load into it
+    torch.manual_seed(0)
+    real = llama().eval()
+    with torch.device("meta"):
+        meta = llama().eval()
+    inputs = _inputs("llama")
+    dg_real = gp.DependencyGraph.build(real, inputs, factor="heads")
+    dg_meta = gp.DependencyGraph.build(meta, inputs, factor="heads")
+    plan = gp.select(dg_real, gp.score("magnitude", real, dg_real), 0.5)
+    assert [g.size for g in dg_meta.groups] == [g.size for g in dg_real.groups]
+    slim_real = gp.apply(real, dg_real, plan, output="module")
+    slim_meta = gp.apply(meta, dg_meta, plan, output="module")
+    assert type(slim_meta) is type(real) and all(p.is_meta for p in slim_meta.parameters())
+    assert slim_meta.config.to_dict() == slim_real.config.to_dict()
+    assert {k: v.shape for k, v in slim_meta.state_dict().items()} == \
+        {k: v.shape for k, v in slim_real.state_dict().items()}
+    again = type(real)(slim_meta.config).eval()  # the slim config, then the weights (e.g. streamed)
+    again.load_state_dict(slim_real.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(again, inputs), _logits(slim_real, inputs))
