@@ -359,6 +359,37 @@ def _faithful_trace(model: torch.nn.Module, bound: BoundInputs, leaf_modules: It
     return gm
 
 
+def _check_fixed(given: Any, fixed: Any, name: str) -> None:
+    if given is not fixed and given != fixed:
+        raise InputError(f"this graph was traced with {name}={fixed!r} fixed; it cannot run with "
+                         f"{name}={given!r} (trace the model again with that value)")
+
+
+torch.fx.wrap("_check_fixed")
+
+
+def _accept_fixed(gm: torch.fx.GraphModule, constants: dict[str, Any]) -> None:
+    """Keyword arguments the graph fixed (``use_cache=False``) become inputs that default to
+    their value and are checked, so the graph and every slim model made from it are called
+    with the model's own keyword arguments: ``slim(**inputs)``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    taken = {n.target for n in placeholders}
+    todo = [(k, v) for k, v in constants.items() if k not in taken]
+    if not todo or not placeholders or placeholders[-1].target.startswith("*"):
+        return
+    graph, cursor, added = gm.graph, placeholders[-1], []
+    for key, value in todo:
+        with graph.inserting_after(cursor):
+            cursor = graph.placeholder(key, default_value=value)
+            cursor.meta["shape"] = shape_of(value)
+            added.append((cursor, value))
+    for node, value in added:
+        with graph.inserting_after(cursor):
+            cursor = graph.call_function(_check_fixed, (node, value, node.target))
+            cursor.meta["shape"] = None
+    gm.recompile()
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -402,6 +433,7 @@ def trace(
             with eval_mode(model):
                 gm = _faithful_trace(model, bound, leaf_modules, concrete_args, export_fallback, training)
             gm.training = model.training  # traced in eval mode; the submodules it shares keep their flags
+    _accept_fixed(gm, bound.constants)
     fixed = {**getattr(model, "meta", {}).get("graphprune_fixed", {}), **bound.constants}
     if fixed:  # keyword arguments baked into the graph: later calls may give them again
         gm.meta["graphprune_fixed"] = fixed

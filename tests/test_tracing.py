@@ -350,10 +350,13 @@ def test_dict_example_inputs_are_keyword_arguments(order):
     result = gp.prune(model, inputs, ratio=0.5, steps=2)
     slim = result.model
     assert slim.get_submodule("a").out_features == 4
-    assert list(inspect.signature(slim.forward).parameters) == ["x", "mask"]
+    assert list(inspect.signature(slim.forward).parameters) == ["x", "mask", "scale", "return_dict"]
     with torch.no_grad():
         want = slim(x, mask)
         assert torch.equal(slim(x=x, mask=mask), want)
+        assert torch.equal(slim(**inputs), want)  # called as the model is, with the keywords it fixed
+        with pytest.raises(gp.InputError, match="traced with scale=2.0 fixed"):
+            slim(**{**inputs, "scale": 3.0})
     assert gp.count(slim, inputs).params == result.after.params  # graphprune takes the same dict again
     assert gp.verify(model, inputs, result.plan) < 1e-5
     with pytest.raises(gp.InputError, match="scale=2.0"):
