@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import inspect
 import operator
+import re
 import warnings
 from typing import Any
 
@@ -202,7 +203,13 @@ def _plain_graph(program: torch.export.ExportedProgram, constants: Any = ()
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    first = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    unknown = re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", text)
+    if unknown:  # the pytree advice torch gives does not help a user who only wants to prune
+        kind = unknown.group(1).rsplit(".", 1)[-1]
+        return (f"the model returns a {kind}, which is not a tensor or a container of tensors; make forward "
+                f"return tensors (for a cache, pass use_cache=False in the example inputs)")
+    return first
 
 
 def export_trace(model: torch.nn.Module, bound: Any, fx_error: TraceError,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +133,24 @@ def _uncovered(model: torch.nn.Module, dg: DependencyGraph) -> dict[str, str]:
 
 
 def _join(reasons: list[str]) -> str:
-    return "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    """Reasons joined; those that differ only in the node they name are said once.
+
+    >>> _join(["op (node 'a') pads", "op (node 'b') pads", "other"])
+    "op pads (nodes 'a', 'b'); other"
+    """
+    merged: dict[tuple[str, str], list[str]] = {}
+    for why in reasons:
+        m = re.fullmatch(r"(.*?) \(node '([^']+)'\)(.*)", why, flags=re.DOTALL)
+        key, node = ((m.group(1), m.group(3)), m.group(2)) if m else ((why, ""), "")
+        merged.setdefault(key, []).append(node)
+    said = []
+    for (head, tail), nodes in merged.items():
+        if len(nodes) == 1:
+            said.append(f"{head} (node '{nodes[0]}'){tail}" if nodes[0] else head)
+        else:
+            names = ", ".join(f"'{n}'" for n in nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+            said.append(f"{head}{tail} (nodes {names})")
+    return "; ".join(said[:3]) + (f"; and {len(said) - 3} more" if len(said) > 3 else "")
 
 
 class DependencyGraph:

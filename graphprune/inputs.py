@@ -60,7 +60,31 @@ def _check_tensor(x: Any, where: str) -> torch.Tensor:
 
 def bind_inputs(model: torch.nn.Module | None, example_inputs: Any) -> BoundInputs:
     """``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword arguments) bound
-    to ``model.forward``; ``InputError`` names what does not fit."""
+    to ``model.forward``; ``InputError`` names what does not fit. A ``forward`` that takes
+    ``use_cache`` (Hugging Face models) and is not given it is bound with ``use_cache=False``:
+    a key/value cache is state for generation, not an output whose widths must be kept."""
+    bound = _bind(model, example_inputs)
+    return _without_cache(model, bound) if model is not None else bound
+
+
+def _without_cache(model: torch.nn.Module, bound: BoundInputs) -> BoundInputs:
+    params = inspect.signature(model.forward).parameters
+    use_cache = params.get("use_cache")
+    if use_cache is None or use_cache.default is False or "use_cache" in bound.constants or \
+            "use_cache" in (bound.names or ()):
+        return bound
+    names = bound.names
+    if names is None:  # positional tensors: bind them to forward's leading parameters by name
+        leading = [n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                               inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        if len(leading) < len(bound.tensors) or "use_cache" in leading[:len(bound.tensors)] or any(
+                params[n].kind is inspect.Parameter.POSITIONAL_ONLY for n in leading[:len(bound.tensors)]):
+            return bound
+        names = tuple(leading[:len(bound.tensors)])
+    return BoundInputs(bound.tensors, names, {**bound.constants, "use_cache": False})
+
+
+def _bind(model: torch.nn.Module | None, example_inputs: Any) -> BoundInputs:
     if isinstance(example_inputs, Mapping):
         if not example_inputs:
             raise InputError("example_inputs is an empty dict; give the model's keyword arguments")

@@ -286,12 +286,14 @@ def _symbolic_trace(
         path = tracer.failed_module or ""
         module = model.get_submodule(path) if path else model
         where = _user_frame(exc.__traceback__)
+        advice = (f"mark it as a leaf (leaf_modules=[{type(module).__name__}]; its channels are then kept) "
+                  "or fix the branch with concrete_args" if path else
+                  "fix the branch with concrete_args, or make it traceable")
         raise TraceError(
             f"cannot trace module {path or type(model).__name__!r} ({type(module).__name__})"
             + (f" at {where}" if where else "")
             + f": {type(exc).__name__}: {exc}. Data-dependent control flow and some Python "
-            f"constructs cannot be traced symbolically: mark it as a leaf "
-            f"(leaf_modules=[{type(module).__name__}]) or fix the branch with concrete_args."
+            f"constructs cannot be traced symbolically: {advice}."
         ) from exc
 
 

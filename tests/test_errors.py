@@ -394,3 +394,29 @@ def test_a_failure_midway_through_apply_leaves_the_model_whole(built, monkeypatc
     monkeypatch.undo()
     # the same graph and model still prune exactly afterwards
     assert gp.verify(model, X, {inner.id: [0, 3]}, dg=dg) <= 1e-5
+
+
+class ReturnsAnObject(nn.Module):
+    """Python control flow on a shape (fx fails) and an output torch.export cannot flatten."""
+
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        if x.shape[0] > 1:
+            y = y * 2
+        return self.Box(y)
+
+
+def test_an_output_that_is_not_tensors_is_named_with_what_to_do():
+    with pytest.raises(gp.TraceError) as info:
+        gp.DependencyGraph.build(ReturnsAnObject(), torch.randn(2, 4))
+    msg = str(info.value)
+    assert "returns a Box, which is not a tensor or a container of tensors" in msg
+    assert "use_cache=False" in msg and "leaf_modules=[ReturnsAnObject]" not in msg

@@ -143,3 +143,20 @@ def test_the_module_form_of_a_model_on_the_meta_device_takes_the_real_slim_weigh
     again.load_state_dict(slim_real.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(_logits(again, inputs), _logits(slim_real, inputs))
+
+
+@pytest.mark.parametrize("form", ["dict", "positional"])
+def test_a_model_with_a_cache_prunes_as_the_user_calls_it(form):
+    # no use_cache=False by hand: a forward that takes use_cache is traced without the cache,
+    # whose widths would otherwise all be kept; the module form keeps the config's use_cache
+    torch.manual_seed(0)
+    model = llama().eval()
+    ids = torch.randint(0, 128, (2, 16))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if form == "dict" else ids
+    result = gp.prune(model, inputs, ratio=0.5, factor="heads")
+    assert result.after.params / result.before.params < 0.35
+    slim = gp.apply(model, result.graph, result.plan, output="module")
+    assert slim.config.use_cache is True
+    with torch.no_grad():
+        got = result.model(**inputs) if form == "dict" else result.model(ids)
+        torch.testing.assert_close(slim(ids, attention_mask=torch.ones_like(ids)).logits, got["logits"])
