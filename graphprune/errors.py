@@ -33,3 +33,20 @@ class SerializationError(GraphPruneError):
 
 class LossError(GraphPruneError):
     """The loss is NaN or infinite, so no data-driven score can be computed."""
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside graphprune (and torch), so the
+    warning names the user's line however deep in the pipeline it was raised."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(sys.modules["torch"].__file__)) if "torch" in sys.modules else None
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or (torch_dir and frame.f_code.co_filename.startswith(torch_dir))
+                                 or frame.f_code.co_filename.startswith("<")):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

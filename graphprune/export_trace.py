@@ -28,14 +28,13 @@ import collections
 import inspect
 import operator
 import re
-import warnings
 from typing import Any
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from graphprune.errors import TraceError
+from graphprune.errors import TraceError, warn_user
 from graphprune.preserve import structural_copy, untouched
 
 __all__ = ["export_trace", "mode_dependent"]
@@ -144,8 +143,8 @@ def _restore_output_structure(gm: torch.fx.GraphModule, spec: pytree.TreeSpec | 
     lost: list[str] = []
     out.args = (_plain_structure(spec, leaves, lost),)
     if lost:
-        warnings.warn(f"the model returns {', '.join(dict.fromkeys(lost))}; the graph from torch.export "
-                      "returns it as a plain dict or tuple with the same contents", stacklevel=5)
+        warn_user(f"the model returns {', '.join(dict.fromkeys(lost))}; the graph from torch.export "
+                  "returns it as a plain dict or tuple with the same contents")
 
 
 def _free_computed_sizes(graph: torch.fx.Graph) -> str | None:
@@ -244,18 +243,18 @@ def export_trace(model: torch.nn.Module, bound: Any, fx_error: TraceError,
                                  f"{_first_line(exc)}") from fx_error
     if training:
         shown = ", ".join(repr(n) for n in training[:4]) + (" ..." if len(training) > 4 else "")
-        warnings.warn(f"{name} is in training mode and {shown} behave differently in training; "
-                      "torch.export records one graph, so it was exported in eval mode (running "
-                      "statistics, no dropout), and train() on the graph or the slim model does not "
-                      "switch them back. Call model.eval() first to silence this; to fine-tune with "
-                      "batch statistics, make the model traceable by torch.fx (leaf_modules=..., "
-                      "concrete_args=...)", stacklevel=4)
+        warn_user(f"{name} is in training mode and {shown} behave differently in training; "
+                  "torch.export records one graph, so it was exported in eval mode (running "
+                  "statistics, no dropout), and train() on the graph or the slim model does not "
+                  "switch them back. Call model.eval() first to silence this; to fine-tune with "
+                  "batch statistics, make the model traceable by torch.fx (leaf_modules=..., "
+                  "concrete_args=...)")
     if why:
-        warnings.warn(f"the graph from torch.export, and the slim model made from it, only run at the "
-                      f"example input shapes {[tuple(x.shape) for x in inputs]}, because {why}", stacklevel=4)
+        warn_user(f"the graph from torch.export, and the slim model made from it, only run at the "
+                  f"example input shapes {[tuple(x.shape) for x in inputs]}, because {why}")
     tokens = [i for i, x in enumerate(inputs) if x.dim() >= 2 and not x.is_floating_point()]
     if tokens:
-        warnings.warn(f"example_inputs[{tokens[0]}]: the graph from torch.export keeps dimension 1 (the "
-                      f"sequence length, {inputs[tokens[0]].shape[1]}) fixed; only the batch size may change. "
-                      "Prune with example inputs of the length the slim model will run at", stacklevel=4)
+        warn_user(f"example_inputs[{tokens[0]}]: the graph from torch.export keeps dimension 1 (the "
+                  f"sequence length, {inputs[tokens[0]].shape[1]}) fixed; only the batch size may change. "
+                  "Prune with example inputs of the length the slim model will run at")
     return gm

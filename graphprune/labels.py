@@ -25,7 +25,6 @@ axis is), ``node_info`` (facts rules leave for their rewrite patches):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ from scipy.sparse.csgraph import connected_components
 from torch.nn.utils import parametrize
 
 from graphprune import rules as _rules  # noqa: F401  (registers the built-in rules)
-from graphprune.errors import InputError
+from graphprune.errors import InputError, warn_user
 from graphprune.probe import channelwise
 from graphprune.rules.base import Multi, Rule, as_array, find_rule, iter_arrays, op_name, operand, unlabelled
 from graphprune.tracing import named_state
@@ -324,8 +323,8 @@ class BuildContext:
         try:
             return rule.build(self, node, module)
         except Exception as exc:  # an unusual call the rule does not follow: pin, never guess
-            warnings.warn(f"rule {rule.name!r} could not follow {op_name(node, module)}: "
-                          f"{type(exc).__name__}: {exc}; its channels are kept", stacklevel=2)
+            warn_user(f"rule {rule.name!r} could not follow {op_name(node, module)}: "
+                      f"{type(exc).__name__}: {exc}; its channels are kept")
             return self._no_rule(node, module, f"rule {rule.name!r} failed on {op_name(node, module)}")
 
     def _get_attr(self, node: torch.fx.Node) -> Any:

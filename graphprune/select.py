@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphprune.errors import InputError, PlanError
+from graphprune.errors import InputError, PlanError, warn_user
 from graphprune.importance.base import normalize_scores
 from graphprune.metrics import CountEstimator, count
 from graphprune.plan import Plan
@@ -437,15 +436,15 @@ def select(
 
         checked = exact(plan)
         if abs(checked - got) > tol / 4:
-            warnings.warn(f"select: the estimated {target} ({got}) differ from the slim model's ({checked}); "
-                          "searching on exact counts (slow)", RuntimeWarning, stacklevel=2)
+            warn_user(f"select: the estimated {target} ({got}) differ from the slim model's ({checked}); "
+                      "searching on exact counts (slow)", RuntimeWarning)
             base = exact(Plan())
             goal, tol = (1 - ratio) * base, tolerance * base
             plan = valid(_search(units, lambda t: exact(valid(t)), goal, tol))
             checked = exact(plan)
         got = checked
     if abs(got - goal) > tol:
-        warnings.warn(f"select: asked to remove {ratio:.1%} of the {target}, the closest plan removes "
-                      f"{1 - got / base:.1%} (floors, round_to, ignored or unscored groups limit it)",
-                      RuntimeWarning, stacklevel=2)
+        warn_user(f"select: asked to remove {ratio:.1%} of the {target}, the closest plan removes "
+                  f"{1 - got / base:.1%} (floors, round_to, ignored or unscored groups limit it)",
+                  RuntimeWarning)
     return plan

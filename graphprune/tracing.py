@@ -32,7 +32,6 @@ import operator
 import os
 import threading
 import traceback
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -40,7 +39,7 @@ import torch
 import torch.fx
 import torch.fx._symbolic_trace as _fx_trace
 
-from graphprune.errors import InputError, TraceError
+from graphprune.errors import InputError, TraceError, warn_user
 from graphprune.export_trace import export_trace, mode_dependent
 from graphprune.fidelity import outputs_differ, same_random_state
 from graphprune.fingerprint import check_same_code, code_fingerprint, code_fingerprints
@@ -325,10 +324,10 @@ def _warn_traced_in_eval(gm: torch.fx.GraphModule, training: list[str]) -> None:
                and not any(name.startswith(leaf + ".") for leaf in leaves)]
     if through:
         shown = ", ".join(repr(n) for n in through[:4]) + (" ..." if len(through) > 4 else "")
-        warnings.warn(f"{gm.__class__.__name__}: {shown} in training mode read self.training in code that was "
-                      "traced through; the graph records their eval-mode branch (F.dropout(x, p, self.training) "
-                      "is off), while dropout and norm modules still follow train()/eval(). Call model.eval() "
-                      "first to silence this", stacklevel=4)
+        warn_user(f"{gm.__class__.__name__}: {shown} in training mode read self.training in code that was "
+                  "traced through; the graph records their eval-mode branch (F.dropout(x, p, self.training) "
+                  "is off), while dropout and norm modules still follow train()/eval(). Call model.eval() "
+                  "first to silence this")
 
 
 def _faithful_trace(model: torch.nn.Module, bound: BoundInputs, leaf_modules: Iterable[type | str],

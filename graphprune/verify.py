@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 import torch.fx
 
 from graphprune.copying import copy_as_graph_module
-from graphprune.errors import GraphPruneError, InputError
+from graphprune.errors import GraphPruneError, InputError, warn_user
 from graphprune.graph import DependencyGraph
 from graphprune.plan import Plan
 from graphprune.rewrite import apply
@@ -63,9 +62,9 @@ def masked_model(model: torch.nn.Module, dg: DependencyGraph, plan: Plan | dict)
     if _same(want, got):
         return masked
     where = reference.divergence(inputs)
-    warnings.warn(f"zeroing weights cannot mask the removed channels here: {where}; masked_model returns "
-                  "a module that runs the traced graph and zeroes them in every tensor instead "
-                  "(a GraphModule-like copy, not the model's own class)", stacklevel=2)
+    warn_user(f"zeroing weights cannot mask the removed channels here: {where}; masked_model returns "
+              "a module that runs the traced graph and zeroes them in every tensor instead "
+              "(a GraphModule-like copy, not the model's own class)")
     return reference
 
 
@@ -248,9 +247,8 @@ def _warn_untied(model: torch.nn.Module, dg: DependencyGraph, plan: Plan, slim: 
         held = {name: _owner(slim, name) for name in names}
         tensors = {id(getattr(*found)) for found in held.values() if found is not None}
         if len(tensors) > 1:
-            warnings.warn(f"the plan cuts {', '.join(map(repr, names))}, which the model ties (one tensor), "
-                          "and the slim model holds them as different tensors: it no longer ties them",
-                          stacklevel=3)
+            warn_user(f"the plan cuts {', '.join(map(repr, names))}, which the model ties (one tensor), "
+                      "and the slim model holds them as different tensors: it no longer ties them")
             return
 
 

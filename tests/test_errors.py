@@ -420,3 +420,17 @@ def test_an_output_that_is_not_tensors_is_named_with_what_to_do():
     msg = str(info.value)
     assert "returns a Box, which is not a tensor or a container of tensors" in msg
     assert "use_cache=False" in msg and "leaf_modules=[ReturnsAnObject]" not in msg
+
+
+def test_warnings_name_the_callers_line():
+    class ShapeBranch(nn.Module):  # torch.export at batch 1 warns that the batch size stays fixed
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) if x.shape[0] > 0 else x
+
+    with pytest.warns(UserWarning, match="batch size is 1") as caught:
+        gp.DependencyGraph.build(ShapeBranch(), torch.randn(1, 3, 4, 4))
+    assert {os.path.basename(w.filename) for w in caught} == {os.path.basename(__file__)}

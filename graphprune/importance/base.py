@@ -21,7 +21,6 @@ op has no batching rule the ablations run one by one. The model is never modifie
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from graphprune.errors import GraphPruneError, InputError, LossError
+from graphprune.errors import GraphPruneError, InputError, LossError, warn_user
 from graphprune.rules.base import is_inplace
 from graphprune.tracing import eval_mode
 
@@ -307,8 +306,8 @@ class Ablator:
             except Exception as exc:  # no batching rule somewhere: vectorise less
                 self.level -= 1
                 if self.level == 0:
-                    warnings.warn(f"{self.name}: vectorised ablations failed ({type(exc).__name__}: "
-                                  f"{exc}); running them one at a time", RuntimeWarning, stacklevel=4)
+                    warn_user(f"{self.name}: vectorised ablations failed ({type(exc).__name__}: "
+                              f"{exc}); running them one at a time", RuntimeWarning)
         return [self.loss_fn(call(*(m[j] for m in masks)), targets) for j in range(k)]
 
     def losses(self, removed: np.ndarray) -> np.ndarray:
