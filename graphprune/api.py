@@ -94,7 +94,7 @@ def prune(
     ignore: Iterable[Any] = (),
     leaf_modules: Iterable[type | str] = (),
     factor: str = "largest",
-    grouped: str = "groups",
+    grouped: str = "channels",
     target: str = "channels",
     scope: str = "local",
     round_to: int | None = None,
@@ -134,8 +134,8 @@ def prune(
     leaf_modules, factor, grouped
         ``DependencyGraph.build`` options: modules kept whole in the trace; ``factor="heads"``
         prunes whole attention heads, ``"largest"`` (default) the per-head dimension;
-        ``grouped="channels"`` shrinks grouped convolutions inside every group instead of
-        removing whole groups.
+        ``grouped="channels"`` (default) shrinks grouped convolutions inside every group,
+        ``"groups"`` removes whole conv groups instead.
     target, scope, tolerance
         ``"channels"`` (of every group with ``scope="local"``, of all channels with
         ``"global"``), ``"macs"`` or ``"params"`` (of the whole model, hit within
@@ -215,7 +215,7 @@ def _own_keywords() -> tuple[str, ...]:
 
 
 _LEAN_DEFAULTS = dict(data=None, ratios=None, max_ratio=None, target="channels", scope="local", round_to=None,
-                      min_keep=1, normalize=None, tolerance=0.01, factor="largest", grouped="groups")
+                      min_keep=1, normalize=None, tolerance=0.01, factor="largest", grouped="channels")
 
 
 def _check_lean(options: Mapping[str, Any], names: tuple[str, ...], **given: Any) -> None:

@@ -1,11 +1,13 @@
 """The on-disk ``.gp`` file: write it, read it back, and check every field before use.
 
-Format 2 (written): a safetensors file whose metadata holds ``format``, the JSON
+Format 3 (written): a safetensors file whose metadata holds ``format``, the JSON
 ``spec`` and a SHA-256 ``sha256`` over the spec and every tensor (name, dtype, shape,
 bytes). Complex tensors are stored as real views (``torch.view_as_real``) and noted
 in ``spec['views']`` by dtype; every other dtype (integers, bool, bfloat16) is stored
 as it is. Format 1 (read only): a ``torch.save`` zip holding ``format``, ``spec`` and
-``state_dict``, read with ``torch.load(weights_only=True)``.
+``state_dict``, read with ``torch.load(weights_only=True)``. Format 2 is format 3 made
+when ``grouped="groups"`` was the build default: a spec of format 1 or 2 that leaves
+``grouped`` out was built with ``"groups"``, one of format 3 with ``"channels"``.
 
 Public entries: ``write(path, spec, state)`` and ``read(path) -> (spec, tensors)``; both
 are used by ``graphprune.io`` (``gp.save`` / ``gp.load``), which rebuilds the model.
@@ -28,7 +30,9 @@ from graphprune.errors import SerializationError
 __all__ = ["write", "read", "input_shapes", "FORMAT", "FORMAT_VERSION", "MAX_PLANS"]
 
 FORMAT = "graphprune-slim"
-FORMAT_VERSION = 2  # 1: torch.save zip (still read); 2: safetensors with the spec in its metadata
+# 1: torch.save zip (still read); 2: safetensors with the spec in its metadata; 3: as 2, and build
+# options left out of the spec mean grouped="channels" (in 1 and 2 they meant grouped="groups")
+FORMAT_VERSION = 3
 MAX_PLANS = 1000  # plans in one file: each costs a trace and a rewrite on load
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,

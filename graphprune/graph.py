@@ -185,16 +185,18 @@ class DependencyGraph:
         leaf_modules: Iterable[type | str] = (),
         concrete_args: dict | None = None,
         factor: str = "largest",
-        grouped: str = "groups",
+        grouped: str = "channels",
     ) -> DependencyGraph:
         """Trace ``model`` on ``example_inputs`` and group its coupled channels.
 
         ``factor`` says what to prune where a reshape splits channels over several
         axes: ``"largest"`` (per-head dims of attention, within-group channels of a
         channel shuffle) or ``"heads"`` (whole attention heads). ``grouped`` says how
-        grouped convolutions shrink: ``"groups"`` removes whole conv groups,
-        ``"channels"`` the same channels from every group (depthwise convs always
-        lose whole groups).
+        grouped convolutions shrink: ``"channels"`` (default) removes the same
+        positions from every conv group (``groups`` stays, each group narrows; the
+        weight loses input and output columns), ``"groups"`` whole conv groups
+        (``groups`` shrinks). Depthwise convs (one input channel per group) always
+        lose whole groups.
         """
         gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
         ctx = BuildContext(gm, factor=factor, grouped=grouped)

@@ -53,6 +53,7 @@ from graphprune.tracing import TRACE_LOCK, eval_mode, normalize_inputs
 __all__ = ["save", "load", "export", "set_origin", "origin_of", "read_spec", "build_origin", "make_inputs",
            "FORMAT", "FORMAT_VERSION", "MAX_BYTES", "MAX_PLANS"]
 
+LEGACY_GROUPED = "groups"  # what a file of format 1 or 2 without `grouped` was built with
 _ORIGIN_KEYS = {"zoo", "factory", "kwargs", "leaf_modules", "factor", "grouped"}
 
 _HOW_TO_ORIGIN = (
@@ -84,7 +85,7 @@ def _build_options(options: Mapping[str, Any]) -> dict[str, Any]:
             _refuse_unimportable(leaf, "leaf module type")
     if leaves:
         out["leaf_modules"] = leaves
-    for key, default in (("factor", "largest"), ("grouped", "groups")):
+    for key, default in (("factor", "largest"), ("grouped", "channels")):
         if options.get(key) not in (None, default):
             out[key] = str(options[key])
     return out
@@ -275,6 +276,9 @@ def _load(path: Path, trust: tuple[str, ...], map_location: Any, max_bytes: int)
     spec, state = read(path)
     origin, plans = spec["origin"], spec["plans"]
     builds = spec.get("builds") or [None] * len(plans)
+    if spec.get("version", 1) < 3:  # written when whole conv groups were the default of `grouped`
+        origin = {"grouped": LEGACY_GROUPED, **origin}
+        builds = [None if b is None else {"grouped": LEGACY_GROUPED, **b} for b in builds]
     for b in [origin, *[b for b in builds if b]]:  # every import is checked before the first call
         leaf_types(b.get("leaf_modules", []), trust)
     inputs = make_inputs(spec["inputs"], max_bytes=max_bytes)

@@ -61,7 +61,7 @@ class _Root:
 class BuildContext:
     """What rules see: labels of nodes, parameters as labelled axes, and couplings."""
 
-    def __init__(self, gm: torch.fx.GraphModule, factor: str = "largest", grouped: str = "groups") -> None:
+    def __init__(self, gm: torch.fx.GraphModule, factor: str = "largest", grouped: str = "channels") -> None:
         if factor not in ("largest", "heads"):
             raise InputError(f"factor must be 'largest' or 'heads', got {factor!r}")
         if grouped not in ("groups", "channels"):

@@ -26,7 +26,7 @@ import torch
 import graphprune as gp
 
 REFERENCE = Path(__file__).parent / "data" / "zoo_fingerprints.json"
-BUILDS = {"default": {}, "heads": {"factor": "heads"}, "channels": {"grouped": "channels"}}
+BUILDS = {"default": {}, "heads": {"factor": "heads"}, "groups": {"grouped": "groups"}}
 PLANS = {
     "local50": {"ratio": 0.5},
     "global30": {"ratio": 0.3, "scope": "global", "round_to": 4},

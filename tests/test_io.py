@@ -100,7 +100,7 @@ def test_file_is_safetensors_with_the_spec_in_its_metadata(mlp, tmp_path):
         assert set(f.metadata()) == {"format", "spec", "sha256"}
         assert set(f.keys()) == set(result.model.state_dict())
     spec = gpio.read_spec(path)
-    assert spec["version"] == gpio.FORMAT_VERSION == 2
+    assert spec["version"] == gpio.FORMAT_VERSION == 3
     assert spec["origin"] == {"zoo": "mlp", "kwargs": {}}
     assert spec["inputs"] == [{"shape": [2, 64], "dtype": "float32"}]
     assert len(spec["plans"]) == len(spec["builds"]) == 1
@@ -225,7 +225,31 @@ def test_format_1_files_still_load(mlp, tmp_path):
     loaded = gp.load(tmp_path / "old.gp")
     assert _same(loaded, result.model, x)
     gp.save(loaded, tmp_path / "new.gp")  # re-saved in the current format
-    assert gpio.read_spec(tmp_path / "new.gp")["version"] == 2
+    assert gpio.read_spec(tmp_path / "new.gp")["version"] == 3
+
+
+@pytest.mark.parametrize("grouped", ["channels", "groups"])
+def test_grouped_conv_files_rebuild_with_the_grouped_option_they_were_made_with(grouped, tmp_path):
+    model, x = gp.zoo.create("mini_resnext")
+    slim = gp.prune(model, x, ratio=0.5, grouped=grouped).model
+    gp.save(slim, tmp_path / "s.gp", origin="mini_resnext")
+    spec = gpio.read_spec(tmp_path / "s.gp")
+    assert spec["builds"] == [{} if grouped == "channels" else {"grouped": "groups"}]  # the default is left out
+    assert _same(gp.load(tmp_path / "s.gp"), slim, x)
+
+
+def test_a_format_2_file_without_grouped_was_made_with_whole_conv_groups(tmp_path):
+    model, x = gp.zoo.create("mini_resnext")
+    slim = gp.prune(model, x, ratio=0.5, grouped="groups").model
+    gp.save(slim, tmp_path / "s.gp", origin="mini_resnext")
+    spec, state = gpfile.read(tmp_path / "s.gp")
+    old = {**spec, "version": 2, "builds": [{}]}  # as format 2 wrote the default of its time
+    gpfile.write(tmp_path / "old.gp", old, state)
+    loaded = gp.load(tmp_path / "old.gp")
+    assert _same(loaded, slim, x)
+    assert loaded.meta["graphprune"]["builds"] == [{"grouped": "groups"}]
+    gp.save(loaded, tmp_path / "again.gp")  # re-saved in format 3, which names the option
+    assert gpio.read_spec(tmp_path / "again.gp")["builds"] == [{"grouped": "groups"}]
 
 
 def test_load_executes_no_pickled_code(tmp_path):

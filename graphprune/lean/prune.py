@@ -165,7 +165,9 @@ def prune(
     keeps = schedule or (geometric_keep(1 - ratio, steps) if ratio > 0 else [1.0] * steps)
     planner = LeanPlanner(keeps, criterion, n, None if exclude is None else list(exclude),
                           steps > 1 if mask_kernels is None else bool(mask_kernels), max_paths, progress)
+    # LEAN's channel graph has a grouped conv's within-group kernels; its plans are made on
+    # whole conv groups (grouped="groups"), as before "channels" became the build default
     result = Pruner(model, example_inputs, planner, steps=steps, ignore=ignore,
-                    leaf_modules=list(leaf_modules)).run(callback)
+                    leaf_modules=list(leaf_modules), grouped="groups").run(callback)
     result.lean = result.records  # LEAN's name for the per-step records
     return result

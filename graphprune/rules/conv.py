@@ -1,8 +1,11 @@
 """Convolutions: plain, grouped, depthwise and transposed; module, functional and ATen forms.
 
 Channel flow: the input channels are the weight's input axis; the output channels are
-fresh (a producer). Grouped convolutions (``groups > 1``) lose whole conv groups, or
-with ``grouped="channels"`` the same channels from every group. Values are mixed
+fresh (a producer). Grouped convolutions (``groups > 1``) lose the same positions from
+every conv group with ``grouped="channels"`` (the default: ``groups`` stays, as the
+architecture's cardinality and the kernels expect, and the weight loses rows and
+columns), or whole conv groups with ``grouped="groups"``. Depthwise convolutions (one
+input channel per group) and transposed grouped ones always lose whole groups. Values are mixed
 across the input channels of a group, which is exact: a removed channel is zero;
 they are also mixed along the spatial axes, so channels found there (a tensor whose
 rows came from a matrix product) are pinned. Nothing here reads a channel count as a

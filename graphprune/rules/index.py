@@ -4,8 +4,10 @@ Channel flow: an int/slice/None/``...`` index keeps the labels of what it select
 the slim graph's bounds follow the surviving channels; a strided slice over a whole
 channel axis (``x[..., 1::2]``) makes channels go in blocks of the step, so it keeps its
 offset; picking one channel, gathering with a tensor index, rolling or flipping a
-channel axis reorder or single out channels, so those axes are pinned. No values are
-mixed.
+channel axis reorder or single out channels, so those axes are pinned (a pick whose
+result nothing reads, such as a slice taken for its shape that torch.export left in the
+graph, pins nothing). Axes that tensor indices do not read pass their channels on. No
+values are mixed.
 """
 
 from __future__ import annotations
@@ -196,21 +198,100 @@ def aten_slice(ctx, node, module):
 
 
 def _select_patch(rw, node):
-    """aten.select(x, dim, index): the picked channel (kept, it is pinned) moves to its slim position."""
+    """aten.select(x, dim, index): the picked channel (kept, it is pinned) moves to its slim position;
+    a pick nothing reads (not pinned) takes the next kept channel, or the last."""
     found = _axis(rw, node)
     if found is not None:
-        rw.set_arg(node, 2, "index", _slim_item(rw.keep(found[0]), arg(node, 2, "index"), found[1]))
+        keep = rw.keep(found[0])
+        index = min(_slim_item(keep, arg(node, 2, "index"), found[1]), max(int(keep.sum()) - 1, 0))
+        rw.set_arg(node, 2, "index", index)
 
 
 @register(*aten_ops("select.int"), patch=_select_patch)
 def aten_select(ctx, node, module):
+    """``x[..., k]`` as torch.export records it: the picked channel is pinned, unless nothing
+    reads the result (BART's ``embed_positions(inputs_embeds[:, :, -1])`` reads only its
+    shape, and export keeps the unused slice)."""
     labels = ctx.labels(node.args[0])
     size = ctx.shape(node.args[0])
     d = norm_dim(arg(node, 1, "dim", 0), len(size))
-    if labels[d] is not None:
+    if labels[d] is not None and node.users:
         k = arg(node, 2, "index") % size[d]
         ctx.pin(labels[d][k:k + 1], f"{ctx.describe_node()} picks one channel")
     return tuple(labels[:d]) + tuple(labels[d + 1:])
+
+
+def _advanced_layout(shape, index_shapes, out_shape):
+    """Where ``aten.index.Tensor(x, indices)`` puts ``x``'s axes.
+
+    ``index_shapes``: per entry of ``indices``, the index tensor's shape or ``None`` (a
+    whole axis). Returns ``(indexed, out)``: the input axes the index tensors read, and
+    per output axis the input axis it passes on or ``None`` (an axis of the broadcast
+    index). An integer index reads one axis; a boolean mask as many as it has (its one
+    output axis counts the true entries). Index tensors on adjacent axes put the index
+    axes where the first one was, else in front (NumPy's rule). The dtypes are not
+    recorded, so both readings are tried against ``out_shape``; ``None`` when neither
+    (nor a unique one) fits."""
+    found = []
+    for boolean in (False, True):
+        indexed, cursor, tensors = [], 0, []
+        for t in index_shapes:
+            k = 1 if t is None or not boolean else len(t)
+            if t is not None:
+                indexed.extend(range(cursor, cursor + k))
+                tensors.append(t)
+            cursor += k
+        if not tensors or cursor > len(shape):
+            continue
+        if boolean:
+            index_dims = (None,)  # the number of true entries: a size known at run time
+        else:
+            try:
+                index_dims = tuple(torch.broadcast_shapes(*tensors))
+            except RuntimeError:
+                continue
+        rest = [d for d in range(len(shape)) if d not in indexed]
+        if indexed == list(range(indexed[0], indexed[-1] + 1)):
+            out = [d for d in rest if d < indexed[0]] + [None] * len(index_dims) + [d for d in rest if d > indexed[-1]]
+            sizes = [shape[d] for d in rest if d < indexed[0]] + list(index_dims) + [shape[d] for d in rest
+                                                                                      if d > indexed[-1]]
+        else:
+            out = [None] * len(index_dims) + rest
+            sizes = list(index_dims) + [shape[d] for d in rest]
+        if len(sizes) == len(out_shape) and all(n is None or n == m for n, m in zip(sizes, out_shape)):
+            found.append((indexed, out))
+    return found[0] if len(found) == 1 or (found and found[0] == found[-1]) else None
+
+
+@register(*aten_ops("index.Tensor"))
+def aten_index(ctx, node, module):
+    """``x[i, j]`` with tensor indices as torch.export records it (``aten.index.Tensor(x,
+    [i, None, j])``, e.g. CLIP's ``hidden[arange(b), ids.argmax(-1)]``).
+
+    Axes that no index tensor reads pass their channels on (the slim graph indexes the
+    narrower tensor the same way); an axis an index tensor reads is gathered at
+    positions computed at run time, so channels there are pinned, as are channels on
+    the index tensors' own axes (their values are positions, their axes become the
+    output's). Values are not mixed."""
+    x, indices = node.args[0], list(arg(node, 1, "indices"))
+    labels, shape = ctx.labels(x), ctx.shape(x)
+    out_shape = ctx.shape(node)
+    index_shapes = [None if t is None else ctx.shape(t) for t in indices]
+    for t in indices:
+        if t is not None:
+            ctx.pin_all(ctx.labels(t), f"{ctx.describe_node()} reads positions from this tensor")
+    layout = None
+    if isinstance(shape, torch.Size) and all(s is None or isinstance(s, torch.Size) for s in index_shapes):
+        layout = _advanced_layout(shape, index_shapes, out_shape)
+    if labels is None:
+        return None
+    if layout is None:
+        ctx.pin_all(labels, f"{ctx.describe_node()} indexes in a way graphprune does not follow")
+        return tuple(None for _ in out_shape)
+    axes, out = layout
+    for d in axes:
+        ctx.pin(labels[d], f"{ctx.describe_node()} gathers channels with a tensor index")
+    return tuple(None if d is None else labels[d] for d in out)
 
 
 @register(torch.roll, torch.flip, "roll", "flip", *aten_ops("roll.default", "flip.default"))

@@ -85,7 +85,7 @@ class Grouped(nn.Module):
 @pytest.mark.parametrize(("groups", "cout", "removed"), [(2, 4, [0]), (4, 12, [1, 2])])
 def test_grouped_conv_removes_whole_conv_groups(groups, cout, removed):
     model, x = Grouped(groups, cout), x2d()
-    dg = build(model, x)
+    dg = gp.DependencyGraph.build(model.eval(), (x,), grouped="groups")
     g = group_of(dg, "a.weight", 0)
     assert group_of(dg, "d.weight", 0).id == g.id
     assert g.size == groups and g.prunable  # one channel per conv group
@@ -99,6 +99,22 @@ def test_grouped_conv_removes_whole_conv_groups(groups, cout, removed):
     assert slim.d.groups == left
     assert slim.d.in_channels == left * ipg and slim.d.out_channels == left * opg
     assert tuple(slim.d.weight.shape[:2]) == (left * opg, ipg)
+    conv_attrs_agree(slim.d)
+
+
+def test_grouped_conv_loses_the_same_positions_in_every_group_by_default():
+    model, x = Grouped(2, 4), x2d()  # a: 8 channels -> d: 2 groups of 4 in, 2 out -> h
+    dg = build(model, x)
+    a, d = group_of(dg, "a.weight", 0), group_of(dg, "d.weight", 0)
+    assert a.id != d.id and a.prunable and d.prunable
+    assert a.size == 4 and d.size == 2  # positions within a conv group
+    assert member(a, "a.weight", 0).indices([1]) == [1, 5]  # position 1 of both groups
+    assert member(a, "d.weight", 1).indices([1]) == [1]
+    assert member(d, "d.weight", 0).indices([0]) == [0, 2]
+    assert member(d, "h.weight", 1).indices([0]) == [0, 2]
+    slim = exact(model, x, {a.id: [1], d.id: [0]}, dg=dg, zero={"d.weight": (1, [1]), "h.weight": (1, [0, 2])})
+    assert slim.d.groups == 2 and slim.d.in_channels == 6 and slim.d.out_channels == 2
+    assert tuple(slim.d.weight.shape[:2]) == (2, 3)
     conv_attrs_agree(slim.d)
 
 

@@ -105,3 +105,113 @@ def test_a_strided_slice_that_stops_short_pins():
     model, x = Short().eval(), torch.randn(2, 4)
     g = group_of(build(model, x), "a.weight", 0)
     assert not g.prunable and "with a step" in g.reason
+
+
+class EosPool(nn.Module):
+    """CLIP's text pooling: the hidden state at each row's argmax token, through torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.a = nn.Linear(8, 8)
+        self.h = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        y = self.a(self.embed(ids)).relu()
+        if y.shape[0] > 0:  # shape-dependent Python: torch.export fallback
+            return self.h(y[torch.arange(y.shape[0]), ids.argmax(-1)])
+        return y
+
+
+def test_aten_index_passes_channels_of_the_axes_it_does_not_read():
+    model = EosPool().eval()
+    ids = torch.tensor([[3, 9, 1, 4], [2, 5, 17, 0]])
+    dg = build(model, ids)
+    assert any(n.target is torch.ops.aten.index.Tensor for n in dg.gm.graph.nodes)
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable and g.size == 8
+    plan = {g.id: [0, 3, 6]}
+    for x in (ids, torch.tensor([[11, 0, 2, 19], [7, 7, 1, 2]])):  # other positions picked at run time
+        assert gp.verify(model, x, plan, dg=dg) < 1e-5
+    assert tuple(gp.apply(model, dg, plan).h.weight.shape) == (3, 5)
+
+
+def test_aten_index_on_a_channel_axis_pins_it():
+    class Gather(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(3, 8, 1)
+            self.h = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            y, z = self.a(x), self.b(x)
+            if y.shape[0] > 0:
+                # channels picked by an index computed at run time: pinned
+                return self.h(y[:, z.mean((0, 2, 3)).argsort()[:3]])
+            return y
+
+    model, x = Gather().eval(), x2d()
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert not g.prunable and "gathers channels with a tensor index" in g.reason
+    assert group_of(dg, "b.weight", 0).prunable is False  # its values became positions
+
+
+def test_aten_index_with_index_tensors_apart_puts_their_axes_first():
+    class Apart(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(3, 8, 1)
+            self.h = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.a(x)  # [B, C, T]
+            if y.shape[0] > 0:
+                return self.h(y[torch.tensor([1, 0, 1]), :, torch.tensor([0, 4, 2])])  # [3, C]
+            return y
+
+    model, x = Apart().eval(), torch.randn(2, 3, 5)
+    dg = build(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable and any(m.param == "h.weight" and m.dim == 1 for m in g.members)
+    assert gp.verify(model, x, {g.id: [1, 2, 7]}, dg=dg) < 1e-5
+
+
+def test_advanced_layout_reads_integer_and_boolean_indices():
+    from graphprune.rules.index import _advanced_layout
+
+    s = torch.Size
+    # x[i, j] on [B, T, C], i and j of shape [B]: one index axis, then C
+    assert _advanced_layout(s([2, 5, 8]), [s([2]), s([2])], s([2, 8])) == ([0, 1], [None, 2])
+    # x[:, i] with i [3, 4] on [B, T, C]: B, the index axes, C
+    assert _advanced_layout(s([2, 5, 8]), [None, s([3, 4])], s([2, 3, 4, 8])) == ([1], [0, None, None, 2])
+    # x[mask] with a boolean [B, T] mask on [B, T, C]: the true entries, then C
+    assert _advanced_layout(s([2, 5, 8]), [s([2, 5])], s([7, 8])) == ([0, 1], [None, 2])
+    # a layout that fits neither reading
+    assert _advanced_layout(s([2, 5, 8]), [s([2])], s([9, 9, 9, 9])) is None
+
+
+def test_aten_select_whose_result_nothing_reads_pins_nothing():
+    # BART's encoder: embed_positions(inputs_embeds[:, :, -1]) reads only the shape, and
+    # torch.export keeps the unused select; it used to pin the hidden size's last channel
+    class ShapeOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.h = nn.Linear(8, 2)
+            self.pos = nn.Embedding(10, 2)
+
+        def forward(self, x):
+            y = self.a(x)  # [B, T, C]
+            if y.shape[0] > 0:
+                last = y[:, :, -1]
+                return self.h(y) + self.pos(torch.arange(last.shape[1]))
+            return y
+
+    model, x = ShapeOnly().eval(), torch.randn(2, 5, 4)
+    dg = build(model, x)
+    assert [len(n.users) for n in dg.gm.graph.nodes if n.target is torch.ops.aten.select.int] == [0]
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable and g.size == 8
+    assert gp.verify(model, x, {g.id: [2, 7]}, dg=dg) < 1e-5  # the picked channel (7) goes too
