@@ -32,9 +32,10 @@ torchvision::nms does not exist"), and then neither torchvision nor timm nor
 transformers import. ``benchmarks/_torchvision_ops.py`` declares the operator schemas
 (no kernels) only in that case, so the Python models import; a model that calls one of
 those operators at run time (Faster R-CNN's ``nms``) then fails, and the table says so.
-Grouped convolutions: a model that has them also gets graphprune's plan on a graph built
-with ``grouped="channels"`` (recorded as ``grouped_channels``), Torch-Pruning's way of
-shrinking them, since ``gp.prune`` itself takes no build options.
+Grouped convolutions: ``gp.prune`` shrinks them within every conv group by default
+(``grouped="channels"``, as Torch-Pruning does); a model that has them also gets the same
+plan on a graph built with ``grouped="groups"`` (whole conv groups go; recorded as
+``grouped_groups``).
 
     PYTHONPATH=. python benchmarks/depth.py               # every model, writes results/depth.json
     PYTHONPATH=. python benchmarks/depth.py llama bert    # some (their rows are replaced in the JSON)
@@ -561,7 +562,7 @@ def _graphprune(case: Case, want: list, scale: float, n0: int, timeout: float) -
     row["uncut"] = _uncut(case.model, dg, plan, n0)
     row["pinned_summary"] = _summary(row["pinned"], row["uncovered"], row["uncut"], n0)
     if _has_grouped_conv(case.model):
-        row["grouped_channels"] = _grouped_channels(case, n0, scale, timeout)
+        row["grouped_groups"] = _grouped_groups(case, n0, scale, timeout)
     return row
 
 
@@ -571,14 +572,14 @@ def _has_grouped_conv(model) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.in_channels for m in model.modules())
 
 
-def _grouped_channels(case: Case, n0: int, scale: float, timeout: float) -> dict:
-    """The same 50% magnitude plan on a graph built with ``grouped="channels"`` (grouped convolutions
-    lose the same positions in every conv group, as Torch-Pruning prunes them, instead of whole groups)."""
+def _grouped_groups(case: Case, n0: int, scale: float, timeout: float) -> dict:
+    """The same 50% magnitude plan on a graph built with ``grouped="groups"`` (grouped convolutions
+    lose whole conv groups instead of the same positions in every group, the default)."""
     import graphprune as gp
 
     _alarm(timeout)
     try:
-        dg = gp.DependencyGraph.build(case.model, case.gp_inputs, grouped="channels")
+        dg = gp.DependencyGraph.build(case.model, case.gp_inputs, grouped="groups")
         plan = gp.select(dg, gp.score("magnitude", case.model, dg, p=1), 0.5)
         slim = gp.apply(case.model, dg, plan)
         with warnings.catch_warnings():

@@ -135,8 +135,14 @@ def getitem(ctx, node, module):
         return labels[index] if isinstance(index, int) else None
     if not isinstance(shape, torch.Size):
         return None
+    items = _index_items(index, len(shape))
+    tensors = [it for _, it in items if it is not None and not isinstance(it, (slice, int))
+               and not (isinstance(it, torch.fx.Node) and isinstance(ctx.shape(it), int))]
+    if len(tensors) > 1 and all(d is not None and (any(it is t for t in tensors) or it == slice(None))
+                                for d, it in items):  # x[i, :, j]: as aten.index.Tensor
+        return _gather(ctx, x, [None if isinstance(it, slice) else it for _, it in items], ctx.shape(node))
     out = []
-    for d, it in _index_items(index, len(shape)):
+    for d, it in items:
         if isinstance(it, torch.fx.Node) and d is not None:
             it = _concrete(ctx, it, labels[d])
         if d is None:
@@ -152,9 +158,7 @@ def getitem(ctx, node, module):
             # Gathering channels would reorder them, so a channel axis is pinned.
             ctx.pin(labels[d], f"{ctx.describe_node()} gathers channels with a tensor index")
             index_shape = ctx.shape(it) if isinstance(it, torch.fx.Node) else np.shape(it)
-            if sum(1 for _, x in _index_items(index, len(shape))
-                   if not isinstance(x, (slice, int)) and x is not None) > 1 \
-                    or not isinstance(index_shape, (torch.Size, tuple)):
+            if len(tensors) > 1 or not isinstance(index_shape, (torch.Size, tuple)):
                 ctx.pin_all(labels, f"{ctx.describe_node()} indexes with several tensors")
                 return tuple(None for _ in ctx.shape(node))
             out.extend([None] * len(index_shape))
@@ -273,12 +277,17 @@ def aten_index(ctx, node, module):
     positions computed at run time, so channels there are pinned, as are channels on
     the index tensors' own axes (their values are positions, their axes become the
     output's). Values are not mixed."""
-    x, indices = node.args[0], list(arg(node, 1, "indices"))
+    return _gather(ctx, node.args[0], list(arg(node, 1, "indices")), ctx.shape(node))
+
+
+def _gather(ctx, x, indices, out_shape):
+    """Labels of ``x[indices]``: ``indices`` holds index tensors (nodes or constants) and
+    ``None`` for a whole axis (see ``_advanced_layout``)."""
     labels, shape = ctx.labels(x), ctx.shape(x)
-    out_shape = ctx.shape(node)
-    index_shapes = [None if t is None else ctx.shape(t) for t in indices]
+    index_shapes = [None if t is None else ctx.shape(t) if isinstance(t, torch.fx.Node) else torch.Size(np.shape(t))
+                    for t in indices]
     for t in indices:
-        if t is not None:
+        if isinstance(t, torch.fx.Node):
             ctx.pin_all(ctx.labels(t), f"{ctx.describe_node()} reads positions from this tensor")
     layout = None
     if isinstance(shape, torch.Size) and all(s is None or isinstance(s, torch.Size) for s in index_shapes):

@@ -215,3 +215,19 @@ def test_aten_select_whose_result_nothing_reads_pins_nothing():
     g = group_of(dg, "a.weight", 0)
     assert g.prunable and g.size == 8
     assert gp.verify(model, x, {g.id: [2, 7]}, dg=dg) < 1e-5  # the picked channel (7) goes too
+
+
+def test_several_tensor_indices_in_a_torch_fx_graph_pass_the_other_axes():
+    class Pool(EosPool):
+        def forward(self, ids):
+            y = self.a(self.embed(ids)).relu()
+            return self.h(y[torch.arange(y.shape[0]), ids.argmax(-1)])
+
+    model = Pool().eval()
+    ids = torch.tensor([[3, 9, 1, 4], [2, 5, 17, 0]])
+    dg = build(model, ids)
+    assert not any(n.target is torch.ops.aten.index.Tensor for n in dg.gm.graph.nodes)  # fx: a getitem
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable and g.size == 8
+    for x in (ids, torch.tensor([[11, 0, 2, 19], [7, 7, 1, 2]])):
+        assert gp.verify(model, x, {g.id: [1, 4]}, dg=dg) < 1e-5
