@@ -49,7 +49,7 @@ def test_shape_dependent_model_is_pruned_through_export():
     model, x = ShapeBranch().eval(), torch.randn(2, 3, 8, 8)
     with pytest.raises(TraceError):
         gp.trace(model, x, export_fallback=False)
-    dg = gp.DependencyGraph.build(model, x)
+    dg = gp.DependencyGraph.build(model, x, grouped="groups")
     assert any(isinstance(n.target, torch._ops.OpOverload) for n in dg.gm.graph.nodes)
     prunable = [g for g in dg.groups if g.prunable]
     assert prunable and prunable[0].size == 4  # grouped conv: 4 whole conv groups
@@ -61,6 +61,17 @@ def test_shape_dependent_model_is_pruned_through_export():
     assert conv_nodes[-1].args[-1] == 2
     before, after = gp.count(model, x), gp.count(slim, x)
     assert after.params < before.params and 0 < after.macs < before.macs
+
+
+def test_shape_dependent_model_keeps_its_conv_groups_by_default():
+    model, x = ShapeBranch().eval(), torch.randn(2, 3, 8, 8)
+    dg = gp.DependencyGraph.build(model, x)  # grouped="channels": positions within the 4 conv groups
+    plan = {g.id: list(range(0, g.size, 2)) for g in dg.groups if g.prunable and g.size > 1}
+    assert plan
+    slim = gp.apply(model, dg, plan)
+    assert gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+    conv = [n for n in slim.graph.nodes if n.target is torch.ops.aten.conv2d.default][-1]
+    assert conv.args[-1] == 4 and gp.count(slim, x).params < gp.count(model, x).params
 
 
 def test_data_dependent_model_names_both_causes():
