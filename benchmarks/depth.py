@@ -752,6 +752,25 @@ ISSUE = {"llama": "0.60* / hangs", "qwen2": "0.60* / hangs", "mistral": "0.60* /
          "fasterrcnn_mobilenet_v3_large_fpn": "cannot trace / 0.88", "resnest14d": "0.58 / 0.42"}
 
 
+# What graphprune keeps whole, and why that is right (the docs' last column; see docs/benchmarks.md)
+_OUTPUT = "output layer"
+NOTES = {"llama": "vocab (output)", "qwen2": "vocab (output)", "mistral": "vocab (output)",
+         "gpt2": "vocab (output, tied `wte`)", "bert_mlm": "vocab (output)",
+         "bert": "hidden size: `last_hidden_state` is an output",
+         "bart": "`d_model`: `encoder_last_hidden_state` is an output",
+         "clip_text": "hidden size: `last_hidden_state` is an output",
+         "clip_vision": "hidden size: `last_hidden_state` is an output",
+         "user_transformer_encoder": _OUTPUT, "unet2d": "GroupNorm groups go whole (exact); skip concats join "
+         "streams into wider units", "unet2d_condition": "as UNet2DModel", "efficientnet_b0": _OUTPUT,
+         "efficientnet_v2_s": _OUTPUT, "convnext_tiny": _OUTPUT, "regnet_x_3_2gf": _OUTPUT,
+         "regnet_y_3_2gf": _OUTPUT, "mobilenet_v3_large": _OUTPUT, "resnet50": _OUTPUT,
+         "fasterrcnn_mobilenet_v3_large_fpn": "cannot trace (see below)", "resnest14d": _OUTPUT,
+         "vit_tiny_patch16_224": _OUTPUT, "swin_tiny_patch4_window7_224": _OUTPUT,
+         "eva02_tiny_patch14_224": _OUTPUT, "convnextv2_atto": _OUTPUT, "mobilevit_xxs": _OUTPUT,
+         "levit_128s": _OUTPUT, "yolov8n": "neck feature maps (eval-mode outputs)",
+         "yolo11n": "neck feature maps (eval-mode outputs)"}
+
+
 def _cell_tp_ok(tp: dict | None) -> str:
     if not tp:
         return "-"
@@ -763,8 +782,8 @@ def _cell_tp_ok(tp: dict | None) -> str:
 def markdown(rows: list[dict]) -> str:
     """The table of docs/benchmarks.md."""
     out = ["| model | params | graphprune left | TP left | graphprune runs, same shape | TP runs, same shape "
-           "| verify, exact groups (rel.) | graphprune s | TP s | issue then: gp / TP |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| verify, exact groups (rel.) | graphprune s | TP s | issue then: gp / TP | what graphprune keeps whole |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gp, tp = r.get("gp") or {}, r.get("tp") or {}
         gs = f"{gp['s']:.1f}" if "s" in gp else "-"
@@ -774,7 +793,7 @@ def markdown(rows: list[dict]) -> str:
             left = f"{gp['status']} ({gp['error'].split(':')[0]})"
         out.append(f"| {r['model']} | {r.get('params', 0) / 1e6:.2f}M | {left} | {_cell_left(tp)} | "
                    f"{_cell_ok(gp)} | {_cell_tp_ok(tp)} | {_cell_verify(gp)} | {gs} | {ts} | "
-                   f"{ISSUE.get(r['model'], '')} |")
+                   f"{ISSUE.get(r['model'], '')} | {NOTES.get(r['model'], '')} |")
     return "\n".join(out)
 
 
