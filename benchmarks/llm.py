@@ -339,7 +339,7 @@ def table(result: dict) -> str:
             continue
         v = r.get("verify_exact_groups")
         lines.append(f"| {name} | {r['method']} | {r['ratio']:.2f} | {r['left']:.3f} | {r['ppl_pruned']:.2f} | "
-                     f"{r['ppl_finetuned']:.2f} | {'%.1e' % v if v is not None else 'not checked'} |")
+                     f"{r['ppl_finetuned']:.2f} | {format(v, '.1e') if v is not None else 'not checked'} |")
     return "\n".join(lines)
 
 
