@@ -36,6 +36,7 @@ for a Hugging Face model, and the slim model made from it, run at the example in
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -56,7 +57,7 @@ RESULTS = Path(__file__).parent / "results"
 HERE = Path(__file__).resolve().parent
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
 
-FULL = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=344, seq=128, batch=8, steps=400,
+FULL = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=344, seq=128, batch=8, steps=300,
             ft_steps=40, lr=3e-3, ft_lr=1e-3, eval_batches=8, calib_batches=4, corpus_mb=4.0, tp_timeout=120.0)
 QUICK = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=48, seq=32, batch=4, steps=8,
              ft_steps=2, lr=3e-3, ft_lr=1e-3, eval_batches=2, calib_batches=1, corpus_mb=0.3, tp_timeout=60.0)
@@ -120,12 +121,82 @@ def build(cfg: dict, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+def user_decoder(cfg: dict, seed: int = 0):
+    """A decoder-only LM written as a user would, in plain torch: learned positions, RMSNorm,
+    grouped-query attention through ``F.scaled_dot_product_attention``, SwiGLU MLP."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self, d: int, heads: int, kv_heads: int) -> None:
+            super().__init__()
+            self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
+            self.q_proj = nn.Linear(d, heads * self.head_dim, bias=False)
+            self.k_proj = nn.Linear(d, kv_heads * self.head_dim, bias=False)
+            self.v_proj = nn.Linear(d, kv_heads * self.head_dim, bias=False)
+            self.o_proj = nn.Linear(heads * self.head_dim, d, bias=False)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q = self.q_proj(x).view(b, n, self.heads, -1).transpose(1, 2)
+            k = self.k_proj(x).view(b, n, self.kv_heads, -1).transpose(1, 2)
+            v = self.v_proj(x).view(b, n, self.kv_heads, -1).transpose(1, 2)
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(y.transpose(1, 2).reshape(b, n, -1))
+
+    class Layer(nn.Module):
+        def __init__(self, d: int, heads: int, kv_heads: int, inter: int) -> None:
+            super().__init__()
+            self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
+            self.attn = Attention(d, heads, kv_heads)
+            self.gate_proj = nn.Linear(d, inter, bias=False)
+            self.up_proj = nn.Linear(d, inter, bias=False)
+            self.down_proj = nn.Linear(inter, d, bias=False)
+
+        def forward(self, x):
+            x = x + self.attn(self.norm1(x))
+            h = self.norm2(x)
+            return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            d = cfg["hidden"]
+            self.embed = nn.Embedding(256, d)
+            self.pos = nn.Parameter(torch.randn(cfg["seq"], d) * 0.02)
+            self.layers = nn.ModuleList(Layer(d, cfg["heads"], cfg["kv_heads"], cfg["intermediate"])
+                                        for _ in range(cfg["layers"]))
+            self.norm = nn.RMSNorm(d, eps=1e-6)
+            self.lm_head = nn.Linear(d, 256, bias=False)
+
+        def forward(self, input_ids):
+            x = self.embed(input_ids) + self.pos[: input_ids.shape[1]]
+            for layer in self.layers:
+                x = layer(x)
+            return self.lm_head(self.norm(x))
+
+    torch.manual_seed(seed)
+    model = Decoder()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0, 0.02)
+    return model
+
+
+def make(kind: str, cfg: dict):
+    return build(cfg) if kind == "llama" else user_decoder(cfg)
+
+
 def logits_of(out: Any):
     if isinstance(out, dict):
         return out["logits"]
     if isinstance(out, (tuple, list)):
         return out[0]
-    return out.logits
+    return getattr(out, "logits", out)
 
 
 def loss_fn(out: Any, y):
@@ -138,7 +209,7 @@ def loss_fn(out: Any, y):
 def call(model, x):
     import torch
 
-    if isinstance(model, torch.fx.GraphModule):
+    if isinstance(model, torch.fx.GraphModule) or "use_cache" not in inspect.signature(model.forward).parameters:
         return model(input_ids=x)
     return model(input_ids=x, use_cache=False)
 
@@ -218,12 +289,18 @@ def prune_row(model, example, method: str, ratio: float, calib, ft_batches, held
 # ----------------------------------------------------------------------------- Torch-Pruning (subprocess)
 def tp_child(workdir: Path) -> None:
     """Runs in /tmp/benchvenv: Torch-Pruning on the trained model; appends rows to rows.jsonl."""
+    sys.path.insert(0, str(HERE))
+    import _torchvision_ops  # transformers imports torchvision, whose C++ ops may not load here
+
+    _torchvision_ops.import_torchvision()
+    from importlib.metadata import version as dist_version
+
     import torch
     import torch_pruning as tp
 
-    sys.path.insert(0, str(HERE))
+    version = dist_version("torch-pruning")
     job = json.loads((workdir / "job.json").read_text())
-    cfg = job["cfg"]
+    cfg, kind = job["cfg"], job["kind"]
     data = torch.load(workdir / "data.pt", weights_only=True)
     calib, ft_batches, heldout = data["calib"], data["ft"], data["heldout"]
     state = torch.load(workdir / "model.pt", weights_only=True)
@@ -231,16 +308,16 @@ def tp_child(workdir: Path) -> None:
     out = workdir / "rows.jsonl"
     for ratio in RATIOS:
         for method in ("magnitude", "taylor"):
-            model = build(cfg)
+            model = make(kind, cfg)
             model.load_state_dict(state)
             model.eval()
-            row = {"tool": "torch_pruning", "version": getattr(tp, "__version__", "?"), "method": method,
-                   "ratio": ratio}
+            row = {"tool": "torch_pruning", "version": version, "method": method, "ratio": ratio}
             heads = {}
-            for name, m in model.named_modules():
-                if name.endswith("self_attn"):
-                    heads[m.q_proj] = model.config.num_attention_heads
-                    heads[m.k_proj] = heads[m.v_proj] = model.config.num_key_value_heads
+            for m in model.modules():
+                if hasattr(m, "q_proj") and hasattr(m, "k_proj"):
+                    heads[m.q_proj] = cfg["heads"]
+                    heads[m.k_proj] = heads[m.v_proj] = cfg["kv_heads"]
+            example = {"input_ids": calib[0][0], "use_cache": False} if kind == "llama" else calib[0][0]
             imp = tp.importance.MagnitudeImportance(p=2) if method == "magnitude" else tp.importance.TaylorImportance()
             stage = "MetaPruner"
             with open(out, "a") as f:  # the parent reads what was started, should this hang
@@ -248,22 +325,29 @@ def tp_child(workdir: Path) -> None:
             try:
                 n0 = sum(p.numel() for p in model.parameters())
                 start = time.perf_counter()
-                pruner = tp.pruner.MetaPruner(model, calib[0][0], importance=imp, pruning_ratio=ratio,
+                pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio,
                                               ignored_layers=[model.lm_head], num_heads=heads,
                                               prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio)
                 if method == "taylor":
                     stage = "gradients"
                     for x, y in calib:
-                        loss_fn(model(x), y).backward()
+                        loss_fn(call(model, x), y).backward()
                 stage = "step"
                 pruner.step()
                 model.zero_grad(set_to_none=True)
-                for name, m in model.named_modules():
-                    if name.endswith("self_attn"):
+                for m in model.modules():  # the recipe's attribute reset after step()
+                    if hasattr(m, "q_proj") and hasattr(m, "k_proj"):
                         n_q, n_kv = m.q_proj.out_features // m.head_dim, m.k_proj.out_features // m.head_dim
-                        m.num_key_value_groups = max(n_q // max(n_kv, 1), 1)
-                        model.config.num_attention_heads, model.config.num_key_value_heads = n_q, n_kv
-                model.config.hidden_size = model.lm_head.in_features
+                        if kind == "llama":
+                            m.num_key_value_groups = max(n_q // max(n_kv, 1), 1)
+                            model.config.num_attention_heads, model.config.num_key_value_heads = n_q, n_kv
+                        else:
+                            m.heads, m.kv_heads = n_q, n_kv
+                if kind == "llama":
+                    model.config.hidden_size = model.lm_head.in_features
+                for m in model.modules():  # Torch-Pruning slices nn.RMSNorm's weight, not its normalized_shape
+                    if isinstance(m, torch.nn.RMSNorm) and m.weight is not None:
+                        m.normalized_shape = tuple(m.weight.shape)
                 row["prune_s"] = time.perf_counter() - start
                 n1 = sum(p.numel() for p in model.parameters())
                 row.update(status="ok", params_before=n0, params_after=n1, left=n1 / n0)
@@ -279,7 +363,7 @@ def tp_child(workdir: Path) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def torch_pruning_rows(model, cfg, calib, ft_batches, heldout, python: str, timeout: float) -> list[dict]:
+def torch_pruning_rows(kind: str, model, cfg, calib, ft_batches, heldout, python: str, timeout: float) -> list[dict]:
     import torch
 
     if not Path(python).exists():
@@ -288,7 +372,7 @@ def torch_pruning_rows(model, cfg, calib, ft_batches, heldout, python: str, time
         work = Path(tmp)
         torch.save(model.state_dict(), work / "model.pt")
         torch.save({"calib": calib, "ft": ft_batches, "heldout": heldout}, work / "data.pt")
-        (work / "job.json").write_text(json.dumps({"cfg": cfg}))
+        (work / "job.json").write_text(json.dumps({"cfg": cfg, "kind": kind}))
         env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
         status, error = "ok", None
         try:
@@ -325,33 +409,64 @@ def torch_pruning_rows(model, cfg, calib, ft_batches, heldout, python: str, time
 
 
 # ----------------------------------------------------------------------------- report
+MODELS = {"llama": "HF LlamaForCausalLM (GQA, rotary)", "user": "plain-torch decoder (user-written GQA attention)"}
+
+
 def table(result: dict) -> str:
-    base = result["trained"]["ppl"]
-    lines = [f"Trained model: {result['trained']['params']:,} parameters, held-out perplexity {base:.2f} "
-             f"({result['cfg']['steps']} steps).", "",
-             "| tool | criterion | ratio | params left | ppl pruned | ppl fine-tuned | exact groups: max abs diff |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        name = "graphprune" if r["tool"] == "graphprune" else "Torch-Pruning"
-        if r.get("status") != "ok":
-            err = r.get("error", "")
-            lines.append(f"| {name} | {r['method']} | {r['ratio']:.2f} | {r['status']} | | | {err[:90]} |")
-            continue
-        v = r.get("verify_exact_groups")
-        lines.append(f"| {name} | {r['method']} | {r['ratio']:.2f} | {r['left']:.3f} | {r['ppl_pruned']:.2f} | "
-                     f"{r['ppl_finetuned']:.2f} | {format(v, '.1e') if v is not None else 'not checked'} |")
+    lines = ["| model | tool | criterion | ratio | params left | ppl pruned | ppl fine-tuned | exact groups: max abs diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind, res in result["models"].items():
+        t = res["trained"]
+        lines.append(f"| {kind}: trained, {t['params']:,} params | | | | 1.000 | {t['ppl']:.2f} | | |")
+        for r in res["rows"]:
+            name = "graphprune" if r["tool"] == "graphprune" else "Torch-Pruning"
+            if r.get("status") != "ok":
+                err = r.get("error", "").replace("|", "/")
+                lines.append(f"| {kind} | {name} | {r['method']} | {r['ratio']:.2f} | {r['status']} | | | {err[:100]} |")
+                continue
+            v = r.get("verify_exact_groups")
+            lines.append(f"| {kind} | {name} | {r['method']} | {r['ratio']:.2f} | {r['left']:.3f} | "
+                         f"{r['ppl_pruned']:.2f} | {r['ppl_finetuned']:.2f} | "
+                         f"{format(v, '.1e') if v is not None else 'not checked'} |")
     return "\n".join(lines)
+
+
+def run_model(kind: str, cfg: dict, train_batches, calib, ft_batches, heldout, args) -> dict:
+    model = make(kind, cfg)
+    n0 = sum(p.numel() for p in model.parameters())
+    ppl0 = perplexity(model, heldout)
+    start = time.perf_counter()
+    losses = train(model, train_batches, cfg["lr"], max(1, cfg["steps"] // 10), f"train {kind}")
+    trained = {"params": n0, "ppl_init": ppl0, "ppl": perplexity(model, heldout),
+               "train_s": time.perf_counter() - start, "loss_first": losses[0],
+               "loss_last": float(np.mean(losses[-10:]))}
+    print(f"{kind}: trained {n0:,} parameters in {trained['train_s']:.0f} s: held-out perplexity {ppl0:.1f} -> "
+          f"{trained['ppl']:.2f}", flush=True)
+    example = heldout[0][0]
+    rows = []
+    for ratio in RATIOS:
+        for method in METHODS:
+            row = prune_row(model, example, method, ratio, calib, ft_batches, heldout, cfg)
+            rows.append(row)
+            print(kind, json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+    if args.tp_python:
+        tp = torch_pruning_rows(kind, model, cfg, calib, ft_batches, heldout, args.tp_python, cfg["tp_timeout"])
+        rows.extend(tp)
+        for row in tp:
+            print(kind, json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+    return {"description": MODELS[kind], "trained": trained, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model and corpus: a smoke test in seconds")
-    parser.add_argument("--steps", type=int, help="training steps (default 400; --quick 8)")
+    parser.add_argument("--quick", action="store_true", help="tiny models and corpus: a smoke run (~3 min)")
+    parser.add_argument("--models", default="llama,user", help="comma-separated: llama, user (default both)")
+    parser.add_argument("--steps", type=int, help="training steps (default 300; --quick 8)")
     parser.add_argument("--ft-steps", type=int, help="fine-tune steps after pruning (default 40; --quick 2)")
     parser.add_argument("--out", help="JSON path (default results/llm.json; --quick results/llm_quick.json)")
     parser.add_argument("--tp-python", default="/tmp/benchvenv/bin/python",
                         help="Python with torch_pruning installed ('' to skip Torch-Pruning)")
-    parser.add_argument("--tp-timeout", type=float, help="seconds for the Torch-Pruning subprocess")
+    parser.add_argument("--tp-timeout", type=float, help="seconds for each Torch-Pruning subprocess (default 120)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", action="store_true", help="print the JSON (--out) as the docs' table")
     parser.add_argument("--tp-child", help=argparse.SUPPRESS)
@@ -363,6 +478,9 @@ def main() -> None:
     if args.markdown:
         print(table(json.loads(out.read_text())))
         return
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    if not kinds or any(k not in MODELS for k in kinds):
+        parser.error(f"--models takes {', '.join(MODELS)}")
 
     import torch
 
@@ -381,39 +499,18 @@ def main() -> None:
     calib = windows(train_tok, cfg["calib_batches"], b, s, rng)
     ft_batches = windows(train_tok, cfg["ft_steps"], b, s, rng)
     heldout = windows(held_tok, cfg["eval_batches"], b, s, None)
-    example = heldout[0][0]
+    models = {kind: run_model(kind, cfg, train_batches, calib, ft_batches, heldout, args) for kind in kinds}
 
-    model = build(cfg)
-    n0 = sum(p.numel() for p in model.parameters())
-    ppl0 = perplexity(model, heldout)
-    start = time.perf_counter()
-    losses = train(model, train_batches, cfg["lr"], max(1, cfg["steps"] // 10), "train")
-    trained = {"params": n0, "ppl_init": ppl0, "ppl": perplexity(model, heldout), "train_s": time.perf_counter() - start,
-               "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}
-    print(f"trained {n0:,} parameters in {trained['train_s']:.0f} s: held-out perplexity {ppl0:.1f} -> "
-          f"{trained['ppl']:.2f}", flush=True)
-
-    rows = []
-    for ratio in RATIOS:
-        for method in METHODS:
-            row = prune_row(model, example, method, ratio, calib, ft_batches, heldout, cfg)
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
-    if args.tp_python:
-        tp = torch_pruning_rows(model, cfg, calib, ft_batches, heldout, args.tp_python, cfg["tp_timeout"])
-        rows.extend(tp)
-        for row in tp:
-            print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
     import transformers
 
     import graphprune as gp
 
-    result = {"cfg": cfg, "corpus": info, "threads": args.threads, "trained": trained, "rows": rows,
+    command = "PYTHONPATH=. python benchmarks/llm.py" + (" --quick" if args.quick else "") + \
+        (f" --steps {args.steps}" if args.steps else "") + (f" --models {args.models}" if args.models != "llama,user" else "")
+    result = {"cfg": cfg, "corpus": info, "threads": args.threads, "models": models,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "graphprune": getattr(gp, "__version__", "?"), "python": platform.python_version()},
-              "total_s": time.perf_counter() - started,
-              "command": "PYTHONPATH=. python benchmarks/llm.py" + (" --quick" if args.quick else "")
-              + (f" --steps {args.steps}" if args.steps else "")}
+              "total_s": time.perf_counter() - started, "command": command}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print()
