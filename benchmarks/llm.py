@@ -27,8 +27,8 @@ past it is recorded as TIMEOUT, a crash as FAILED with its error.
 Every batch has the same shape (``batch`` x ``seq``): the graph ``torch.export`` captures
 for a Hugging Face model, and the slim model made from it, run at the example input shape.
 
-    PYTHONPATH=. python benchmarks/llm.py              # full run (~15 min on a loaded 2-core machine)
-    PYTHONPATH=. python benchmarks/llm.py --quick      # tiny smoke run, seconds (writes llm_quick.json)
+    PYTHONPATH=. python benchmarks/llm.py              # both models (~14 min on a loaded 2-core machine)
+    PYTHONPATH=. python benchmarks/llm.py --quick      # tiny models, a smoke run of ~3 min (llm_quick.json)
     PYTHONPATH=. python benchmarks/llm.py --steps 600 --out /tmp/llm.json
     python benchmarks/llm.py --markdown                # results/llm.json as the docs' table
 """
@@ -417,7 +417,8 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for kind, res in result["models"].items():
         t = res["trained"]
-        lines.append(f"| {kind}: trained, {t['params']:,} params | | | | 1.000 | {t['ppl']:.2f} | | |")
+        lines.append(f"| {kind} | trained, unpruned ({t['params']:,} params) | none | 0.00 | 1.000 | "
+                     f"{t['ppl']:.2f} | - | - |")
         for r in res["rows"]:
             name = "graphprune" if r["tool"] == "graphprune" else "Torch-Pruning"
             if r.get("status") != "ok":
