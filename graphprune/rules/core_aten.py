@@ -25,7 +25,7 @@ import torch
 import graphprune.rules  # noqa: F401  (registers the built-in rules)
 from graphprune.rules import base
 
-__all__ = ["NO_RULE", "core_overloads", "coverage"]
+__all__ = ["NO_RULE", "core_overloads", "coverage", "report"]
 
 _BACKWARD = "a backward (gradient) op: inference graphs, which are what graphprune prunes, hold none"
 _CREATES = "creates a tensor from sizes and numbers, reading no tensor: nothing to follow"
@@ -94,8 +94,17 @@ def coverage() -> dict[str, list[str]]:
     return out
 
 
-if __name__ == "__main__":
+def report() -> str:
+    """The counts of ``coverage()`` as text, naming any undecided overload."""
     cov = coverage()
-    print(f"core ATen overloads: {sum(len(v) for v in cov.values())} ({torch.__version__})")
-    for key in ("own", "tag", "none", "undecided"):
-        print(f"  {key + ':':11s}{len(cov[key])}" + (f"  {', '.join(cov[key])}" if key == "undecided" else ""))
+    lines = [f"core ATen overloads: {sum(len(v) for v in cov.values())} (torch {torch.__version__})"]
+    for key, what in (("own", "own rule"), ("tag", "tag rule"), ("none", "declared none (NO_RULE)"),
+                      ("undecided", "undecided")):
+        lines.append(f"  {what:24s} {len(cov[key])}")
+    if cov["undecided"]:
+        lines.append("undecided: " + ", ".join(cov["undecided"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

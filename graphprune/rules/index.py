@@ -265,7 +265,7 @@ def gather(ctx, node, module):
     ndim = len(ctx.shape(x))
     d = norm_dim(ctx.operand("dim"), ndim)
     ctx.pin(_tensor_labels(ctx, x)[d], f"{ctx.describe_node()} reads positions along a channel axis")
-    reason = f"{ctx.describe_node()} gathers along an axis that does not line up"
+    reason = f"{ctx.describe_node()} lines up a channel axis with an axis of its index that is not that channel"
     return tuple(_tensor_labels(ctx, index)[k] if k == d else _tie_or_pin(ctx, [x, index], k, reason)
                  for k in range(ndim))
 
@@ -284,7 +284,7 @@ def scatter(ctx, node, module):
     d = norm_dim(ctx.operand("dim"), ndim)
     for t in tensors:
         ctx.pin(_tensor_labels(ctx, t)[d], f"{ctx.describe_node()} writes at positions along a channel axis")
-    reason = f"{ctx.describe_node()} scatters along an axis that does not line up"
+    reason = f"{ctx.describe_node()} lines up a channel axis with an axis of an operand that is not that channel"
     return tuple(_tensor_labels(ctx, x)[k] if k == d else _tie_or_pin(ctx, tensors, k, reason)
                  for k in range(ndim))
 
@@ -345,8 +345,8 @@ def slice_scatter(ctx, node, module):
     ctx.pin(labels[d], reason)
     rest = list(s_labels)
     if len(rest) == len(labels):  # slice_scatter: src keeps the axis
-        ctx.pin(rest.pop(d), reason)
-    else:
+        ctx.pin(rest[d], reason)
+    else:  # select_scatter: src lacks it
         rest.insert(d, None)
     tie = f"{ctx.describe_node()} writes a non-channel axis"
     shape = ctx.shape(x)

@@ -275,7 +275,7 @@ def embedding_bag(ctx, node, module):
     shapes = ctx.shape(node)
     out = (None,) * (len(shapes[0]) - 1) + (dim_labels,)
     for user in node.users:  # max_indices [bags, dim] names rows per column: not followed
-        if not (user.target is operator.getitem and user.args[1] == 0):
+        if not (user.target is operator.getitem and (user.args[1] == 0 or not user.users)):
             ctx.pin(dim_labels, f"{ctx.describe_node()} has its bookkeeping outputs read")
     return Multi([out, *(tuple(None for _ in s) for s in shapes[1:])])
 

@@ -307,7 +307,7 @@ def _statistics_only_read_by_getitem(ctx, node, labels):
     """The statistics outputs (1, 2) of a native norm are for backward passes; one that is read
     (not just the output 0) is not followed: the channels are pinned."""
     for user in node.users:
-        if not (user.target is operator.getitem and user.args[1] == 0):
+        if not (user.target is operator.getitem and (user.args[1] == 0 or not user.users)):
             ctx.pin_all(labels, f"{ctx.describe_node()} has its saved statistics read")
             return
 

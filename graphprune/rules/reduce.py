@@ -104,7 +104,7 @@ def arg_reduction(ctx, node, module):
 
 def _positions_read(node) -> bool:
     """Whether the indices output (1) of a (values, indices) op is read."""
-    return any(not (u.target is operator.getitem and u.args[1] == 0) for u in node.users)
+    return any(not (u.target is operator.getitem and (u.args[1] == 0 or not u.users)) for u in node.users)
 
 
 @register(*aten_ops("max.dim", "min.dim"), operands=Operands(dim=1, keepdim=2))
