@@ -122,16 +122,16 @@ def followed(model, inputs):
     return dg
 
 
-def check_exact(op, inputs, drop=(1, 5), **kw):
+def check_exact(op, inputs, drop=(1, 5), zero=None, **kw):
     """The channels of ``a`` pass ``op``: one prunable group, exact against a copy with the
-    consumer columns of the dropped channels zeroed."""
+    consumer columns of the dropped channels zeroed (or ``zero``)."""
     model = around(op, inputs, **kw)
     dg = followed(model, inputs)
     assert not dg.gm.meta.get("graphprune_export")  # traced by torch.fx: the ATen call as written
     g = group_of(dg, "a.weight", 0)
     assert g.prunable and g.exact, (g.reason, g.inexact_reason)
     assert keys(g) >= {("a.weight", 0), ("a.bias", 0), ("fc.weight", 1)}
-    return exact(model, inputs, {g.id: list(drop)}, dg=dg, zero={"fc.weight": (1, list(drop))})
+    return exact(model, inputs, {g.id: list(drop)}, dg=dg, zero=zero or {"fc.weight": (1, list(drop))})
 
 
 def check_kept(op, inputs, words, inexact=False, **kw):
@@ -267,8 +267,9 @@ def test_native_group_norm_loses_whole_groups_and_rewrites_its_widths():
     lambda m, y: aten.prod.dim_int(y * 0.5 + 1.0, 2),
     lambda m, y: aten._log_softmax.default(y, 2, False),
     lambda m, y: aten.where.self(aten.any.dim(y > 0, 3, True), y, -y),
+    lambda m, y: aten.abs.default(aten._fft_r2c.default(y, [3], 0, True)),
 ], ids=["max.dim", "min.dim", "topk", "sort", "argmax", "cumsum", "var.dim", "var.correction", "prod",
-        "_log_softmax", "any"])
+        "_log_softmax", "any", "_fft_r2c"])
 def test_ordering_and_reductions_along_a_spatial_axis_keep_channels_exactly(op):
     check_exact(op, X)
 
@@ -282,7 +283,8 @@ def test_ordering_and_reductions_along_a_spatial_axis_keep_channels_exactly(op):
      False),
     (lambda m, y: aten.cumsum.default(y, 1), ["cumsum", "mixes values along a channel axis"], False),
     (lambda m, y: aten.var.dim(y, [1], True, True) + y, ["var", "reduces over channels"], True),
-], ids=["max", "max-indices", "topk", "sort", "argmin", "cumsum", "var"])
+    (lambda m, y: aten.abs.default(aten._fft_r2c.default(y, [1], 0, False)), ["_fft_r2c", "mixes values"], False),
+], ids=["max", "max-indices", "topk", "sort", "argmin", "cumsum", "var", "_fft_r2c"])
 def test_ordering_or_reducing_along_the_channel_axis_pins_or_is_inexact(op, words, inexact):
     check_kept(op, X, words, inexact=inexact)
 
@@ -320,6 +322,13 @@ def test_padding_a_channel_axis_pins_it():
 def test_repeat_of_spatial_axes_keeps_channels_and_of_the_channel_axis_pins():
     check_exact(lambda m, y: aten.repeat.default(y, [1, 1, 2, 3]), X)
     check_kept(lambda m, y: aten.repeat.default(y, [1, 2, 1, 1])[:, 4:12], X, ["repeat", "repeats a channel axis"])
+
+
+def test_sym_size_of_a_channel_axis_is_a_width_the_slim_view_rewrites():
+    def view(m, y):  # what export writes for y.view(y.size(0), y.size(1), -1) with a dynamic size
+        return aten.view.default(y, [aten.sym_size.int(y, 0), aten.sym_size.int(y, 1), 36])
+    slim = check_exact(view, X)
+    assert slim(*X).shape == (2, 3)
 
 
 def test_col2im_folds_kernel_blocks_of_each_channel():
@@ -410,6 +419,14 @@ def test_cdist_ties_the_features_of_both_sides():
     g = group_of(dg, "a.weight", 0)
     assert g.prunable and g.exact and ("fc.weight", 1) not in keys(g)  # the distance ate the features
     exact(model, x, {g.id: [0, 7]}, dg=dg)
+
+
+def test_pdist_sums_over_the_features():
+    def pdist(m, y):  # the distance between the two samples' channel sums scales y
+        d = aten._pdist_forward.default(aten.sum.dim_IntList(y, [2, 3]), 2.0)
+        return y * aten.view.default(d, [1, 1, 1, 1])
+    # pdist reads the channels too: the masked original zeroes them where they are made
+    check_exact(pdist, X, zero={"a.weight": (0, [1, 5]), "a.bias": (0, [1, 5])})
 
 
 @pytest.mark.parametrize("op", [
