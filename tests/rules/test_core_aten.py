@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from helpers import build, exact, group_of, keys
 
 import graphprune as gp
@@ -331,10 +332,13 @@ def test_sym_size_of_a_channel_axis_is_a_width_the_slim_view_rewrites():
     assert slim(*X).shape == (2, 3)
 
 
-def test_col2im_folds_kernel_blocks_of_each_channel():
+@pytest.mark.parametrize("form", ["aten.col2im", "F.fold"])
+def test_col2im_folds_kernel_blocks_of_each_channel(form):
     def fold(m, y):  # [2, 8, 6, 6] -> [2, 8 * 4, 9] (the unfold as a reshape) -> fold to [2, 8, 6, 6]
         cols = aten.reshape.default(aten.permute.default(aten.view.default(y, [2, 8, 3, 2, 3, 2]),
                                                          [0, 1, 3, 5, 2, 4]), [2, 32, 9])
+        if form == "F.fold":
+            return F.fold(cols, (6, 6), 2, stride=2)
         return aten.col2im.default(cols, [6, 6], [2, 2], [1, 1], [0, 0], [2, 2])
     slim = check_exact(fold, X)
     assert slim(*X).shape == (2, 3)
