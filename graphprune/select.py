@@ -243,7 +243,7 @@ def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int 
     # Width-1 layers that may vanish are removed whole, ranked among themselves.
     for rank, (sc, gid) in enumerate(sorted(whole)):
         for key, value in (("frac", (rank + 1) / len(whole)), ("mean", sc), ("gid", gid), ("j", 0),
-                           ("start", offset), ("stop", offset + 1), ("mult", 1)):
+                           ("start", offset), ("stop", offset + 1), ("mult", members.get(gid, 1))):
             cols[key].append(np.array([value]))
         orders.append(np.array([0]))
         offset += 1
