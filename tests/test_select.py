@@ -238,7 +238,9 @@ def test_uniform_llama_saves_one_width_per_config_field(tmp_path) -> None:
     model = tf.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # layers of different scales: a global ranking prunes them differently
         model.model.layers[1].mlp.up_proj.weight.mul_(3.0)
-        model.model.layers[1].self_attn.v_proj.weight.mul_(3.0)
+        for i, scale in ((0, 0.02), (1, 0.6)):  # layer 0's KV groups score lowest, layer 1's above the cut
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(model.model.layers[i].self_attn, proj).weight.mul_(scale)
     ids = torch.randint(0, 128, (2, 8))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     result = gp.prune(model, inputs, ratio=0.5, factor="heads", scope="global", uniform=True)
@@ -248,6 +250,7 @@ def test_uniform_llama_saves_one_width_per_config_field(tmp_path) -> None:
     kv = {layer.self_attn.k_proj.weight.shape[0] for layer in slim.model.layers}
     assert len(mlp) == 1 and len(kv) == 1
     assert slim.config.intermediate_size == next(iter(mlp))[0] < 48
+    assert (slim.config.num_key_value_heads, slim.config.num_attention_heads) == (1, 2)  # one KV group of two
     assert slim.config.num_key_value_heads * slim.config.head_dim == next(iter(kv))
     slim.save_pretrained(tmp_path)
     again = type(model).from_pretrained(tmp_path).eval()
@@ -255,5 +258,7 @@ def test_uniform_llama_saves_one_width_per_config_field(tmp_path) -> None:
         torch.testing.assert_close(again(**inputs).logits, slim(**inputs).logits)
     # without uniform the layers keep different widths, which the config cannot hold
     plain = gp.select(result.graph, gp.score("magnitude", model, result.graph), 0.5, scope="global")
+    heads = [g.id for g in result.graph.groups if g.prunable and g.size == 2]
+    assert sorted(len(plain.get(g, ())) for g in heads) == [0, 1]  # a KV group goes from layer 0 only
     with pytest.raises(gp.RewriteError, match="config"):
         gp.apply(model, result.graph, plain, output="module")
