@@ -2,7 +2,10 @@
 
 Channel flow: q, k and v share their batch and head axes; q and k share their last
 (per-head) axis; the output has v's last axis. ``nn.MultiheadAttention``'s in_proj rows
-factor into (q|k|v, head, head dim) and out_proj reads (head, head dim). Values are
+(or, with ``kdim``/``vdim``, the rows of its separate q, k and v projections, whose
+columns read the query, key and value inputs) factor into (q|k|v, head, head dim) and
+out_proj reads (head, head dim); ``bias_k``/``bias_v`` follow the k and v rows and the
+token ``add_zero_attn`` appends stays zero. Values are
 mixed along the per-head axis of q and k (a dot product: exact, a removed channel adds
 zero) and the softmax runs over tokens, not channels. The one width read as a value is
 the softmax scale ``1 / sqrt(head dim)``: the rewrite keeps the original scale.
