@@ -395,6 +395,8 @@ def select(
     if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
                                   or not 0 <= max_ratio <= 1):
         raise InputError(f"max_ratio must be a number in [0, 1] or None, got {max_ratio!r}")
+    if not isinstance(uniform, bool):
+        raise InputError(f"uniform must be True or False, got {uniform!r}")
     skip = resolve_ignore(dg, ignore)
     per_group = resolve_ratios(dg, ratios) if ratios else {}
 
