@@ -253,10 +253,10 @@ def _slim_config(model: torch.nn.Module, dg: Any, plan: Plan, attributes: Mappin
     try:
         slim = apply(model, dg, plan, output="module", attributes=dict(attributes or {}))
     except RewriteError as exc:
-        raise RewriteError(f"{exc}. The slim checkpoint would have no config that from_pretrained can build; "
-                           "apply_checkpoint(..., config=False) writes the weights alone, which load into "
-                           "gp.apply(model, dg, plan) (the slim GraphModule, built on the meta device) with "
-                           "load_state_dict(..., assign=True)") from exc
+        raise RewriteError(f"{exc}. A slim checkpoint needs a config that from_pretrained can build: prune "
+                           "widths the config can express (the same count in every layer, whole heads), or write "
+                           "the weights alone with apply_checkpoint(..., config=False): the slim architecture is then "
+                           "the GraphModule gp.apply(model, dg, plan)") from exc
     before = getattr(getattr(model, "config", None), "to_dict", None)
     after = getattr(getattr(slim, "config", None), "to_dict", None)
     changed = None
@@ -302,8 +302,10 @@ def apply_checkpoint(model: torch.nn.Module, dg: Any, plan: Plan | Mapping[int, 
     persistent = {aliases.get(k, k) for k in model.state_dict()}
     _missing([c for c in cuts if c in persistent], where, aliases, ckpt)
     changed, slim_shapes = _slim_config(model, dg, plan, attributes) if config else (None, {})
-    note = ("" if config else "no config.json: the weights load into gp.apply(model, dg, plan), the slim GraphModule "
-            "(built on the meta device), with load_state_dict(state, assign=True)")
+    note = ("" if config else "no config.json: the slim architecture is the GraphModule gp.apply(model, dg, plan), "
+            "whose state dict has these tensors under the same names (load_state_dict(state, strict=False, "
+            "assign=True)); buffers the model does not save (rotary frequencies) and tied names are not in the "
+            "checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     result = SlimCheckpoint(directory=os.fspath(out), config=changed or {}, note=note)
     from safetensors.torch import save_file
