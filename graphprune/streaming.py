@@ -213,7 +213,7 @@ def score_checkpoint(method: str, directory: str | os.PathLike, dg: Any, *, p: i
     bar = _bar(len(needed), progress, "scoring tensors")
     for file, params in by_file.items():
         for param, (_, t) in zip(params, ckpt.tensors(file, [where[q] for q in params])):
-            per_axis.update({(param, d): v for d, v in axis_norms(t, axes[param], p).items()})
+            per_axis.update({(param, d): v for d, v in axis_norms(t, axes[param], p, inplace=True).items()})
             del t
             bar.update(1)
     bar.close()

@@ -64,14 +64,19 @@ def needed_params(dg: Any, roles: Iterable[str] = ("out", "in")) -> list[str]:
     return list(dict.fromkeys(m.param for g in dg.groups if g.prunable for m in g.members if m.role in roles))
 
 
-def axis_norms(t: torch.Tensor, dims: Iterable[int], p: int) -> dict[int, np.ndarray]:
+def axis_norms(t: torch.Tensor, dims: Iterable[int], p: int, *, inplace: bool = False) -> dict[int, np.ndarray]:
     """``|t|^p`` summed over every axis but one, for each axis in ``dims`` (float64 arrays).
 
     One pass over the tensor: the axes no group uses (a conv's kernel window) are summed
-    first, then each used axis from that small tensor.
+    first, then each used axis from that small tensor. ``inplace`` lets a float32 ``t``
+    that nothing else reads (one just read from a file) be overwritten instead of copied.
     """
     used = sorted(set(dims))
-    v = t.abs() if p == 1 else t.float().square()
+    # at most one new tensor: |t|, or a float32 copy squared in place (the same numbers)
+    if inplace and t.dtype == torch.float32:
+        v = t.abs_() if p == 1 else t.square_()
+    else:
+        v = t.abs() if p == 1 else t.to(torch.float32, copy=True).square_()
     free = [d for d in range(t.dim()) if d not in used]
     v = v.sum(free) if free else v
     out = {}
