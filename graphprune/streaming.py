@@ -67,8 +67,8 @@ class Checkpoint:
     """The tensors of a safetensors checkpoint directory, by name, without reading them.
 
     ``shards`` lists the files in order with the names each holds; ``shape(name)`` reads
-    a header only; ``tensors(shard)`` yields ``(name, tensor)`` one at a time from a
-    memory-mapped file.
+    a header only; ``tensors(shard)`` yields ``(name, tensor)`` one at a time, each read
+    from a memory-mapped file that is unmapped again before the next.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -128,10 +128,16 @@ class Checkpoint:
         return self._shapes[name]
 
     def tensors(self, shard: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` of ``shard`` (or of ``names`` in it), each read when asked for."""
-        with self._open(str(self.directory / shard), framework="pt") as f:
-            for name in (self.shards[shard] if names is None else names):
-                yield name, f.get_tensor(name)
+        """``(name, tensor)`` of ``shard`` (or of ``names`` in it), each read when asked for.
+
+        The file is mapped again for each tensor: pages of a mapped file that were read stay
+        in the process's resident memory until it is unmapped, which would add up to the
+        whole shard.
+        """
+        for name in (self.shards[shard] if names is None else names):
+            with self._open(str(self.directory / shard), framework="pt") as f:
+                t = f.get_tensor(name)
+            yield name, t
 
 
 def _aliases(module: torch.nn.Module) -> dict[str, str]:
@@ -282,13 +288,17 @@ def apply_checkpoint(model: torch.nn.Module, dg: Any, plan: Plan | Mapping[int, 
     ``RewriteError`` before anything is written. ``config=False`` writes the weights for the
     slim GraphModule (``gp.apply(model, dg, plan)``) and no config.
 
-    Peak memory: one output shard plus one input tensor (plus the graph).
+    ``out_dir`` must be new or empty. Peak memory: one output shard plus one input tensor
+    (plus the graph).
     """
     out = Path(out_dir)
     src = Path(directory)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise InputError(f"out_dir {os.fspath(out_dir)!r} is the checkpoint directory; write the slim checkpoint "
                          "elsewhere")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"out_dir {os.fspath(out_dir)!r} is not empty; give a new or empty directory (shards of "
+                         "another checkpoint left there would be mixed with the slim ones)")
     plan = plan if isinstance(plan, Plan) else Plan(plan)
     plan.validate(dg)
     removal = Removal(dg, plan)

@@ -167,6 +167,10 @@ def test_other_inputs_are_refused_with_what_to_do(llama, tmp_path):
         gp.score_checkpoint("magnitude", tmp_path, meta_dg)
     with pytest.raises(gp.InputError, match="is the checkpoint directory"):
         gp.apply_checkpoint(meta, meta_dg, {}, src, src)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "model-00001-of-00009.safetensors").write_bytes(b"")
+    with pytest.raises(gp.InputError, match="is not empty"):
+        gp.apply_checkpoint(meta, meta_dg, {}, src, tmp_path / "used")
     extra = Path(shutil.copytree(src, tmp_path / "extra"))
     _rewrite_shard(extra, "model.norm.weight", lambda state: state.update({"model.extra": torch.zeros(2)}))
     index = json.loads((extra / "model.safetensors.index.json").read_text())
