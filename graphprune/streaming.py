@@ -37,7 +37,6 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -48,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from graphprune.errors import InputError, PlanError, RewriteError
 from graphprune.importance.magnitude import axis_norms, group_norms, member_axes, needed_params
@@ -179,16 +179,17 @@ def _missing(names: Iterable[str], where: Mapping[str, str], aliases: Mapping[st
                          + "; was it saved from this model?")
 
 
-def score_checkpoint(method: str, directory: str | os.PathLike, dg: Any, *, p: int = 2,
+def score_checkpoint(method: str, directory: str | os.PathLike, dg: Any, *, p: int | None = None,
                      roles: Iterable[str] = ("out", "in"), normalize: bool | str | None = False,
-                     progress: bool = False) -> dict[int, np.ndarray]:
+                     progress: bool | None = None) -> dict[int, np.ndarray]:
     """Scores of ``dg``'s prunable groups from the checkpoint in ``directory``, read one tensor at a time.
 
-    ``method`` is ``"magnitude"`` (``p=1|2``), ``"l1"`` or ``"l2"``; the scores equal
+    ``method`` is ``"magnitude"`` (``p=1|2``, default 2), ``"l1"`` or ``"l2"``; the scores equal
     ``gp.score(method, model, dg, ...)`` on the model loaded from ``directory``. ``dg`` is
     built from the model on the meta device (or any model of the same architecture).
     Only the tensors the groups slice are read, each once; what stays in memory is one
-    number per channel of each sliced axis. ``progress`` shows a bar over the tensors.
+    number per channel of each sliced axis. ``progress=None`` shows a bar over the tensors
+    on a terminal, ``True`` always, ``False`` never.
 
     >>> import tempfile, torch, graphprune as gp
     >>> from safetensors.torch import save_file
@@ -203,7 +204,10 @@ def score_checkpoint(method: str, directory: str | os.PathLike, dg: Any, *, p: i
         raise InputError(f"score_checkpoint computes the weight-magnitude criteria {sorted(_STREAMED)} from a "
                          f"checkpoint, not {method!r}; criteria that need activations or gradients need the model "
                          "in memory (gp.score)")
-    p = _STREAMED[method] or p
+    fixed = _STREAMED[method]
+    if fixed is not None and p not in (None, fixed):
+        raise InputError(f"criterion {method!r} is magnitude with p={fixed}; give p={p} to 'magnitude' instead")
+    p = fixed or (2 if p is None else p)
     if p not in (1, 2):
         raise InputError(f"magnitude p must be 1 or 2, got {p!r}")
     ckpt = Checkpoint(directory)
@@ -274,7 +278,7 @@ def _slim_config(model: torch.nn.Module, dg: Any, plan: Plan, attributes: Mappin
 
 def apply_checkpoint(model: torch.nn.Module, dg: Any, plan: Plan | Mapping[int, Any], directory: str | os.PathLike,
                      out_dir: str | os.PathLike, *, config: bool = True, attributes: Mapping[str, Any] | None = None,
-                     progress: bool = False) -> SlimCheckpoint:
+                     progress: bool | None = None) -> SlimCheckpoint:
     """Write the slim checkpoint of ``plan`` to ``out_dir``, one input shard at a time.
 
     ``model`` is the model ``dg`` was built from, on the meta device (nothing of it is
@@ -288,7 +292,7 @@ def apply_checkpoint(model: torch.nn.Module, dg: Any, plan: Plan | Mapping[int, 
     ``RewriteError`` before anything is written. ``config=False`` writes the weights for the
     slim GraphModule (``gp.apply(model, dg, plan)``) and no config.
 
-    ``out_dir`` must be new or empty. Peak memory: one output shard plus one input tensor
+    ``out_dir`` must be new or empty; ``progress`` as in ``score_checkpoint``. Peak memory: one output shard plus one input tensor
     (plus the graph).
     """
     out = Path(out_dir)
@@ -381,18 +385,5 @@ def _copy_others(src: Path, out: Path, changed: dict[str, Any] | None, model: to
     (out / "config.json").write_text(json.dumps(blob, indent=2, sort_keys=True) + "\n")
 
 
-def _bar(total: int, enabled: bool, what: str) -> Any:
-    if enabled:
-        with contextlib.suppress(ImportError):
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=what, unit="tensor")
-
-    class _Quiet:
-        def update(self, n: int = 1) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    return _Quiet()
+def _bar(total: int, progress: bool | None, what: str) -> Any:
+    return tqdm(total=total, desc=what, unit="tensor", disable=None if progress is None else not progress)

@@ -161,6 +161,8 @@ def test_a_missing_or_misshapen_tensor_is_named(llama, tmp_path):
 
 def test_other_inputs_are_refused_with_what_to_do(llama, tmp_path):
     _, _, meta, meta_dg, src = llama
+    with pytest.raises(gp.InputError, match="magnitude with p=1"):
+        gp.score_checkpoint("l1", src, meta_dg, p=2)
     with pytest.raises(gp.InputError, match="need the model in memory"):
         gp.score_checkpoint("taylor", src, meta_dg)
     with pytest.raises(gp.InputError, match="neither model.safetensors nor"):
