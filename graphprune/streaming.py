@@ -292,8 +292,8 @@ def apply_checkpoint(model: torch.nn.Module, dg: Any, plan: Plan | Mapping[int, 
     ``RewriteError`` before anything is written. ``config=False`` writes the weights for the
     slim GraphModule (``gp.apply(model, dg, plan)``) and no config.
 
-    ``out_dir`` must be new or empty; ``progress`` as in ``score_checkpoint``. Peak memory: one output shard plus one input tensor
-    (plus the graph).
+    ``out_dir`` must be new or empty; ``progress`` as in ``score_checkpoint``. Peak memory:
+    one output shard plus one input tensor (plus the graph).
     """
     out = Path(out_dir)
     src = Path(directory)
