@@ -159,12 +159,13 @@ class Reducer:
         return values
 
 
-_REDUCER: contextvars.ContextVar[Reducer] = contextvars.ContextVar("graphprune_reducer", default=Reducer())
+_ONE = Reducer()
+_REDUCER: contextvars.ContextVar[Reducer | None] = contextvars.ContextVar("graphprune_reducer", default=None)
 
 
 def reducer() -> Reducer:
     """The reducer criteria use now (one process unless inside ``reducing``)."""
-    return _REDUCER.get()
+    return _REDUCER.get() or _ONE
 
 
 @contextlib.contextmanager
@@ -401,8 +402,8 @@ class Ablator:
         gathered, or the loss sums and sample counts are summed over the processes."""
         removed = np.atleast_2d(np.asarray(removed, dtype=bool))
         n_rows = removed.shape[0]
-        r = reducer()
-        mine = r.mine(n_rows)
+        share = reducer()
+        mine = share.mine(n_rows)
         removed = removed[mine]
         total = np.zeros(removed.shape[0])
         with torch.no_grad(), eval_mode(self.model):
@@ -416,4 +417,4 @@ class Ablator:
                                  f"{self.group.id} removed") if r.any() else "on the unpruned model"
                         total[start + j] += float(check_loss(loss, self.name, where)) * n
         total, count = reduce_sum(total, self.total)
-        return r.gather(total / count, mine, n_rows)
+        return share.gather(total / count, mine, n_rows)
