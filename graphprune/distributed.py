@@ -100,7 +100,8 @@ def _gather(obj: Any, group: Any = None) -> list[Any]:
 
 class GroupReducer(Reducer):
     """A ``Reducer`` over a process group: sums are all-reduced (``split="data"``), or the
-    ablations are shared out round-robin and gathered (``split="ablations"``)."""
+    ablations are shared out round-robin, a block (the ablations vectorised together) at a
+    time, and gathered (``split="ablations"``)."""
 
     def __init__(self, group: Any = None, split: str = "data") -> None:
         if split not in SPLITS:
@@ -123,8 +124,11 @@ class GroupReducer(Reducer):
     def sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self._all_sum(t) for t in tensors] if self.split == "data" else tensors
 
-    def mine(self, n: int) -> np.ndarray:
-        return np.arange(n) if self.split == "data" else np.arange(self.index, n, self.world)
+    def mine(self, n: int, block: int = 1) -> np.ndarray:
+        if self.split == "data":
+            return np.arange(n)
+        blocks = np.arange(n) // max(1, block)  # block k goes to rank k % world
+        return np.flatnonzero(blocks % self.world == self.index)
 
     def gather(self, values: np.ndarray, mine: np.ndarray, n: int) -> np.ndarray:
         if self.split == "data":

@@ -138,7 +138,8 @@ class Reducer:
     """How criteria combine their sums with other processes; this base class is one process.
 
     - ``sum(tensors)``: the element-wise sums of ``tensors`` over the processes (here: as given);
-    - ``mine(n)``: which of ``n`` ablations this process computes (here: all);
+    - ``mine(n, block)``: which of ``n`` ablations this process computes, in whole blocks of
+      ``block`` (here: all);
     - ``gather(values, mine, n)``: the ``n`` ablation results, each process having computed
       ``values`` at positions ``mine`` (here: ``values`` as they are);
     - ``rank``: this process's index (criteria that draw random numbers offset their seed by it).
@@ -152,7 +153,7 @@ class Reducer:
     def sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return tensors
 
-    def mine(self, n: int) -> np.ndarray:
+    def mine(self, n: int, block: int = 1) -> np.ndarray:
         return np.arange(n)
 
     def gather(self, values: np.ndarray, mine: np.ndarray, n: int) -> np.ndarray:
@@ -403,7 +404,7 @@ class Ablator:
         removed = np.atleast_2d(np.asarray(removed, dtype=bool))
         n_rows = removed.shape[0]
         share = reducer()
-        mine = share.mine(n_rows)
+        mine = share.mine(n_rows, self.chunk)  # whole chunks: each row computed as in one process
         removed = removed[mine]
         total = np.zeros(removed.shape[0])
         with torch.no_grad(), eval_mode(self.model):
