@@ -113,7 +113,8 @@ class GroupReducer(Reducer):
         self.rank = self.index if split == "data" else 0
         backend = dist.get_backend(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self.calls = 0  # collectives run (for tests and benchmarks)
+        self.calls = 0  # collectives run, and
+        self.ablations = 0  # ablations this rank computed (for tests and benchmarks)
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
         buf = t.detach().to(self.device, copy=True)
@@ -126,9 +127,12 @@ class GroupReducer(Reducer):
 
     def mine(self, n: int, block: int = 1) -> np.ndarray:
         if self.split == "data":
+            self.ablations += n
             return np.arange(n)
         blocks = np.arange(n) // max(1, block)  # block k goes to rank k % world
-        return np.flatnonzero(blocks % self.world == self.index)
+        mine = np.flatnonzero(blocks % self.world == self.index)
+        self.ablations += len(mine)
+        return mine
 
     def gather(self, values: np.ndarray, mine: np.ndarray, n: int) -> np.ndarray:
         if self.split == "data":

@@ -25,7 +25,7 @@ from graphprune.errors import InputError, PlanMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
-SHAPLEY = dict(permutations=3, seed=1)
+SHAPLEY = dict(permutations=3, seed=1, batch_ablations=4)  # 7 ablations per permutation: blocks of 4 to share
 TRAIN = dict(epochs=1, lr=0.05, momentum=0.0, schedule=None, progress=False)
 
 
@@ -61,9 +61,11 @@ def compute(data, *, ablation_data, train_data, shared: bool) -> dict:
         "taylor": fn("taylor", model, dg, data=data, loss_fn=F.cross_entropy),
         "hessian": fn("hessian", model, dg, data=data, loss_fn=F.cross_entropy),
         "oracle": fn("oracle", model, dg, data=data, loss_fn=F.cross_entropy),
-        "shapley": fn("shapley", model, dg, data=ablation_data, loss_fn=F.cross_entropy, split="ablations",
-                      progress=False, **SHAPLEY),
     }
+    with dist.scoring(split="ablations" if shared else "data") as share:
+        out["shapley"] = gp.score("shapley", model, dg, data=ablation_data, loss_fn=F.cross_entropy,
+                                  progress=False, **SHAPLEY)
+    out["ablations"] = getattr(share, "ablations", None)
     if shared:
         out["plan"] = dist.plan(model, dg, "taylor", 0.5, data=data, loss_fn=F.cross_entropy).to_json()
     else:
@@ -139,6 +141,13 @@ def test_scores_equal_one_process(ranks, single, criterion):
         for gid, s in single[criterion].items():
             close(res[criterion][gid], s)
         assert any(np.abs(s).max() > 0 for s in single[criterion].values())
+
+
+def test_ablations_shared_out(ranks):
+    # shapley on groups of 8 and 6 channels: first (none, all removed), one block of 2, then
+    # 3 permutations x (size - 1) ablations in blocks of 4, block k on rank k % 2:
+    # 21 = 4+4+4+4+4+1 -> 12 | 9 and 15 = 4+4+4+3 -> 8 | 7
+    assert [res["ablations"] for res in ranks] == [2 + 12 + 2 + 8, 9 + 7]
 
 
 def test_plan_equals_one_process(ranks, single):
