@@ -5,10 +5,12 @@ A zoo ResNet-20 (CIFAR sizes, random weights) is scored on ``--batches`` batches
 on the CPU (``torch.multiprocessing.spawn``, one intra-op thread per rank), first with one
 rank, then with two:
 
-- ``taylor`` and ``hessian`` (Fisher): each rank scores its shard of the batches
-  (``split="data"``), the sums are all-reduced;
-- ``shapley`` (``--permutations`` permutations, ablations vectorised in blocks of 8): every
-  rank holds the data, the ablations are shared out (``split="ablations"``).
+- ``taylor``, ``hessian`` (Fisher) and ``oracle`` (on the first ``--groups`` prunable
+  groups): each rank scores its shard of the batches (``split="data"``), the sums are
+  all-reduced;
+- ``shapley`` (first ``--groups`` groups, ``--permutations`` permutations, 2 batches,
+  ablations vectorised in blocks of 8): every rank holds the data, the ablations are shared
+  out (``split="ablations"``).
 
 Reported per criterion: seconds with 1 and 2 ranks (slowest rank, between barriers), their
 ratio, the batches or ablations each rank computed, and the largest relative difference
@@ -16,7 +18,7 @@ between the 2-rank and the 1-rank scores. The ratio is what this machine gives: 
 cores shared with other jobs, two ranks compete for them, so it says more about the machine
 than about the method; the work per rank is the machine-independent part.
 
-    python benchmarks/distributed.py [--batches 8 --batch 16 --permutations 2]
+    python benchmarks/distributed.py [--batches 8 --batch 16 --permutations 2 --groups 2]   # ~2 min
 
 Writes ``benchmarks/results/distributed.json``.
 """
@@ -41,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import graphprune as gp  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CRITERIA = ("taylor", "hessian", "shapley")
+CRITERIA = ("taylor", "hessian", "oracle", "shapley")
+SPLIT = {"taylor": "data", "hessian": "data", "oracle": "data", "shapley": "ablations"}
 
 
 def _data(batches: int, batch: int) -> list:
@@ -61,10 +64,12 @@ def _rank(rank: int, world: int, init: str, out: str, args: dict) -> None:
         dg = gp.DependencyGraph.build(model, x)
         data = _data(args["batches"], args["batch"])
         rows = {}
+        first = [g.id for g in dg.groups if g.prunable][:args["groups"]]
         for name in CRITERIA:
-            split = "ablations" if name == "shapley" else "data"
-            options = dict(permutations=args["permutations"], batch_ablations=8, progress=False) \
-                if name == "shapley" else {}
+            split = SPLIT[name]
+            options = {"oracle": dict(groups=first, batch_ablations=8),
+                       "shapley": dict(groups=first, permutations=args["permutations"], batch_ablations=8,
+                                       max_batches=2, progress=False)}.get(name, {})
             mine = gp.distributed.shard(data) if split == "data" else data
             dist.barrier()
             t0 = time.perf_counter()
@@ -100,26 +105,27 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--permutations", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=2, help="groups oracle and shapley ablate")
     args = vars(parser.parse_args())
     one, two = run(1, args), run(2, args)
     rows = []
     for name in CRITERIA:
         t1 = one[0][name]["seconds"]
         t2 = max(r[name]["seconds"] for r in two)
-        work = "ablations" if name == "shapley" else "batches"
+        work = "ablations" if SPLIT[name] == "ablations" else "batches"
         rows.append({
-            "criterion": name, "split": "ablations" if name == "shapley" else "data",
+            "criterion": name, "split": SPLIT[name],
             "seconds_1_rank": t1, "seconds_2_ranks": t2, "ratio": t1 / t2,
             f"{work}_1_rank": one[0][name][work], f"{work}_per_rank_2_ranks": [r[name][work] for r in two],
             "max_rel_diff": max(_max_rel(r[name]["scores"], one[0][name]["scores"]) for r in two),
         })
     print(f"{'criterion':10} {'split':10} {'1 rank s':>9} {'2 ranks s':>10} {'speed-up':>9} "
-          f"{'work, 1 rank':>13} {'work per rank, 2':>18} {'max rel diff':>13}")
+          f"{'work':>10} {'1 rank':>7} {'per rank, 2 ranks':>18} {'max rel diff':>13}")
     for r in rows:
-        work = "ablations" if r["criterion"] == "shapley" else "batches"
+        work = "ablations" if r["split"] == "ablations" else "batches"
         print(f"{r['criterion']:10} {r['split']:10} {r['seconds_1_rank']:9.2f} {r['seconds_2_ranks']:10.2f} "
-              f"{r['ratio']:8.2f}x {r[f'{work}_1_rank']:>8} {work[:5]:>4} "
-              f"{str(r[f'{work}_per_rank_2_ranks']):>12} {work[:5]:>5} {r['max_rel_diff']:13.1e}")
+              f"{r['ratio']:8.2f}x {work:>10} {r[f'{work}_1_rank']:>7} "
+              f"{str(r[f'{work}_per_rank_2_ranks']):>18} {r['max_rel_diff']:13.1e}")
     RESULTS.mkdir(exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
             "load_average_1min": os.getloadavg()[0], "model": "resnet20 (zoo, random weights)",

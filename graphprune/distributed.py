@@ -141,6 +141,12 @@ class GroupReducer(Reducer):
         full[torch.as_tensor(mine, dtype=torch.long)] = torch.as_tensor(values, dtype=torch.float64)
         return self._all_sum(full).numpy()  # each position is one rank's value plus zeros: exact
 
+    def least(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        _dist().all_reduce(t, op=_dist().ReduceOp.MIN, group=self.group)
+        self.calls += 1
+        return int(t.item())
+
 
 class _Shard:
     def __init__(self, data: Iterable, rank: int, world: int) -> None:

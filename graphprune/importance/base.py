@@ -142,6 +142,7 @@ class Reducer:
       ``block`` (here: all);
     - ``gather(values, mine, n)``: the ``n`` ablation results, each process having computed
       ``values`` at positions ``mine`` (here: ``values`` as they are);
+    - ``least(value)``: the smallest of the processes' ``value`` (here: ``value``);
     - ``rank``: this process's index (criteria that draw random numbers offset their seed by it).
 
     >>> Reducer().mine(3).tolist(), Reducer().rank
@@ -158,6 +159,10 @@ class Reducer:
 
     def gather(self, values: np.ndarray, mine: np.ndarray, n: int) -> np.ndarray:
         return values
+
+    def least(self, value: int) -> int:
+        """The smallest ``value`` over the processes (so that sizes that steer collectives agree)."""
+        return value
 
 
 _ONE = Reducer()
@@ -350,7 +355,7 @@ class Ablator:
                       // max(1, example_batch))
             biggest = max(b[2] for b in batches)
             chunk = int(memory_mb * 2**20 / (4 * 4 * per * biggest))
-        self.chunk = max(1, min(int(chunk), 256))
+        self.chunk = reducer().least(max(1, min(int(chunk), 256)))  # the same on every process
         self.level = 2
         self.dtype = next((t.dtype for t in model.parameters()), torch.float32)
         self.device = model_device(model)
