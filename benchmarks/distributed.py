@@ -13,8 +13,8 @@ rank, then with two:
   out (``split="ablations"``).
 
 Reported per criterion: seconds with 1 and 2 ranks (slowest rank, between barriers), their
-ratio, the batches or ablations each rank computed, and the largest relative difference
-between the 2-rank and the 1-rank scores. The ratio is what this machine gives: with 2
+ratio, each rank's CPU seconds, the batches or ablations each rank computed, and the
+largest relative difference between the 2-rank and the 1-rank scores. The ratio is what this machine gives: with 2
 cores shared with other jobs, two ranks compete for them, so it says more about the machine
 than about the method; the work per rank is the machine-independent part.
 
@@ -72,12 +72,14 @@ def _rank(rank: int, world: int, init: str, out: str, args: dict) -> None:
                                        max_batches=2, progress=False)}.get(name, {})
             mine = gp.distributed.shard(data) if split == "data" else data
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with gp.distributed.scoring(split=split) as share:
                 scores = gp.score(name, model, dg, data=mine, loss_fn=F.cross_entropy, **options)
+            cpu = time.process_time() - c0
             dist.barrier()
             seconds = time.perf_counter() - t0
-            rows[name] = {"seconds": seconds, "batches": len(mine), "ablations": share.ablations,
+            rows[name] = {"seconds": seconds, "cpu_seconds": cpu, "batches": len(mine),
+                          "ablations": share.ablations,
                           "scores": {int(k): v.tolist() for k, v in scores.items()}}
         with open(Path(out) / f"rank{rank}.json", "w") as f:
             json.dump(rows, f)
@@ -116,16 +118,20 @@ def main() -> None:
         rows.append({
             "criterion": name, "split": SPLIT[name],
             "seconds_1_rank": t1, "seconds_2_ranks": t2, "ratio": t1 / t2,
+            "cpu_seconds_1_rank": one[0][name]["cpu_seconds"],
+            "cpu_seconds_per_rank_2_ranks": [r[name]["cpu_seconds"] for r in two],
             f"{work}_1_rank": one[0][name][work], f"{work}_per_rank_2_ranks": [r[name][work] for r in two],
             "max_rel_diff": max(_max_rel(r[name]["scores"], one[0][name]["scores"]) for r in two),
         })
     print(f"{'criterion':10} {'split':10} {'1 rank s':>9} {'2 ranks s':>10} {'speed-up':>9} "
-          f"{'work':>10} {'1 rank':>7} {'per rank, 2 ranks':>18} {'max rel diff':>13}")
+          f"{'CPU s, 1 rank':>14} {'CPU s per rank':>15} {'work':>10} {'1 rank':>7} {'per rank':>9} "
+          f"{'max rel diff':>13}")
     for r in rows:
         work = "ablations" if r["split"] == "ablations" else "batches"
+        per = " ".join(f"{c:.1f}" for c in r["cpu_seconds_per_rank_2_ranks"])
         print(f"{r['criterion']:10} {r['split']:10} {r['seconds_1_rank']:9.2f} {r['seconds_2_ranks']:10.2f} "
-              f"{r['ratio']:8.2f}x {work:>10} {r[f'{work}_1_rank']:>7} "
-              f"{str(r[f'{work}_per_rank_2_ranks']):>18} {r['max_rel_diff']:13.1e}")
+              f"{r['ratio']:8.2f}x {r['cpu_seconds_1_rank']:14.1f} {per:>15} {work:>10} {r[f'{work}_1_rank']:>7} "
+              f"{str(r[f'{work}_per_rank_2_ranks']):>9} {r['max_rel_diff']:13.1e}")
     RESULTS.mkdir(exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
             "load_average_1min": os.getloadavg()[0], "model": "resnet20 (zoo, random weights)",
