@@ -22,6 +22,7 @@ from graphprune.rewrite import apply
 from graphprune.rules import register
 from graphprune.select import select
 from graphprune.steps import Pruner
+from graphprune.streaming import SlimCheckpoint, apply_checkpoint, score_checkpoint
 from graphprune.tracing import trace
 from graphprune.verify import Verification, masked_model, verify
 
@@ -33,5 +34,5 @@ __all__ = [
     "UnsupportedOpError", "apply", "count", "errors", "export", "latency", "lean", "load", "masked_model", "prune",
     "register", "save", "score", "select", "set_origin", "trace", "train", "verify", "zoo",
     "CRITERIA", "LossError", "importance", "Pruner", "Verification", "PartsResult", "prune_parts",
-    "distributed",
+    "SlimCheckpoint", "apply_checkpoint", "score_checkpoint", "distributed",
 ]
