@@ -6,7 +6,8 @@ Launch one process per device with ``torchrun`` and call
 - **scoring** (``score``, or any graphprune code inside ``scoring()``): each rank scores
   its shard of the data (``shard``). The data-driven criteria accumulate sums (Taylor:
   per-batch products ``(sum g*w)^2`` times the batch size; Hessian/Fisher: squared
-  per-sample gradients; oracle/Shapley: losses times batch sizes; and the sample counts)
+  per-sample gradients; activation: squared activations per channel; oracle/Shapley:
+  losses times batch sizes; and the sample counts)
   and all-reduce them before forming the score, so every rank gets the one-process score
   on the union of the shards, up to float summation order. With ``split="ablations"``
   every rank holds the same data instead and the oracle/Shapley ablations are shared out

@@ -61,6 +61,7 @@ def compute(data, *, ablation_data, train_data, shared: bool) -> dict:
         "taylor": fn("taylor", model, dg, data=data, loss_fn=F.cross_entropy),
         "hessian": fn("hessian", model, dg, data=data, loss_fn=F.cross_entropy),
         "oracle": fn("oracle", model, dg, data=data, loss_fn=F.cross_entropy),
+        "activation": fn("activation", model, dg, data=data),
         # truncated: how many ablations run depends on the (all-reduced) losses
         "shapley_truncated": fn("shapley", model, dg, data=data, loss_fn=F.cross_entropy, truncation=0.2,
                                 permutations=2, seed=2, batch_ablations=2, progress=False),
@@ -137,7 +138,8 @@ def close(a, b):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9 * max(1e-30, float(np.abs(b).max())))
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "hessian", "oracle", "shapley", "shapley_truncated"])
+@pytest.mark.parametrize("criterion", ["taylor", "hessian", "activation", "oracle", "shapley",
+                                       "shapley_truncated"])
 def test_scores_equal_one_process(ranks, single, criterion):
     for res in ranks:
         assert sorted(res[criterion]) == sorted(single[criterion])
