@@ -39,7 +39,7 @@ import torch
 import torch.fx
 
 from graphprune.errors import InputError
-from graphprune.importance.base import eval_mode, group_axes, model_device, normalize_scores
+from graphprune.importance.base import eval_mode, group_axes, model_device, normalize_scores, reduce_sum
 from graphprune.rules.base import LAYER, find_rule, operand, operand_param
 
 __all__ = ["activation"]
@@ -204,6 +204,8 @@ def activation(
             count += 1
     if count == 0:
         raise InputError("activation: data is empty; give at least one calibration batch")
+    # over the processes sharing the data (identity in one): sums of squares add up
+    run.sumsq, run.group_sumsq = reduce_sum(run.sumsq, run.group_sumsq)
     per_weight: dict[str, dict[int, np.ndarray] | None] = {}
     scores: dict[int, np.ndarray] = {}
     for g in groups:
