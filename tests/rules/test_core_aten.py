@@ -113,12 +113,13 @@ def around(op, inputs, **kw):
     return (Around2 if len(inputs) == 2 else Around)(op, **kw)
 
 
-def followed(model, inputs):
+def followed(model, inputs, **options):
     """The dependency graph, checking that no rule gave up on a node (a rule that raises is
     answered by pinning, which would make a test of that rule pass for the wrong reason)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dg = build(model, inputs)
+        dg = gp.DependencyGraph.build(model.eval(), inputs if isinstance(inputs, tuple) else (inputs,),
+                                      **options) if options else build(model, inputs)
     assert not [w for w in caught if "could not follow" in str(w.message)], [str(w.message) for w in caught]
     return dg
 
@@ -188,12 +189,22 @@ def test_aten_convolution_reads_its_input_channels_and_produces_its_own(transpos
 
 def test_aten_convolution_grouped_loses_whole_groups_and_its_groups_argument():
     model, x = ConvNet(groups=2), X
-    dg = followed(model, x)
+    dg = followed(model, x, grouped="groups")
     g = group_of(dg, "a.weight", 0)
     assert g.prunable and g.size == 2  # two conv groups of four input channels
     slim = exact(model, x, {g.id: [1]}, dg=dg)
     node = next(n for n in slim.graph.nodes if n.target is aten.convolution.default)
     assert node.args[8] == 1 and tuple(slim.w.shape) == (3, 4, 3, 3)
+
+
+def test_aten_convolution_grouped_loses_positions_in_every_group_by_default():
+    model, x = ConvNet(groups=2), X
+    dg = followed(model, x)
+    g = group_of(dg, "a.weight", 0)
+    assert g.prunable and g.size == 4  # positions within each of the two conv groups
+    slim = exact(model, x, {g.id: [1]}, dg=dg, zero={"w": (1, [1])})
+    node = next(n for n in slim.graph.nodes if n.target is aten.convolution.default)
+    assert node.args[8] == 2 and tuple(slim.w.shape) == (6, 3, 3, 3)
 
 
 # --- norm ------------------------------------------------------------------------------------------
@@ -474,9 +485,13 @@ def test_a_decomposed_export_graph_holds_only_core_ops_and_prunes_exactly():
     dg = gp.DependencyGraph.build(gm, (x,))
     assert "no rule" not in dg.describe()
     sizes = sorted((g.size, g.prunable) for g in dg.groups)
-    assert sizes == [(3, True), (4, True)], sizes  # conv groups of c, GroupNorm groups
-    for g in dg.groups:
-        if g.prunable:
-            plan = {g.id: [1]}
-            slim = gp.apply(gm, dg, plan)
-            assert gp.verify(gm, (x,), plan, dg=dg, slim=slim) <= 1e-5
+    # positions within c's 3 conv groups (its input, its output), GroupNorm groups
+    assert sizes == [(2, True), (2, True), (4, True)], sizes
+    whole = gp.DependencyGraph.build(gm, (x,), grouped="groups")
+    assert sorted((g.size, g.prunable) for g in whole.groups) == [(3, True), (4, True)]  # conv groups of c
+    for graph in (dg, whole):
+        for g in graph.groups:
+            if g.prunable:
+                plan = {g.id: [1]}
+                slim = gp.apply(gm, graph, plan)
+                assert gp.verify(gm, (x,), plan, dg=graph, slim=slim) <= 1e-5
