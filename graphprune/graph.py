@@ -309,12 +309,20 @@ class DependencyGraph:
     # --- removal masks ----------------------------------------------------------------------
     def removed_classes(self, plan: Any) -> np.ndarray:
         """Boolean mask over channel classes that ``plan`` removes (last slot: unlabelled)."""
-        mask = np.zeros(len(self.group_of_cls), bool)
+        # one flag per (group, channel), looked up by every class at once: linear in the
+        # classes plus the removed channels (a scan of all classes per group was quadratic)
+        sizes = np.fromiter((g.size for g in self.groups), dtype=np.int64, count=len(self.groups))
+        offsets = np.cumsum(sizes) - sizes
+        flags = np.zeros(int(sizes.sum()), bool)
         for gid, channels in plan.items():
-            if not channels:
+            gid = int(gid)
+            if not channels or not 0 <= gid < len(sizes):
                 continue
-            sel = (self.group_of_cls == gid) & np.isin(self.chan_of_cls, list(channels))
-            mask |= sel
+            chans = np.fromiter(channels, dtype=np.int64)
+            flags[offsets[gid] + chans[(chans >= 0) & (chans < sizes[gid])]] = True
+        mask = np.zeros(len(self.group_of_cls), bool)
+        labelled = np.flatnonzero(self.group_of_cls >= 0)
+        mask[labelled] = flags[offsets[self.group_of_cls[labelled]] + self.chan_of_cls[labelled]]
         return mask
 
     def keep_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
