@@ -100,6 +100,7 @@ def prune(
     round_to: int | None = None,
     min_keep: int | float = 1,
     normalize: str | bool | None = None,
+    uniform: bool = False,
     steps: int = 1,
     callback: Callable[[torch.fx.GraphModule, int], Any] | None = None,
     tolerance: float = 0.01,
@@ -143,6 +144,11 @@ def prune(
     round_to, min_keep, normalize
         As in ``gp.select``: keep multiples of ``round_to``, at least ``min_keep`` per group,
         rescale scores per group for a global ranking.
+    uniform
+        Repeated blocks keep one width: the groups that are one layer of different blocks
+        (same size, same producer names up to layer indices, ``model.layers.*.mlp.up_proj``)
+        each lose the same count, decided from their pooled scores (``gp.select(uniform=True)``),
+        as configs (``intermediate_size``, ``num_key_value_heads``) and kernels expect.
     steps, callback
         ``steps=N`` prunes iteratively: each step removes ``ratio / N`` of the original
         amount from the current slim model, re-tracing and re-scoring it, then calls
@@ -187,7 +193,7 @@ def prune(
     if method == "lean":  # LEAN keeps kernels along chains, then channels: see graphprune.lean.prune
         _check_lean(options, names, data=data, ratios=ratios or None, max_ratio=max_ratio, target=target,
                     scope=scope, round_to=round_to, min_keep=min_keep, normalize=normalize,
-                    tolerance=tolerance, factor=factor, grouped=grouped)
+                    tolerance=tolerance, factor=factor, grouped=grouped, uniform=uniform)
         return lean_prune(model, example_inputs, ratio, steps=steps, callback=callback, ignore=ignore,
                           leaf_modules=leaf_modules, **options)
     check_options(method, options, also=names, caller="gp.prune")
@@ -203,7 +209,8 @@ def prune(
     if steps > 1 and data is not None and iter(data) is data:
         data = list(data)  # a one-shot iterator: every step scores on the same batches
     planner = ScorePlanner(method, ratio, example_inputs, data, target,
-                           dict(scope=scope, min_keep=min_keep, round_to=round_to, normalize=normalize),
+                           dict(scope=scope, min_keep=min_keep, round_to=round_to, normalize=normalize,
+                                uniform=uniform),
                            options, tolerance, ratios=named, max_ratio=max_ratio)
     return Pruner(model, example_inputs, planner, steps=steps, ignore=ignore,
                   leaf_modules=leaf_modules, factor=factor, grouped=grouped).run(callback)
@@ -215,7 +222,8 @@ def _own_keywords() -> tuple[str, ...]:
 
 
 _LEAN_DEFAULTS = dict(data=None, ratios=None, max_ratio=None, target="channels", scope="local", round_to=None,
-                      min_keep=1, normalize=None, tolerance=0.01, factor="largest", grouped="groups")
+                      min_keep=1, normalize=None, tolerance=0.01, factor="largest", grouped="groups",
+                      uniform=False)
 
 
 def _check_lean(options: Mapping[str, Any], names: tuple[str, ...], **given: Any) -> None:

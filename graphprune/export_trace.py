@@ -25,9 +25,12 @@ fake tensors and flips training flags while it runs) and on copies of the inputs
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
+import io
 import operator
 import re
+import sys
 from typing import Any
 
 import torch
@@ -82,13 +85,20 @@ def _export(model: torch.nn.Module, bound: Any, dynamic: bool) -> torch.export.E
     """``torch.export`` (non-strict) on copies of the inputs (keywords for dict example inputs),
     with a dynamic batch dimension if ``dynamic``. Attributes the forward stores while it is
     exported are undone after each attempt: a cache filled with fake tensors by one attempt
-    (ultralytics' ``Detect.anchors``) would be read as a constant by the next."""
+    (ultralytics' ``Detect.anchors``) would be read as a constant by the next. A failed attempt
+    makes torch print its partial graph to stderr; that is dropped (the caller reports the
+    failure in its own words), and what a successful attempt printed is passed on."""
     fresh = tuple(x.detach().clone() for x in bound.tensors)
     shapes = _batch_dynamic(model, bound) if dynamic else None
-    with untouched(model):
+    printed = io.StringIO()
+    with untouched(model), contextlib.redirect_stderr(printed):
         if bound.names is not None:
-            return torch.export.export(model, (), kwargs=bound.kwargs(fresh), dynamic_shapes=shapes, strict=False)
-        return torch.export.export(model, fresh, dynamic_shapes=shapes, strict=False)
+            program = torch.export.export(model, (), kwargs=bound.kwargs(fresh), dynamic_shapes=shapes,
+                                          strict=False)
+        else:
+            program = torch.export.export(model, fresh, dynamic_shapes=shapes, strict=False)
+    sys.stderr.write(printed.getvalue())
+    return program
 
 
 _BATCH_OF_ONE = ("the example batch size is 1 (torch.export fixes dimensions of size 1); give example "
@@ -259,7 +269,9 @@ def export_trace(model: torch.nn.Module, bound: Any, fx_error: TraceError,
                 gm, _ = _plain_graph(_export(work, bound, dynamic=False), bound.constants)
             except Exception as exc:
                 raise TraceError(f"{fx_error} torch.export (non-strict) failed as well: "
-                                 f"{_first_line(exc)}") from fx_error
+                                 f"{_first_line(exc)}. To prune the submodules that do trace "
+                                 "(backbone, heads), keeping their outputs' widths: "
+                                 "gp.prune_parts(model, example_inputs)") from fx_error
     if training:
         shown = ", ".join(repr(n) for n in training[:4]) + (" ..." if len(training) > 4 else "")
         warn_user(f"{name} is in training mode and {shown} behave differently in training; "

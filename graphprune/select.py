@@ -40,6 +40,7 @@ from graphprune.metrics import CountEstimator, count
 from graphprune.plan import Plan
 from graphprune.removal import EmptiedAxes, Removal, repair
 from graphprune.rewrite import apply
+from graphprune.uniform import Pooled, families
 
 __all__ = ["select", "resolve_ignore", "resolve_ratios", "module_names", "SCOPES", "TARGETS"]
 
@@ -61,19 +62,21 @@ class _Unit:
 class _Units:
     """An ordered sequence of ``_Unit``s held as arrays (there is one per channel).
 
-    Unit ``i`` removes ``chans[start[i]:stop[i]]`` of group ``gid[i]``. Slicing gives
+    Unit ``i`` removes ``chans[start[i]:stop[i]]`` of group ``gid[i]``, which stands for
+    ``mult[i]`` groups (a family of repeated blocks, ``uniform=True``). Slicing gives
     another ``_Units``; iterating gives ``_Unit`` objects.
     """
 
     def __init__(self, gid: np.ndarray, frac: np.ndarray, start: np.ndarray, stop: np.ndarray,
-                 chans: np.ndarray) -> None:
-        self.gid, self.frac, self.start, self.stop, self.chans = gid, frac, start, stop, chans
+                 chans: np.ndarray, mult: np.ndarray) -> None:
+        self.gid, self.frac, self.start, self.stop, self.chans, self.mult = gid, frac, start, stop, chans, mult
 
     def __len__(self) -> int:
         return len(self.gid)
 
     def __getitem__(self, index: slice | np.ndarray) -> _Units:
-        return _Units(self.gid[index], self.frac[index], self.start[index], self.stop[index], self.chans)
+        return _Units(self.gid[index], self.frac[index], self.start[index], self.stop[index], self.chans,
+                      self.mult[index])
 
     def __iter__(self):
         for g, f, a, b in zip(self.gid.tolist(), self.frac.tolist(), self.start.tolist(), self.stop.tolist()):
@@ -193,22 +196,25 @@ def resolve_ratios(dg: Any, ratios: Mapping[Any, float], model: torch.nn.Module 
 
 
 def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int | float,
-           round_to: int | None, ceilings: Mapping[int, float] | None = None) -> tuple[_Units, int]:
+           round_to: int | None, ceilings: Mapping[int, float] | None = None,
+           members: Mapping[int, int] | None = None) -> tuple[_Units, int]:
     """Removal units of every group in scope, ordered for ``scope``; and the channels in scope.
 
     Taking a prefix of the returned list is a valid plan. ``local`` orders units by the
     fraction of their group removed once they are taken (so a prefix removes the same
     fraction everywhere); ``global`` by score (mean score for ``round_to`` blocks). Ties
     go by mean score, then group id, then position within the group. ``ceilings[gid]``
-    caps the fraction of group ``gid`` that may go (it raises that group's floor).
+    caps the fraction of group ``gid`` that may go (it raises that group's floor);
+    ``members[gid]`` says how many groups of its size ``gid`` stands for (a family).
     """
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("frac", "mean", "gid", "j", "start", "stop")}
+    members = members or {}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("frac", "mean", "gid", "j", "start", "stop", "mult")}
     orders: list[np.ndarray] = []
     whole: list[tuple[float, int]] = []
     n_channels, offset = 0, 0
     for gid, s in scores.items():
         g = dg.groups[gid]
-        n_channels += g.size
+        n_channels += g.size * members.get(gid, 1)
         floor = _floor(g.size, min_keep)
         if ceilings is not None and gid in ceilings:
             floor = max(floor, g.size - math.floor(max(0.0, float(ceilings[gid])) * g.size + 1e-9))
@@ -229,24 +235,25 @@ def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int 
         # allowed count (ties keep more), so it is taken once the ratio passes its middle
         frac = np.where(stop - start == 1, stop / g.size, (start + stop) / (2 * g.size) + 1e-6)
         for key, col in (("frac", frac), ("mean", mean), ("gid", np.full(a.size, gid)),
-                         ("j", np.arange(a.size)), ("start", start + offset), ("stop", stop + offset)):
+                         ("j", np.arange(a.size)), ("start", start + offset), ("stop", stop + offset),
+                         ("mult", np.full(a.size, members.get(gid, 1)))):
             cols[key].append(col)
         orders.append(order)
         offset += g.size
     # Width-1 layers that may vanish are removed whole, ranked among themselves.
     for rank, (sc, gid) in enumerate(sorted(whole)):
         for key, value in (("frac", (rank + 1) / len(whole)), ("mean", sc), ("gid", gid), ("j", 0),
-                           ("start", offset), ("stop", offset + 1)):
+                           ("start", offset), ("stop", offset + 1), ("mult", members.get(gid, 1))):
             cols[key].append(np.array([value]))
         orders.append(np.array([0]))
         offset += 1
     if not orders:
-        return _Units(*(np.zeros(0, np.int64),) * 5), n_channels
+        return _Units(*(np.zeros(0, np.int64),) * 6), n_channels
     c = {k: np.concatenate(v) for k, v in cols.items()}
     keys = (c["j"], c["gid"], c["mean"]) if scope == "global" else (c["j"], c["gid"], c["mean"], c["frac"])
     rank = np.lexsort(keys)
     return _Units(c["gid"][rank], c["frac"][rank], c["start"][rank], c["stop"][rank],
-                  np.concatenate(orders)), n_channels
+                  np.concatenate(orders), c["mult"][rank]), n_channels
 
 
 def _plan_of(units: _Units | Iterable[_Unit]) -> Plan:
@@ -317,6 +324,7 @@ def select(
     ceilings: Mapping[int, float] | None = None,
     ratios: Mapping[Any, float] | None = None,
     max_ratio: float | None = None,
+    uniform: bool = False,
 ) -> Plan:
     """Choose the channels to remove: lowest scores first, under a target.
 
@@ -343,6 +351,12 @@ def select(
     - ``ignore`` lists group ids, module names, glob patterns or modules to leave whole; groups without scores
       (a criterion may skip some, as ``bn_scale`` skips groups with no norm layer) and
       unprunable groups are left whole too.
+    - ``uniform=True``: repeated blocks keep one width. Groups that are the same layer of
+      different blocks (same size, same producer names once layer indices are replaced by
+      ``*``: ``model.layers.*.mlp.up_proj``; see ``graphprune.uniform``) form a family that
+      is selected as one group, on the mean of its members' sorted scores, under the rules
+      above (a family's ceiling is its strictest member's); every member loses the same
+      count, each its own lowest-scored channels.
 
     For MACs/params targets the counts of candidate plans are computed from the graph
     (``CountEstimator``, exact for every rule with a ``macs`` facet), relative to the
@@ -381,6 +395,8 @@ def select(
     if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float))
                                   or not 0 <= max_ratio <= 1):
         raise InputError(f"max_ratio must be a number in [0, 1] or None, got {max_ratio!r}")
+    if not isinstance(uniform, bool):
+        raise InputError(f"uniform must be True or False, got {uniform!r}")
     skip = resolve_ignore(dg, ignore)
     per_group = resolve_ratios(dg, ratios) if ratios else {}
 
@@ -405,20 +421,22 @@ def select(
         per_group = {gid: r for gid, r in wanted.items() if r < ratio}
     for gid, r in per_group.items():
         caps[gid] = min(caps.get(gid, 1.0), r)
-    units, n_channels = _units(dg, scoped, scope, min_keep, round_to, caps or None)
+    pooled = Pooled(scoped, families(dg, scoped) if uniform else ())
+    units, n_channels = _units(dg, pooled.scores, scope, min_keep, round_to, pooled.caps(caps) or None,
+                               pooled.members)
 
     axes = EmptiedAxes(dg)
 
     def valid(taken: _Units | Iterable[_Unit]) -> Plan:
-        return repair(dg, _plan_of(taken), scoped, axes)
+        return repair(dg, Plan(pooled.plan(_plan_of(taken))), scoped, axes)
 
     if target == "channels" or ratio == 0:
         if scope == "local":
-            return valid(units[units.frac <= ratio + 1e-9])
+            return pooled.check(valid(units[units.frac <= ratio + 1e-9]))
         # take units in order while the channels removed before each, plus half of it, stay within the goal
-        lengths = units.stop - units.start
+        lengths = (units.stop - units.start) * units.mult
         over = np.flatnonzero(np.cumsum(lengths) - lengths / 2 > ratio * n_channels + 1e-9)
-        return valid(units[:over[0]] if over.size else units)
+        return pooled.check(valid(units[:over[0]] if over.size else units))
 
     est = CountEstimator(dg)
 
@@ -447,4 +465,4 @@ def select(
         warn_user(f"select: asked to remove {ratio:.1%} of the {target}, the closest plan removes "
                   f"{1 - got / base:.1%} (floors, round_to, ignored or unscored groups limit it)",
                   RuntimeWarning)
-    return plan
+    return pooled.check(plan)

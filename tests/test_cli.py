@@ -164,6 +164,7 @@ def test_selection_flags_reach_gp_prune(tmp_path, capsys):
     (["--max-ratio", "0.3"], "max_ratio", (90, 45)),  # at most 30 % of each layer goes
     (["--ratios", "fc1=0.25", "--ratios", "fc2=0.0"], "ratios", (96, 64)),
     (["--factor", "heads"], "factor", (64, 32)),  # the MLP has no heads: the same as without
+    (["--uniform"], "uniform", (64, 32)),  # no repeated blocks: the same as without
 ])
 def test_flags_that_need_a_newer_gp_prune(flags, key, widths, tmp_path, capsys):
     """--max-ratio, --ratios and --factor reach gp.prune when it takes max_ratio / ratios / factor;
@@ -178,6 +179,17 @@ def test_flags_that_need_a_newer_gp_prune(flags, key, widths, tmp_path, capsys):
     else:
         assert rc == 1 and err.count("\n") == 1 and not out.exists()
         assert f"{flags[0]} needs gp.prune({key}=...), which this version of graphprune" in err
+
+
+def test_uniform_gives_repeated_blocks_one_width(tmp_path, capsys):
+    def conv1_widths(slim):
+        return [{slim.get_submodule(f"layer{s}.{b}.conv1").out_channels for b in range(3)} for s in (1, 2, 3)]
+
+    ranked = _prune_to(tmp_path, "resnet20", "--ratio", "0.5", "--scope", "global")
+    assert any(len(w) > 1 for w in conv1_widths(ranked))  # one ranking: blocks of a stage differ
+    uniform = _prune_to(tmp_path, "resnet20", "--ratio", "0.5", "--scope", "global", "--uniform")
+    assert all(len(w) == 1 for w in conv1_widths(uniform))
+    capsys.readouterr()
 
 
 def test_checkpoint_loads_trained_weights(tmp_path, capsys):

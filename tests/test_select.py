@@ -164,3 +164,101 @@ def test_per_module_ratios_max_ratio_and_modules(resnet20) -> None:
         gp.select(dg, scores, ratios={"layer3": 0.5}, scope="global")
     with pytest.raises(gp.InputError, match=r"ratios\['layer3'\]"):
         gp.select(dg, scores, ratios={"layer3": 1.0})
+
+
+class _Blocks(nn.Module):
+    """Three residual MLP blocks (hidden 12) and a head: ``blocks.{0,1,2}.up`` are one layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(6, 12), "down": nn.Linear(12, 6)})
+                                    for _ in range(3))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["down"](b["up"](x).relu())
+        return self.head(x)
+
+
+def _blocks():
+    torch.manual_seed(0)
+    model, x = _Blocks().eval(), torch.randn(4, 6)
+    dg = gp.DependencyGraph.build(model, x)
+    hidden = [next(g.id for g in dg.groups if any(m.param == f"blocks.{i}.up.weight" and m.role == "out"
+                                                    for m in g.members)) for i in range(3)]
+    # block i's channels score around i: a global ranking takes them from the first blocks
+    scores = {g.id: np.linspace(0, 1, g.size) + 10 * hidden.index(g.id) if g.id in hidden else np.full(g.size, 50.0)
+              for g in dg.groups if g.prunable}
+    return model, x, dg, hidden, scores
+
+
+def test_families_are_one_layer_of_repeated_blocks(resnet20) -> None:
+    from graphprune.uniform import families, pattern
+
+    assert pattern("model.layers.13.mlp.up_proj.weight") == "model.layers.*.mlp.up_proj.weight"
+    assert pattern("layer1.0.conv1.weight") == "layer1.*.conv1.weight"  # 'layer1' is a name, not an index
+    _, _, dg, hidden, _ = _blocks()
+    assert families(dg, [g.id for g in dg.groups if g.prunable]) == [tuple(hidden)]
+    dg = resnet20[2]
+    fams = families(dg, [g.id for g in dg.groups if g.prunable])
+    # layerN.*.conv1 of each stage: one family per stage, members of one size
+    assert len(fams) == 3 and all(len({dg.groups[i].size for i in f}) == 1 for f in fams)
+
+
+@pytest.mark.parametrize("how", [dict(scope="global"), dict(target="params"), dict(ceilings=True)])
+def test_uniform_removes_the_same_count_from_every_member_of_a_family(how) -> None:
+    model, x, dg, hidden, scores = _blocks()
+    options = dict(how)
+    if options.pop("ceilings", False):
+        options["ceilings"] = {hidden[1]: 0.25}  # one member's ceiling holds the whole family
+    plain = gp.select(dg, scores, 0.5, **options)
+    assert len({len(plain.get(g, ())) for g in hidden}) > 1  # without it, the blocks end up of different widths
+    plan = gp.select(dg, scores, 0.5, uniform=True, **options)
+    counts = [len(plan.get(g, ())) for g in hidden]
+    assert len(set(counts)) == 1 and counts[0] > 0
+    for g in hidden:  # each member loses its own lowest-scored channels
+        assert list(plan[g]) == sorted(np.argsort(scores[g], kind="stable")[:counts[0]].tolist())
+    if "ceilings" in how:
+        assert counts[0] == 3  # 25% of 12
+    elif how.get("scope") == "global":  # half of all scored channels, the family taking its pooled share
+        assert sum(len(c) for c in plan.values()) == sum(len(c) for c in plain.values())
+    else:
+        got = gp.count(gp.apply(model, dg, plan), x).params / gp.count(model, x).params
+        assert abs(got - 0.5) <= 0.05
+    assert gp.verify(model, x, plan, dg=dg) <= 1e-5
+
+
+@pytest.mark.slow  # a torch.export trace of a tiny LLaMA, a save and a load: ~10 s
+def test_uniform_llama_saves_one_width_per_config_field(tmp_path) -> None:
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = tf.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # layers of different scales: a global ranking prunes them differently
+        model.model.layers[1].mlp.up_proj.weight.mul_(3.0)
+        for i, scale in ((0, 0.02), (1, 0.6)):  # layer 0's KV groups score lowest, layer 1's above the cut
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(model.model.layers[i].self_attn, proj).weight.mul_(scale)
+    ids = torch.randint(0, 128, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = gp.prune(model, inputs, ratio=0.5, factor="heads", scope="global", uniform=True)
+    slim = gp.apply(model, result.graph, result.plan, output="module")
+    assert type(slim) is type(model)
+    mlp = {tuple(layer.mlp.up_proj.weight.shape) for layer in slim.model.layers}
+    kv = {layer.self_attn.k_proj.weight.shape[0] for layer in slim.model.layers}
+    assert len(mlp) == 1 and len(kv) == 1
+    assert slim.config.intermediate_size == next(iter(mlp))[0] < 48
+    assert (slim.config.num_key_value_heads, slim.config.num_attention_heads) == (1, 2)  # one KV group of two
+    assert slim.config.num_key_value_heads * slim.config.head_dim == next(iter(kv))
+    slim.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, slim(**inputs).logits)
+    # without uniform the layers keep different widths, which the config cannot hold
+    plain = gp.select(result.graph, gp.score("magnitude", model, result.graph), 0.5, scope="global")
+    heads = [g.id for g in result.graph.groups if g.prunable and g.size == 2]
+    assert sorted(len(plain.get(g, ())) for g in heads) == [0, 1]  # a KV group goes from layer 0 only
+    with pytest.raises(gp.RewriteError, match="config"):
+        gp.apply(model, result.graph, plain, output="module")

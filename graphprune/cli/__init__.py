@@ -83,6 +83,9 @@ def _prune_args(p: argparse.ArgumentParser, ratio_default: float | None = 0.5) -
     p.add_argument("--ratios", type=parse_ratios, action="append", default=[], metavar="LAYER=R,...",
                    help="per-module ratios overriding --ratio, e.g. layer1=0.3,fc1=0.1 (module names as in "
                         "model.named_modules(); repeatable)")
+    p.add_argument("--uniform", action="store_true",
+                   help="repeated blocks keep one width: each layer of a stack (model.layers.*.mlp.up_proj) "
+                        "loses the same number of channels, as configs and kernels expect")
     p.add_argument("--steps", type=int, default=1, metavar="N",
                    help="prune iteratively in N steps, re-tracing and re-scoring after each (default: 1)")
     _factor_arg(p)

@@ -55,6 +55,7 @@ def _settings(args: argparse.Namespace) -> dict:
     return {"ratio": args.ratio, "macs": getattr(args, "macs", None), "params": getattr(args, "params", None),
             "scope": args.scope, "round_to": args.round_to, "min_keep": args.min_keep,
             "max_ratio": args.max_ratio, "ratios": ratios, "steps": args.steps, "factor": args.factor,
+            "uniform": bool(getattr(args, "uniform", False)),
             "ignore": list(args.ignore), "options": _options(args.option), "data": getattr(args, "data", None),
             "loss": args.loss if getattr(args, "data", None) else None,
             "checkpoint": getattr(args, "checkpoint", None), "threads": args.threads, "repeats": args.repeats}

@@ -134,13 +134,13 @@ def parse_min_keep(text: str) -> int | float:
 
 
 #: flags that need an option ``gp.prune`` may not have: flag -> gp.prune keyword
-_NEWER_OPTIONS = {"--max-ratio": "max_ratio", "--ratios": "ratios", "--factor": "factor"}
+_NEWER_OPTIONS = {"--max-ratio": "max_ratio", "--ratios": "ratios", "--factor": "factor", "--uniform": "uniform"}
 
 
 def prune_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``gp.prune`` that the pruning flags ask for.
 
-    ``--max-ratio``, ``--ratios`` and ``--factor`` pass through only when this
+    ``--max-ratio``, ``--ratios``, ``--factor`` and ``--uniform`` pass through only when this
     graphprune's ``gp.prune`` takes them; otherwise the command stops with a message.
     """
     out: dict[str, Any] = {"ignore": list(args.ignore), "scope": args.scope, "round_to": args.round_to,
@@ -148,7 +148,8 @@ def prune_options(args: argparse.Namespace) -> dict[str, Any]:
     ratios: dict[str, float] = {}
     for d in args.ratios:
         ratios.update(d)
-    given = {"--max-ratio": args.max_ratio, "--ratios": ratios or None, "--factor": args.factor}
+    given = {"--max-ratio": args.max_ratio, "--ratios": ratios or None, "--factor": args.factor,
+             "--uniform": True if getattr(args, "uniform", False) else None}
     accepted = inspect.signature(_gp().prune).parameters
     for flag, key in _NEWER_OPTIONS.items():
         if given[flag] is None:

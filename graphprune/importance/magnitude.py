@@ -6,7 +6,7 @@ producer rows, consumer columns and per-channel state, all concatenated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,35 +41,64 @@ def magnitude(
     """
     if p not in (1, 2):
         raise InputError(f"magnitude p must be 1 or 2, got {p!r}")
-    roles = set(roles)
     state = named_state(model)
-    per_axis: dict[tuple[str, int], np.ndarray] = {}  # a tensor axis can serve several groups
-    axes_of: dict[str, list[int]] = {}
+    axes = member_axes(dg)
+    per_axis: dict[tuple[str, int], np.ndarray] = {}
+    for param in needed_params(dg, roles):
+        if param in state:
+            per_axis.update({(param, d): v for d, v in axis_norms(state[param].detach(), axes[param], p).items()})
+    return group_norms(dg, per_axis, p=p, roles=roles, normalize=normalize)
+
+
+def member_axes(dg: Any) -> dict[str, list[int]]:
+    """The axes of each parameter or buffer that some group's members slice."""
+    axes: dict[str, list[int]] = {}
     for param, dim in dg.member_labels:
-        axes_of.setdefault(param, []).append(dim)
+        axes.setdefault(param, []).append(dim)
+    return axes
 
-    def axis_norms(param: str, dim: int) -> np.ndarray:
-        if (param, dim) not in per_axis:
-            # one pass over the tensor: |w|^p summed over the axes no group uses (a conv's
-            # kernel window), then each used axis from that small tensor
-            t = state[param].detach()
-            used = sorted(set(axes_of.get(param, [])) | {dim})
-            v = t.abs() if p == 1 else t.float().square()
-            free = [d for d in range(t.dim()) if d not in used]
-            v = v.sum(free) if free else v
-            for k, d in enumerate(used):
-                other = [j for j in range(len(used)) if j != k]
-                per_axis[(param, d)] = (v.sum(other) if other else v).double().cpu().numpy()
-        return per_axis[(param, dim)]
 
+def needed_params(dg: Any, roles: Iterable[str] = ("out", "in")) -> list[str]:
+    """The tensors whose slices the prunable groups' members of ``roles`` own, in member order."""
+    roles = set(roles)
+    return list(dict.fromkeys(m.param for g in dg.groups if g.prunable for m in g.members if m.role in roles))
+
+
+def axis_norms(t: torch.Tensor, dims: Iterable[int], p: int, *, inplace: bool = False) -> dict[int, np.ndarray]:
+    """``|t|^p`` summed over every axis but one, for each axis in ``dims`` (float64 arrays).
+
+    One pass over the tensor: the axes no group uses (a conv's kernel window) are summed
+    first, then each used axis from that small tensor. ``inplace`` lets a float32 ``t``
+    that nothing else reads (one just read from a file) be overwritten instead of copied.
+    """
+    used = sorted(set(dims))
+    # at most one new tensor: |t|, or a float32 copy squared in place (the same numbers)
+    if inplace and t.dtype == torch.float32:
+        v = t.abs_() if p == 1 else t.square_()
+    else:
+        v = t.abs() if p == 1 else t.to(torch.float32, copy=True).square_()
+    free = [d for d in range(t.dim()) if d not in used]
+    v = v.sum(free) if free else v
+    out = {}
+    for k, d in enumerate(used):
+        other = [j for j in range(len(used)) if j != k]
+        out[d] = (v.sum(other) if other else v).double().cpu().numpy()
+    return out
+
+
+def group_norms(dg: Any, per_axis: Mapping[tuple[str, int], np.ndarray], *, p: int,
+                roles: Iterable[str] = ("out", "in"), normalize: bool | str | None = False) -> dict[int, np.ndarray]:
+    """Each prunable group's channel norms from the ``(param, dim) -> sum of |w|^p`` arrays
+    of ``axis_norms``; members whose axis is not in ``per_axis`` are left out."""
+    roles = set(roles)
     scores: dict[int, np.ndarray] = {}
     for g in dg.groups:
         if not g.prunable:
             continue
         total = np.zeros(g.size)
         for m in g.members:
-            if m.role not in roles or m.param not in state:
+            if m.role not in roles or (m.param, m.dim) not in per_axis:
                 continue
-            np.add.at(total, m.channels, axis_norms(m.param, m.dim)[m.positions])
+            np.add.at(total, m.channels, per_axis[(m.param, m.dim)][m.positions])
         scores[g.id] = total if p == 1 else np.sqrt(total)
     return normalize_scores(scores, normalize)

@@ -31,7 +31,7 @@ from torch import nn
 from graphprune.errors import InputError
 from graphprune.graph import DependencyGraph
 from graphprune.lean.norms import kernel_l1_norms, kernel_operator_norms
-from graphprune.rules.base import CONCAT, LAYER, NORM, arg, find_rule, operand, operand_param
+from graphprune.rules.base import CONCAT, LAYER, NORM, arg, find_rule, is_transposed, operand, operand_param
 from graphprune.tracing import require_values
 
 __all__ = ["Block", "ChannelGraph", "CRITERIA"]
@@ -345,7 +345,7 @@ class _Builder:
             return False
         groups = operand(rule, node, module, "groups", 1) or 1
         stride = operand(rule, node, module, "stride", 1) or 1
-        transposed = rule.operands.transposed
+        transposed = is_transposed(rule, node)
         if transposed and groups != 1:
             return False
         in_keys, in_nodes = self.chan[x.name]

@@ -18,6 +18,10 @@ do to values along channel axes:
 ``index``          indexing, ATen slice/select, roll, flip
 =================  =================================================================
 
+Every overload of the Core ATen IR opset (what a decomposed ``torch.export`` graph holds)
+has a rule here or a reviewed reason to need none: ``graphprune.rules.core_aten``
+(``python -m graphprune.rules.core_aten`` prints the counts).
+
 Register your own with ``graphprune.rules.register`` (see ``docs/extending.md``).
 """
 

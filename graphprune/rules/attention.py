@@ -2,7 +2,10 @@
 
 Channel flow: q, k and v share their batch and head axes; q and k share their last
 (per-head) axis; the output has v's last axis. ``nn.MultiheadAttention``'s in_proj rows
-factor into (q|k|v, head, head dim) and out_proj reads (head, head dim). Values are
+(or, with ``kdim``/``vdim``, the rows of its separate q, k and v projections, whose
+columns read the query, key and value inputs) factor into (q|k|v, head, head dim) and
+out_proj reads (head, head dim); ``bias_k``/``bias_v`` follow the k and v rows and the
+token ``add_zero_attn`` appends stays zero. Values are
 mixed along the per-head axis of q and k (a dot product: exact, a removed channel adds
 zero) and the softmax runs over tokens, not channels. The one width read as a value is
 the softmax scale ``1 / sqrt(head dim)``: the rewrite keeps the original scale.
@@ -12,12 +15,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
 from graphprune.modules import SlimMultiheadAttention, original_scale
 from graphprune.rules.base import Multi, Operands, arg, aten_ops, register, unlabelled
 from graphprune.rules.linear import tie_batch
+
+_SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _in_widths(module) -> tuple[int, int, int]:
+    """Widths of the query, key and value inputs, from the projection weights."""
+    if module.in_proj_weight is not None:
+        return (module.in_proj_weight.shape[1],) * 3
+    return tuple(getattr(module, attr).shape[1] for attr in _SEPARATE)
 
 
 def _mha_patch(rw, node):
@@ -29,15 +42,18 @@ def _mha_patch(rw, node):
         return
     heads = int(rw.keep(info["heads"]).sum())
     head_dim = int(rw.keep(info["head_dim"]).sum())
+    e_q, e_k, e_v = _in_widths(module)
     if isinstance(module, SlimMultiheadAttention):
         module.num_heads, module.head_dim = heads, head_dim
-        module.in_dim, module.out_dim = module.in_proj_weight.shape[1], module.out_proj.weight.shape[0]
+        module.in_dim, module.kdim, module.vdim = e_q, e_k, e_v
+        module.out_dim = module.out_proj.weight.shape[0]
         module.out_proj.in_features, module.out_proj.out_features = heads * head_dim, module.out_dim
         return
-    unchanged = (module.in_proj_weight.shape[1] == module.embed_dim
-                 and module.out_proj.weight.shape == (module.embed_dim, module.embed_dim)
+    unchanged = (e_q == module.embed_dim and module.out_proj.weight.shape == (module.embed_dim, module.embed_dim)
                  and heads == module.num_heads and head_dim * heads == module.embed_dim)
-    if not unchanged:
+    if unchanged:  # only the key / value inputs narrowed: nn.MultiheadAttention says so itself
+        module.kdim, module.vdim = e_k, e_v
+    else:
         rw.replace_module(node, SlimMultiheadAttention.from_sliced(
             module, heads, head_dim, info["scale"]))
 
@@ -46,49 +62,66 @@ def _mha_macs(shapes, node, module, rule) -> int:
     """Projections plus ``q k^T`` and ``attn v``, from the projection weights' shapes."""
     q = shapes.of(node.args[0])
     k = shapes.of(arg(node, 1, "key"))
-    w_in = shapes.param(f"{node.target}.in_proj_weight")
+    packed = shapes.param(f"{node.target}.in_proj_weight")
+    if packed is not None:
+        w_q = w_k = w_v = (packed[0] // 3, packed[1])
+    else:
+        w_q, w_k, w_v = (shapes.param(f"{node.target}.{attr}") for attr in _SEPARATE)
     w_out = shapes.param(f"{node.target}.out_proj.weight")
-    if q is None or k is None or w_in is None or w_out is None:
+    if q is None or k is None or None in (w_q, w_k, w_v, w_out):
         return 0
-    inner, e_in, e_out = w_in[0] // 3, w_in[1], w_out[0]
+    inner, e_out = w_q[0], w_out[0]
     first = 1 if module.batch_first else 0
     n_q, n_k, batch = q[first], k[first], q[1 - first]
-    proj = batch * (n_q + 2 * n_k) * e_in * inner + batch * n_q * inner * e_out
-    return proj + 2 * batch * n_q * n_k * inner
+    proj = batch * inner * (n_q * w_q[1] + n_k * (w_k[1] + w_v[1])) + batch * n_q * inner * e_out
+    n_keys = n_k + (getattr(module, "bias_k", None) is not None) + bool(getattr(module, "add_zero_attn", False))
+    return proj + 2 * batch * n_q * n_keys * inner
 
 
 @register(nn.MultiheadAttention, SlimMultiheadAttention, patch=_mha_patch, macs=_mha_macs,
           operands=Operands(weight="in_proj_weight", bias="in_proj_bias"))
 def multihead_attention(ctx, node, module):
-    """in_proj rows factor into (q|k|v, head, head dim); out_proj reads (head, head dim)."""
+    """in_proj rows (or the q, k and v projections' rows) factor into (q|k|v, head, head dim);
+    out_proj reads (head, head dim). The query, key and value inputs are read by the columns
+    of their projections (one packed ``in_proj_weight``, or ``q_proj_weight``,
+    ``k_proj_weight`` and ``v_proj_weight`` of widths ``embed_dim``, ``kdim``, ``vdim``).
+    ``bias_k`` / ``bias_v`` append a key and a value token: their channels go with the key
+    and value projections' rows. ``add_zero_attn`` appends a zero token, which stays zero
+    whatever is removed."""
     name = node.target
     inputs = [arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
     slim = isinstance(module, SlimMultiheadAttention)
-    supported = slim or (module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn)
-    if not supported:
-        reason = f"{ctx.describe_node()} uses kdim/vdim, bias_kv or add_zero_attn"
-        for x in inputs:
-            ctx.pin_all(ctx.labels(x), reason)
-        return unlabelled(ctx.shape(node))
-    if slim:
-        e_in, h, hd, e_out = module.in_dim, module.num_heads, module.head_dim, module.out_dim
-    else:
-        e_in = e_out = module.embed_dim
-        h, hd = module.num_heads, module.embed_dim // module.num_heads
+    h, hd = module.num_heads, module.head_dim
+    inner = h * hd
+    e_out = module.out_dim if slim else module.embed_dim
     reason = f"input of {ctx.describe_node()} is not a channel axis"
-    cols = ctx.module_param(name, "in_proj_weight", 1, "in")
-    for x in inputs:
-        lab = ctx.labels(x)
-        ctx.couple([cols, lab[-1] if lab else None], e_in, reason)
-    rows = ctx.module_param(name, "in_proj_weight", 0, "out")
+    packed = module.in_proj_weight is not None
+    if packed:
+        cols = ctx.module_param(name, "in_proj_weight", 1, "in")
+        for x in inputs:
+            lab = ctx.labels(x)
+            ctx.couple([cols, lab[-1] if lab else None], len(cols), reason)
+        rows = ctx.module_param(name, "in_proj_weight", 0, "out")
+    else:
+        blocks = []
+        for x, attr in zip(inputs, _SEPARATE):
+            cols = ctx.module_param(name, attr, 1, "in")
+            lab = ctx.labels(x)
+            ctx.couple([cols, lab[-1] if lab else None], len(cols), reason)
+            blocks.append(ctx.module_param(name, attr, 0, "out"))
+        rows = np.concatenate(blocks)
     bias = ctx.module_param(name, "in_proj_bias", 0, "pass")
     if bias is not None:
-        ctx.couple([rows, bias], 3 * h * hd, reason)
+        ctx.couple([rows, bias], 3 * inner, reason)
+    for attr, block in (("bias_k", rows[inner:2 * inner]), ("bias_v", rows[2 * inner:])):
+        extra = ctx.module_param(name, attr, 2, "pass")  # [1, 1, inner]: one more key / value token
+        if extra is not None:
+            ctx.couple([block, extra], inner, reason)
     which, heads, head_dim = ctx.factorize(rows.reshape(3, h, hd))
     ctx.pin(which, f"{ctx.describe_node()}: q, k and v blocks are kept")
     ctx.mark_heads(heads)
-    inner = ctx.compose([heads, head_dim]).reshape(-1)
-    ctx.couple([ctx.module_param(f"{name}.out_proj", "weight", 1, "in"), inner], h * hd, reason)
+    flat = ctx.compose([heads, head_dim]).reshape(-1)
+    ctx.couple([ctx.module_param(f"{name}.out_proj", "weight", 1, "in"), flat], inner, reason)
     out = ctx.module_param(f"{name}.out_proj", "weight", 0, "out")
     out_bias = ctx.module_param(f"{name}.out_proj", "bias", 0, "pass")
     if out_bias is not None:

@@ -48,7 +48,8 @@ import torch.fx
 
 __all__ = [
     "Rule", "Operands", "Shapes", "Multi", "Labels", "register", "find_rule", "find_module_rule",
-    "has_own_module_rule", "layer_width", "operand", "operand_shape", "aten_ops", "op_name", "target_name", "arg",
+    "has_own_module_rule", "layer_width", "operand", "operand_shape", "is_transposed", "aten_ops", "op_name",
+    "target_name", "arg",
     "as_array", "norm_dim", "unlabelled", "iter_arrays", "is_inplace", "LAYER", "NORM", "CONCAT",
 ]
 
@@ -67,9 +68,11 @@ class Operands:
 
     Each field is an argument position (function and ATen forms; the keyword of the
     field's name is looked up too) or an attribute name (module forms), or None when
-    the op has no such operand. ``transposed`` says the weight is ``[in, out/groups,
-    *kernel]``; ``width`` names the module attribute holding the output width of a layer
-    that produces channels (``out_channels``, ``out_features``).
+    the op has no such operand. ``dim`` / ``keepdim``: the axis an op reduces or orders along
+    and its keep-the-axis flag. ``transposed`` says the weight is ``[in, out/groups,
+    *kernel]`` (True), or where a per-call flag says so (an int: ``aten.convolution``'s
+    argument 6; read it with ``is_transposed``); ``width`` names the module attribute holding
+    the output width of a layer that produces channels (``out_channels``, ``out_features``).
     """
 
     input: int | str | None = 0
@@ -83,7 +86,9 @@ class Operands:
     training: int | str | None = None
     normalized_shape: int | str | None = None
     scale: int | str | None = None
-    transposed: bool = False
+    dim: int | str | None = None
+    keepdim: int | str | None = None
+    transposed: bool | int = False
     width: str | None = None
 
 
@@ -208,6 +213,15 @@ def operand(rule: Rule, node: torch.fx.Node, module: torch.nn.Module | None, nam
     if isinstance(spec, str):
         return getattr(module, spec, default) if module is not None else default
     return arg(node, spec, name, default)
+
+
+def is_transposed(rule: Rule, node: torch.fx.Node) -> bool:
+    """Whether a layer's weight is ``[in, out/groups, *kernel]``: declared (``True``/``False``),
+    or read from the call's argument at the declared position (``aten.convolution``)."""
+    spec = rule.operands.transposed
+    if isinstance(spec, bool):
+        return spec
+    return bool(arg(node, spec, "transposed", False))
 
 
 def operand_param(rule: Rule, node: torch.fx.Node, name: str) -> str | None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import LAYER, Operands, aten_ops, operand_shape, register
+from graphprune.rules.base import LAYER, Operands, aten_ops, is_transposed, operand_shape, register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -27,6 +27,9 @@ MODULE_T = Operands(weight="weight", bias="bias", stride="stride", groups="group
                     transposed=True)
 FUNCTION = Operands(weight=1, bias=2, stride=3, groups=6)  # conv1d..3d, aten.convNd
 FUNCTION_T = Operands(weight=1, bias=2, stride=3, groups=6, transposed=True)  # conv_transposeNd
+# aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+# the core ATen form every convolution decomposes to; ``transposed`` is a per-call flag
+CONVOLUTION = Operands(weight=1, bias=2, stride=3, groups=8, transposed=6)
 
 
 def conv_core(ctx, x, w, b, groups: int, transposed: bool, out_shape, weight_node=None):
@@ -91,7 +94,7 @@ def conv_macs(shapes, node, module, rule) -> int:
     """One multiply-add per output element and weight entry of its group: ``out * prod(w[1:])``;
     transposed: ``in * prod(w[1:])``."""
     w = operand_shape(shapes, rule, node, "weight")
-    x = shapes.of(node.args[0]) if rule.operands.transposed else shapes.of(node)
+    x = shapes.of(node.args[0]) if is_transposed(rule, node) else shapes.of(node)
     if w is None or x is None:
         return 0
     return math.prod(x) * math.prod(w[1:])
@@ -162,14 +165,15 @@ def _patch_groups(rw, node):
 
 
 def _functional_conv(ctx, node, module):
-    """F.convNd / F.conv_transposeNd / aten.convNd with a free weight (a parameter or computed)."""
+    """F.convNd / F.conv_transposeNd / aten.convNd / aten.convolution with a free weight (a
+    parameter or computed)."""
     weight, bias = ctx.operand("weight"), ctx.operand("bias")
     groups = ctx.operand("groups", 1)
     if groups > 1 and ctx.grouped_mode == "channels":
         ctx.set_role(weight, 1, "in")
     w = ctx.weight_labels(weight)
     b = ctx.weight_labels(bias, "bias") if bias is not None else None
-    return conv_core(ctx, node.args[0], w, b, groups, ctx.rule.operands.transposed, ctx.shape(node), weight)
+    return conv_core(ctx, node.args[0], w, b, groups, is_transposed(ctx.rule, node), ctx.shape(node), weight)
 
 
 register(F.conv1d, F.conv2d, F.conv3d, *aten_ops("conv1d.default", "conv2d.default", "conv3d.default"),
@@ -177,3 +181,5 @@ register(F.conv1d, F.conv2d, F.conv3d, *aten_ops("conv1d.default", "conv2d.defau
 register(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
          *aten_ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"),
          patch=_patch_groups, macs=conv_macs, operands=FUNCTION_T, kind=LAYER)(_functional_conv)
+register(*aten_ops("convolution.default"), patch=_patch_groups, macs=conv_macs, operands=CONVOLUTION,
+         kind=LAYER)(_functional_conv)

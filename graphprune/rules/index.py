@@ -1,11 +1,15 @@
-"""Indexing and shifting: ``x[...]``, ATen slice and select, roll and flip.
+"""Indexing and shifting: ``x[...]``, ATen slice and select, roll and flip; reading and writing
+at positions given by tensors: gather, scatter, index_put, index_select, slice/select_scatter,
+diagonal.
 
 Channel flow: an int/slice/None/``...`` index keeps the labels of what it selects and
 the slim graph's bounds follow the surviving channels; a strided slice over a whole
 channel axis (``x[..., 1::2]``) makes channels go in blocks of the step, so it keeps its
 offset; picking one channel, gathering with a tensor index, rolling or flipping a
 channel axis reorder or single out channels, so those axes are pinned. No values are
-mixed.
+mixed. The positional ATen ops (gather, scatter, index_put, ...) pin the axis whose
+positions they read or write where it carries channels, and tie their operands' other
+axes position by position where they line up (pinned where they do not).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from graphprune.rules.base import Multi, arg, aten_ops, norm_dim, register, target_name
+from graphprune.rules.base import Multi, Operands, arg, aten_ops, norm_dim, register, target_name, unlabelled
 
 
 def _index_items(index, ndim):
@@ -229,3 +233,134 @@ def roll(ctx, node, module):
         ctx.pin(out[d], f"{ctx.describe_node()} permutes channels")
         out[d] = None
     return tuple(out)
+
+
+# --- reading and writing at positions given by tensors (core ATen) ---------------------------
+
+
+def _tensor_labels(ctx, x):
+    """Labels of a tensor argument, ``None`` per axis when it carries none."""
+    labels = ctx.labels(x)
+    return tuple(labels) if isinstance(labels, tuple) else unlabelled(ctx.shape(x))
+
+
+def _tie_or_pin(ctx, tensors, k, reason):
+    """Tie axis ``k`` of ``tensors`` position by position when they all have its size; else pin
+    its channels on every one of them (their positions do not line up)."""
+    sizes = {ctx.shape(t)[k] for t in tensors}
+    arrays = [_tensor_labels(ctx, t)[k] for t in tensors]
+    if len(sizes) == 1:
+        return ctx.couple(arrays, sizes.pop(), reason)
+    for lab in arrays:
+        ctx.pin(lab, reason)
+    return None
+
+
+@register(*aten_ops("gather.default"), operands=Operands(dim=1))
+def gather(ctx, node, module):
+    """``torch.gather(x, dim, index)``: reads ``x`` at positions along ``dim`` (a channel axis
+    there is pinned); the other axes of ``x`` and ``index`` line up and are tied; the output
+    is shaped like ``index``."""
+    x, index = node.args[0], arg(node, 2, "index")
+    ndim = len(ctx.shape(x))
+    d = norm_dim(ctx.operand("dim"), ndim)
+    ctx.pin(_tensor_labels(ctx, x)[d], f"{ctx.describe_node()} reads positions along a channel axis")
+    reason = f"{ctx.describe_node()} lines up a channel axis with an axis of its index that is not that channel"
+    return tuple(_tensor_labels(ctx, index)[k] if k == d else _tie_or_pin(ctx, [x, index], k, reason)
+                 for k in range(ndim))
+
+
+@register(*aten_ops("scatter.src", "scatter.value", "scatter_add.default", "scatter_reduce.two"),
+          operands=Operands(dim=1))
+def scatter(ctx, node, module):
+    """``x.scatter(dim, index, src)`` (add, reduce): writes ``src`` into ``x`` at positions along
+    ``dim``, so that axis of every operand is pinned where it carries channels; the other
+    axes line up position by position when ``x``, ``index`` and ``src`` have the same size
+    there (tied), else they are pinned."""
+    x, index = node.args[0], arg(node, 2, "index")
+    src = node.args[3] if len(node.args) > 3 else node.kwargs.get("src", node.kwargs.get("value"))
+    tensors = [t for t in (x, index, src) if isinstance(t, torch.fx.Node)]
+    ndim = len(ctx.shape(x))
+    d = norm_dim(ctx.operand("dim"), ndim)
+    for t in tensors:
+        ctx.pin(_tensor_labels(ctx, t)[d], f"{ctx.describe_node()} writes at positions along a channel axis")
+    reason = f"{ctx.describe_node()} lines up a channel axis with an axis of an operand that is not that channel"
+    return tuple(_tensor_labels(ctx, x)[k] if k == d else _tie_or_pin(ctx, tensors, k, reason)
+                 for k in range(ndim))
+
+
+@register(*aten_ops("index_put.default"))
+def index_put(ctx, node, module):
+    """``x[i0, i1, ...] = values`` as torch.export records it (``index_put(x, indices, values)``):
+    the indexed leading axes of ``x`` are positions (pinned), as are the index tensors; the
+    trailing axes of ``x`` line up with the trailing axes of ``values`` (tied)."""
+    x, indices, values = node.args[0], node.args[1], node.args[2]
+    labels = _tensor_labels(ctx, x)
+    shape = ctx.shape(x)
+    if any(i is None for i in indices):  # an index list with gaps: not followed
+        for t in (x, values, *indices):
+            if isinstance(t, torch.fx.Node):
+                ctx.pin_all(ctx.labels(t), f"{ctx.describe_node()} indexes with a gap in its index list")
+        return labels
+    k = len(indices)
+    for d in range(k):
+        ctx.pin(labels[d], f"{ctx.describe_node()} writes at positions along a channel axis")
+    for i in indices:
+        ctx.pin_all(ctx.labels(i), f"{ctx.describe_node()} takes positions from a channel axis")
+    out = list(labels)
+    if isinstance(values, torch.fx.Node):
+        v_labels, v_shape = _tensor_labels(ctx, values), ctx.shape(values)
+        trailing = len(shape) - k
+        for j, lab in enumerate(v_labels):
+            d = len(shape) - (len(v_shape) - j)  # the axis of x that axis j of values lines up with
+            if j >= len(v_shape) - trailing and d >= k and v_shape[j] == shape[d]:
+                out[d] = ctx.couple([out[d], lab], shape[d], f"{ctx.describe_node()} writes a non-channel axis")
+            else:
+                ctx.pin(lab, f"{ctx.describe_node()} writes values along an indexed axis")
+    return tuple(out)
+
+
+@register(*aten_ops("index_select.default"), operands=Operands(dim=1))
+def index_select(ctx, node, module):
+    """``x.index_select(dim, index)``: picks positions along ``dim`` (a channel axis there is
+    pinned); the other axes pass."""
+    labels = _tensor_labels(ctx, node.args[0])
+    d = norm_dim(ctx.operand("dim"), len(labels))
+    ctx.pin(labels[d], f"{ctx.describe_node()} picks channels with a tensor index")
+    index = arg(node, 2, "index")
+    picked = _tensor_labels(ctx, index)[0] if isinstance(index, torch.fx.Node) else None
+    return tuple(labels[:d]) + (picked,) + tuple(labels[d + 1:])
+
+
+@register(*aten_ops("select_scatter.default"), operands=Operands(dim=2))
+@register(*aten_ops("slice_scatter.default"), operands=Operands(dim=2))
+def slice_scatter(ctx, node, module):
+    """``select_scatter(x, src, dim, index)`` / ``slice_scatter(x, src, dim, start, end, step)``:
+    ``src`` is written into a slice of ``x`` along ``dim``; the slice's bounds are positions
+    there (pinned); the other axes of ``x`` and ``src`` are tied."""
+    x, src = node.args[0], node.args[1]
+    labels, s_labels = _tensor_labels(ctx, x), _tensor_labels(ctx, src)
+    d = norm_dim(ctx.operand("dim", 0), len(labels))
+    reason = f"{ctx.describe_node()} writes into a slice of a channel axis"
+    ctx.pin(labels[d], reason)
+    rest = list(s_labels)
+    if len(rest) == len(labels):  # slice_scatter: src keeps the axis
+        ctx.pin(rest[d], reason)
+    else:  # select_scatter: src lacks it
+        rest.insert(d, None)
+    tie = f"{ctx.describe_node()} writes a non-channel axis"
+    shape = ctx.shape(x)
+    return tuple(labels[d] if k == d else ctx.couple([labels[k], rest[k]], shape[k], tie)
+                 for k in range(len(labels)))
+
+
+@register(*aten_ops("diagonal.default"))
+def diagonal(ctx, node, module):
+    """``x.diagonal(offset, dim1, dim2)``: positions of two axes are read together (pinned where
+    they carry channels); the other axes pass and the diagonal is a new last axis."""
+    labels = _tensor_labels(ctx, node.args[0])
+    d1 = norm_dim(arg(node, 2, "dim1", 0), len(labels))
+    d2 = norm_dim(arg(node, 3, "dim2", 1), len(labels))
+    for d in (d1, d2):
+        ctx.pin(labels[d], f"{ctx.describe_node()} takes a diagonal across a channel axis")
+    return tuple(lab for k, lab in enumerate(labels) if k not in (d1, d2)) + (None,)

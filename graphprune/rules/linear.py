@@ -1,4 +1,5 @@
-"""Linear maps over the last axis: nn.Linear, F.linear, nn.Bilinear, matrix products.
+"""Linear maps over the last axis: nn.Linear, F.linear, nn.Bilinear, matrix products,
+embedding tables (also in bags), pairwise distances.
 
 Channel flow: a Linear's input features are its weight's columns and its outputs are
 fresh channels; a matrix product ties the contracted axes channel by channel and
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import LAYER, Operands, aten_ops, operand_shape, register
+from graphprune.rules.base import LAYER, Multi, Operands, aten_ops, operand_shape, register
 
 MODULE = Operands(weight="weight", bias="bias", width="out_features")
 FUNCTION = Operands(weight=1, bias=2)
@@ -258,3 +259,57 @@ def einsum(ctx, node, module):
                 elif c not in rhs:
                     ctx.set_role(x, d, "in")
     return tuple(tied[c] for c in rhs)
+
+
+# aten._embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode, sparse, per_sample_weights, ...)
+@register(*aten_ops("_embedding_bag.default"), operands=Operands(input=1, weight=0))
+def embedding_bag(ctx, node, module):
+    """``nn.EmbeddingBag``: returns (output [bags, dim], offset2bag, bag_size, max_indices); each
+    output column sums, averages or takes the max of one table column: the table's columns are
+    the output channels, as for ``embedding``; the bookkeeping outputs carry none."""
+    weight = ctx.operand("weight")
+    labels = ctx.weight_labels(weight)
+    ctx.set_role(weight, 1, "out")
+    dim_labels = labels[1] if len(labels) > 1 else None
+    ctx.mark_produced(dim_labels)
+    shapes = ctx.shape(node)
+    out = (None,) * (len(shapes[0]) - 1) + (dim_labels,)
+    for user in node.users:  # max_indices [bags, dim] names rows per column: not followed
+        if not (user.target is operator.getitem and (user.args[1] == 0 or not user.users)):
+            ctx.pin(dim_labels, f"{ctx.describe_node()} has its bookkeeping outputs read")
+    return Multi([out, *(tuple(None for _ in s) for s in shapes[1:])])
+
+
+@register(*aten_ops("_cdist_forward.default"))
+def cdist(ctx, node, module):
+    """``torch.cdist(x1 [..., P, M], x2 [..., R, M])`` -> [..., P, R]: distances over the features
+    ``M``, tied between ``x1`` and ``x2`` (a feature zero in both adds nothing to a p-norm
+    distance: exact); ``P`` and ``R`` pass, the batch axes are tied."""
+    x1, x2 = node.args[0], node.args[1]
+    l1, l2 = ctx.labels(x1), ctx.labels(x2)
+    s1, s2, out_shape = ctx.shape(x1), ctx.shape(x2), ctx.shape(node)
+    l1 = l1 if l1 is not None else (None,) * len(s1)
+    l2 = l2 if l2 is not None else (None,) * len(s2)
+    ctx.couple([l1[-1], l2[-1]], s1[-1], f"{ctx.describe_node()} compares features with a non-channel axis")
+    batch = []
+    for d in range(len(out_shape) - 2):
+        arrays = []
+        for lab, s in ((l1, s1), (l2, s2)):
+            k = d - (len(out_shape) - len(s))
+            if k >= 0 and s[k] == out_shape[d]:
+                arrays.append(lab[k])
+            elif k >= 0:
+                ctx.pin(lab[k], f"{ctx.describe_node()} broadcasts a channel axis")
+        batch.append(ctx.couple(arrays, out_shape[d], f"{ctx.describe_node()} with a non-channel axis")
+                     if arrays else None)
+    return (*batch, l1[-2], l2[-2])
+
+
+@register(*aten_ops("_pdist_forward.default"))
+def pdist(ctx, node, module):
+    """``F.pdist(x [N, M])`` -> [N (N - 1) / 2]: distances over the features (a zero feature adds
+    nothing: exact); pairs of rows are positions (pinned)."""
+    labels = ctx.labels(node.args[0])
+    if labels is not None:
+        ctx.pin(labels[0], f"{ctx.describe_node()} pairs up the positions of a channel axis")
+    return (None,)

@@ -15,6 +15,8 @@ What each says about values along a channel axis:
 
 from __future__ import annotations
 
+import operator
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -83,7 +85,7 @@ def _function_params(ctx):
     """Labels of the per-channel tensor operands, in argument order."""
     ops = ctx.rule.operands
     params = []
-    for name in sorted(_PER_CHANNEL, key=lambda n: getattr(ops, n)):
+    for name in sorted((n for n in _PER_CHANNEL if getattr(ops, n) is not None), key=lambda n: getattr(ops, n)):
         t = ctx.operand(name)
         lab = ctx.labels(t) if t is not None else None
         if lab:
@@ -263,14 +265,16 @@ def _group_norm_function_patch(rw, node):
           operands=GROUP_NORM_FUNCTION, kind=NORM)
 def group_norm_function(ctx, node, module):
     """F.group_norm: whole normalisation groups are pruned (exact); one group is inexact."""
-    labels = list(ctx.labels(node.args[0]))
+    return _group_norm_labels(ctx, list(ctx.labels(node.args[0])), ctx.shape(node)[1])
+
+
+def _group_norm_labels(ctx, labels, c):
     groups = ctx.operand("groups")
     lab = labels[1] if len(labels) > 1 else None
     if lab is None or not isinstance(groups, int):
         if lab is not None:
             ctx.pin(lab, f"{ctx.describe_node()} takes num_groups from a run-time value")
         return tuple(labels)
-    c = ctx.shape(node)[1]
     if groups > 1:
         ctx.factorize(lab.reshape(groups, c // groups), free=0)
     else:
@@ -284,3 +288,75 @@ def group_norm_function(ctx, node, module):
             params.append(t_lab[0])
     labels[1] = ctx.couple([lab, *params], c, f"{ctx.describe_node()} on a non-channel axis")
     return tuple(labels)
+
+
+# --- the core ATen forms torch.export decomposes norms to -------------------------------------
+
+# aten._native_batch_norm_legit(input, weight, bias, running_mean, running_var, training, momentum, eps)
+BATCH_NORM_LEGIT = Operands(weight=1, bias=2, running_mean=3, running_var=4, training=5, eps=7)
+# aten._native_batch_norm_legit.no_stats(input, weight, bias, training, momentum, eps)
+BATCH_NORM_NO_STATS = Operands(weight=1, bias=2, training=3, eps=5)
+# aten.native_layer_norm(input, normalized_shape, weight, bias, eps)
+NATIVE_LAYER_NORM = Operands(normalized_shape=1, weight=2, bias=3, eps=4)
+# aten.native_group_norm(input, weight, bias, N, C, HxW, group, eps); C is a literal width
+NATIVE_GROUP_NORM = Operands(weight=1, bias=2, groups=6, eps=7)
+_NATIVE_GROUP_NORM_C = 4
+
+
+def _statistics_only_read_by_getitem(ctx, node, labels):
+    """The statistics outputs (1, 2) of a native norm are for backward passes; one that is read
+    (not just the output 0) is not followed: the channels are pinned."""
+    for user in node.users:
+        if not (user.target is operator.getitem and (user.args[1] == 0 or not user.users)):
+            ctx.pin_all(labels, f"{ctx.describe_node()} has its saved statistics read")
+            return
+
+
+@register(*aten_ops("_native_batch_norm_legit.default"), operands=BATCH_NORM_LEGIT, kind=NORM)
+@register(*aten_ops("_native_batch_norm_legit.no_stats"), operands=BATCH_NORM_NO_STATS, kind=NORM)
+def aten_batch_norm_legit(ctx, node, module):
+    """Returns (output, saved mean, saved inverse std); with ``training`` (or no running
+    statistics) the statistics are the batch's; the saved ones are per channel when taken."""
+    batch = ctx.operand("training", True) or ctx.operand("running_mean") is None
+    out = norm_core(ctx, node.args[0], _function_params(ctx), "batch" if batch else "none")
+    c = ctx.shape(node)[0][1]
+    saved = [(out[1],) if tuple(s) == (c,) else unlabelled(s) for s in ctx.shape(node)[1:]]
+    return Multi([out, *saved])
+
+
+def _native_layer_norm_patch(rw, node):
+    shape = rw.operand(node, "normalized_shape")
+    new = rw.new_shape(node)[0]
+    rw.set_operand(node, "normalized_shape", tuple(new[len(new) - len(shape):]))
+
+
+@register(*aten_ops("native_layer_norm.default"), patch=_native_layer_norm_patch, operands=NATIVE_LAYER_NORM,
+          kind=NORM)
+def native_layer_norm(ctx, node, module):
+    """Returns (output, mean, rstd); mean and rstd keep the other axes, the normalised ones
+    become size 1."""
+    out = _layer_norm_function(ctx, node, module)
+    n = len(ctx.operand("normalized_shape"))
+    stats = out[:len(out) - n] + (None,) * n
+    return Multi([out, stats, stats])
+
+
+def _native_group_norm_patch(rw, node):
+    """The literal channel count ``C`` and ``group`` follow the slim input."""
+    groups = rw.operand(node, "groups")
+    old_c, new_c = rw.old_shape(node)[0][1], rw.new_shape(node)[0][1]
+    rw.set_arg(node, _NATIVE_GROUP_NORM_C, "C", new_c)
+    if groups > 1:
+        rw.set_operand(node, "groups", new_c // (old_c // groups))
+
+
+@register(*aten_ops("native_group_norm.default"), patch=_native_group_norm_patch, operands=NATIVE_GROUP_NORM,
+          kind=NORM)
+def native_group_norm(ctx, node, module):
+    """Returns (output, mean [N, group], rstd [N, group]): whole groups are pruned (exact), one
+    group is inexact, as ``F.group_norm``; the per-group statistics are not followed."""
+    labels = list(ctx.labels(node.args[0]))
+    out = _group_norm_labels(ctx, labels, ctx.shape(node)[0][1])
+    _statistics_only_read_by_getitem(ctx, node, out)
+    stats = (out[0], None)
+    return Multi([out, stats, stats])

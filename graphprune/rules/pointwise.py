@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphprune.rules.base import aten_ops, register
+from graphprune.rules.base import Multi, aten_ops, register
 
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -87,7 +87,7 @@ _BINARY_METHODS = (
 _BINARY_ATEN = aten_ops(
     "add.Tensor", "add_.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor",
     "mul_.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar", "pow.Tensor_Scalar",
-    "maximum.default", "minimum.default", "where.self", "clamp.default", "clamp.Tensor", "clamp_min.default",
+    "maximum.default", "minimum.default", "where.self", "copy.default", "clamp.default", "clamp.Tensor", "clamp_min.default",
     "clamp_max.default",
 )
 
@@ -119,3 +119,17 @@ def elementwise(ctx, node, module):
                 arrays.append(tl[k])
         labels.append(ctx.couple(arrays, size, reason) if arrays else None)
     return tuple(labels)
+
+
+@register(*aten_ops("native_dropout.default"))
+def native_dropout(ctx, node, module):
+    """(output, mask): both follow the input channel by channel."""
+    labels = ctx.labels(node.args[0])
+    return Multi([labels, labels])
+
+
+@register(*aten_ops("fill.Scalar", "full_like.default"))
+def like(ctx, node, module):
+    """A constant tensor shaped like its input (``fill``, ``full_like``, what ``zeros_like``
+    lowers to): it reads no values, and its axes follow the input's, so its slim shape does."""
+    return ctx.labels(node.args[0])

@@ -201,7 +201,7 @@ def permute(ctx, node, module):
     return tuple(labels[d] for d in order)
 
 
-@register("expand", "expand_as", "repeat", *aten_ops("expand.default"), patch=_reshape_patch)
+@register("expand", "expand_as", "repeat", *aten_ops("expand.default", "repeat.default"), patch=_reshape_patch)
 def expand(ctx, node, module):
     """Broadcast copies: axes that keep their size keep their labels."""
     labels, in_shape, out_shape = ctx.labels(node.args[0]), ctx.shape(node.args[0]), ctx.shape(node)
@@ -231,6 +231,23 @@ def pixel_shuffle(ctx, node, module):
     return tuple(labels[:-3]) + (heads, None, None)
 
 
+@register(F.fold, *aten_ops("col2im.default"))
+def col2im(ctx, node, module):
+    """``F.fold`` / ``aten.col2im`` ([N, C k, L] -> [N, C, H, W]): each output channel sums its own
+    block of ``k`` input rows (kernel positions) over space; the ``L`` axis (patches) is pinned
+    if it carries channels."""
+    labels = ctx.labels(node.args[0])
+    kernel = arg(node, 2, "kernel_size")
+    k = int(np.prod(kernel)) if isinstance(kernel, (tuple, list)) else int(kernel) ** 2
+    ctx.pin(labels[-1], f"{ctx.describe_node()} folds a channel axis into space")
+    lab, rows = labels[-2], ctx.shape(node.args[0])[-2]
+    if lab is None:
+        return tuple(labels[:-2]) + (None, None, None)
+    heads = lab[::k]
+    ctx.couple([lab, np.repeat(heads, k)], rows, f"{ctx.describe_node()} with unlabelled input")
+    return tuple(labels[:-2]) + (heads, None, None)
+
+
 @register(nn.PixelUnshuffle, F.pixel_unshuffle)
 def pixel_unshuffle(ctx, node, module):
     labels = ctx.labels(node.args[0])
@@ -241,7 +258,7 @@ def pixel_unshuffle(ctx, node, module):
     return tuple(labels[:-3]) + (None if lab is None else np.repeat(lab, r * r), None, None)
 
 
-@register("size", "dim", "numel", builtins.getattr, builtins.len)
+@register("size", "dim", "numel", builtins.getattr, builtins.len, *aten_ops("sym_size.int", "sym_numel.default"))
 def shape_query(ctx, node, module):
     """``x.size(1)``, ``x.shape``, ``x.numel()``, ``len(x)``: numbers read off a tensor.
 
@@ -263,7 +280,7 @@ def shape_query(ctx, node, module):
         return None
     widths = [d for d, lab in enumerate(labels) if lab is not None]
     name = target_name(node)
-    if name == "size":
+    if name in ("size", "sym_size"):
         dim = arg(node, 1, "dim")
         if dim is None:
             ctx.width_axes[node.name] = widths
@@ -271,7 +288,7 @@ def shape_query(ctx, node, module):
             ctx.mark_width(node)
     elif name == "getattr" and node.args[1] == "shape":
         ctx.width_axes[node.name] = widths
-    elif (name == "numel" and widths) or (name == "len" and 0 in widths):
+    elif (name in ("numel", "sym_numel") and widths) or (name == "len" and 0 in widths):
         ctx.mark_width(node)
     return None
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import exact, group_of
+from helpers import exact, group_of, keys
 
 import graphprune as gp
+from graphprune.metrics import estimate
 from graphprune.modules import SlimMultiheadAttention
 
 
@@ -118,3 +119,90 @@ def test_transformer_encoder_is_traced_through_and_prunes(norm_first):
         own = gp.apply(model, result.graph, result.plan, output="module")
         torch.testing.assert_close(own(x), slim(x))
     assert type(own.enc) is nn.TransformerEncoder
+
+
+class CrossAttention(nn.Module):
+    """Queries from ``x``; keys and values from ``y`` of another width and length, through
+    ``nn.MultiheadAttention(kdim=6, vdim=10)`` (separate q/k/v projection weights)."""
+
+    def __init__(self, batch_first=True, **options):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 16), nn.Linear(5, 6), nn.Linear(5, 10)
+        self.attn = nn.MultiheadAttention(16, 4, kdim=6, vdim=10, batch_first=batch_first, **options)
+        self.head = nn.Linear(16, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x, y):
+        q, k, v = self.q(x), self.k(y).relu(), self.v(y)
+        if not self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        out, _ = self.attn(q, k, v)
+        return self.head(out if self.batch_first else out.transpose(0, 1))
+
+
+def _cross(batch_first, **options):
+    torch.manual_seed(0)
+    model = CrossAttention(batch_first, **options).eval()
+    with torch.no_grad():  # torch starts bias_k/bias_v and in_proj_bias at zero: make them count
+        model.attn.in_proj_bias.normal_()
+    return model, (torch.randn(2, 5, 8), torch.randn(2, 7, 5))
+
+
+OPTIONS = [{}, {"add_bias_kv": True}, {"add_zero_attn": True}, {"add_bias_kv": True, "add_zero_attn": True}]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "bias_kv", "zero_attn", "both"])
+def test_multihead_attention_with_kdim_vdim_bias_kv_and_zero_attn_prunes_exactly(batch_first, options):
+    # regression: such a module was pinned ("uses kdim/vdim, bias_kv or add_zero_attn")
+    model, x = _cross(batch_first, **options)
+    dg = gp.DependencyGraph.build(model, x)
+    query = group_of(dg, "attn.q_proj_weight", 1)
+    key, value = group_of(dg, "attn.k_proj_weight", 1), group_of(dg, "attn.v_proj_weight", 1)
+    head_dim = group_of(dg, "attn.q_proj_weight", 0)
+    assert (query.size, key.size, value.size, head_dim.size) == (16, 6, 10, 4)
+    assert all(g.prunable and g.exact for g in (query, key, value, head_dim))
+    assert ("k.weight", 0) in keys(key) and ("v.weight", 0) in keys(value) and ("q.weight", 0) in keys(query)
+    expected = {("attn.k_proj_weight", 0), ("attn.v_proj_weight", 0), ("attn.in_proj_bias", 0)}
+    if "add_bias_kv" in options:
+        expected |= {("attn.bias_k", 2), ("attn.bias_v", 2)}
+    assert expected <= keys(head_dim)
+    # each input stream alone: the columns of its own projection read it
+    exact(model, x, {key.id: [0, 4]}, dg=dg, zero={"attn.k_proj_weight": (1, [0, 4])})
+    exact(model, x, {value.id: [1, 2, 9]}, dg=dg, zero={"attn.v_proj_weight": (1, [1, 2, 9])})
+    exact(model, x, {query.id: [3]}, dg=dg, zero={"attn.q_proj_weight": (1, [3])})
+    # head dim 1 of every head: its q.k term and its value channel are gone
+    rows = [1, 5, 9, 13]
+    exact(model, x, {head_dim.id: [1]}, dg=dg,
+          zero={"attn.q_proj_weight": (0, rows), "attn.in_proj_bias": (0, rows), "attn.out_proj.weight": (1, rows)})
+    plan = {g.id: [0, 1] for g in dg.groups if g.prunable}
+    slim = exact(model, x, plan, dg=dg)
+    attn = slim.get_submodule("attn")
+    assert isinstance(attn, SlimMultiheadAttention)
+    assert (attn.in_dim, attn.kdim, attn.vdim, attn.head_dim) == (14, 4, 8, 2)
+    assert (attn.bias_k is not None, attn.add_zero_attn) == ("add_bias_kv" in options, "add_zero_attn" in options)
+    assert gp.count(slim, x).macs < gp.count(model, x).macs
+    estimated = estimate(dg, plan)  # the macs facet over the plan's shapes agrees with the slim count
+    assert (estimated.macs, estimated.params) == (gp.count(slim, x).macs, gp.count(slim, x).params)
+
+
+@pytest.mark.parametrize("factor", ["largest", "heads"])
+def test_multihead_attention_with_kdim_vdim_prunes_whole_heads_and_keeps_its_class(factor):
+    model, x = _cross(False, add_bias_kv=True, add_zero_attn=True)
+    dg = gp.DependencyGraph.build(model, x, factor=factor)
+    inner = group_of(dg, "attn.q_proj_weight", 0)
+    cols = [4, 5, 6, 7] if factor == "heads" else [1, 5, 9, 13]  # head 1, or head dim 1 of every head
+    exact(model, x, {inner.id: [1]}, dg=dg, zero={"attn.out_proj.weight": (1, cols)} if factor == "heads" else None)
+    # only the key/value streams narrow: nn.MultiheadAttention expresses that itself (kdim, vdim)
+    narrow = {group_of(dg, "attn.k_proj_weight", 1).id: [0], group_of(dg, "attn.v_proj_weight", 1).id: [2, 3]}
+    slim = exact(model, x, narrow, dg=dg)
+    attn = slim.get_submodule("attn")
+    assert type(attn) is nn.MultiheadAttention and (attn.kdim, attn.vdim) == (5, 8)
+    # the module form: the user's class, with the slim attention module where it needs one
+    plan = {g.id: [0] for g in dg.groups if g.prunable}
+    with torch.no_grad():
+        own = gp.apply(model, dg, plan, output="module")
+        graph = gp.apply(model, dg, plan)
+        assert type(own) is CrossAttention and isinstance(own.attn, SlimMultiheadAttention)
+        torch.testing.assert_close(own(*x), graph(*x))
+        assert gp.verify(model, x, plan, dg=dg, slim=own) <= 1e-5
