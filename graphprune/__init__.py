@@ -1,6 +1,6 @@
 """graphprune: structural channel pruning of PyTorch models through torch.fx graphs."""
 
-from graphprune import errors, importance, lean, train, zoo
+from graphprune import distributed, errors, importance, lean, train, zoo
 from graphprune.api import PruneResult, prune
 from graphprune.errors import (
     GraphPruneError,
@@ -34,5 +34,5 @@ __all__ = [
     "UnsupportedOpError", "apply", "count", "errors", "export", "latency", "lean", "load", "masked_model", "prune",
     "register", "save", "score", "select", "set_origin", "trace", "train", "verify", "zoo",
     "CRITERIA", "LossError", "importance", "Pruner", "Verification", "PartsResult", "prune_parts",
-    "SlimCheckpoint", "apply_checkpoint", "score_checkpoint",
+    "SlimCheckpoint", "apply_checkpoint", "score_checkpoint", "distributed",
 ]

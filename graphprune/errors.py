@@ -23,6 +23,10 @@ class PlanError(GraphPruneError, ValueError):
     """A pruning plan does not fit the dependency graph it is applied to."""
 
 
+class PlanMismatchError(PlanError):
+    """Processes that must apply the same plan (``graphprune.distributed``) hold different ones."""
+
+
 class RewriteError(GraphPruneError):
     """The slimmed graph could not be built."""
 

@@ -340,3 +340,109 @@ def test_unknown_criterion_options_raise_and_name_the_valid_ones() -> None:
     assert criterion_options("shapley")[:3] == ("data", "loss_fn", "permutations")
     assert criterion_options(lambda model, dg, *, k=1, **_: {}) == ("data", "loss_fn", "k")
     assert criterion_options(lambda model, dg, **options: {}) is None
+
+
+# --- activation (Wanda) -----------------------------------------------------------------------------
+def test_activation_agrees_with_a_hand_computed_wanda_sum_on_a_two_layer_mlp() -> None:
+    model, x, _ = _mlp(hidden=5)
+    dg = gp.DependencyGraph.build(model, x)
+    batches = [x[:10], x[10:]]
+    w1, w2 = model[0].weight.detach().double(), model[2].weight.detach().double()
+    with torch.no_grad():
+        h = model[1](model[0](x)).double()
+    x_norm = x.double().norm(dim=0)  # over every calibration sample, both batches
+    h_norm = h.norm(dim=0)
+    producer = (w1.abs() * x_norm).sum(1)  # rows of fc1: sum_i |W1[c, i]| * ||x_i||
+    consumer = w2.abs().sum(0) * h_norm  # columns of fc2: ||h_c|| * sum_o |W2[o, c]|
+    got = gp.score("activation", model, dg, data=batches)[0]
+    np.testing.assert_allclose(got, (producer + consumer).numpy(), rtol=1e-6)
+    only_in = gp.score("activation", model, dg, data=batches, roles=("in",))[0]
+    np.testing.assert_allclose(only_in, consumer.numpy(), rtol=1e-6)
+
+
+def test_activation_scores_a_never_active_channel_lowest_though_its_weights_are_large() -> None:
+    model, x, y = _mlp(hidden=6)
+    with torch.no_grad():
+        model[0].weight[3] = 0.0
+        model[0].bias[3] = -1.0  # ReLU(-1) = 0 on every input
+        model[2].weight[:, 3] = 10.0  # the largest consumer column: magnitude keeps it
+    dg = gp.DependencyGraph.build(model, x)
+    act = gp.score("activation", model, dg, data=[(x, y)], roles=("in",))[0]
+    assert int(np.argmin(act)) == 3 and act[3] == 0.0
+    assert int(np.argmax(gp.score("magnitude", model, dg, roles=("in",))[0])) == 3
+    result = gp.prune(model, x, method="activation", ratio=0.5, data=[(x, y)], roles=("in",))
+    assert 3 in result.plan[0]
+    assert gp.verify(model, x, result.plan) < 1e-5
+
+
+def test_activation_pairs_grouped_conv_weights_with_the_input_channel_they_read() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 16, 3))
+    x = torch.randn(5, 2, 6, 6)
+    dg = gp.DependencyGraph.build(model, x, grouped="channels")
+    gid = next(g.id for g in dg.groups if any(m.param == "0.weight" and m.dim == 0 for m in g.members))
+    with torch.no_grad():
+        a = model[1](model[0](x)).double()
+    norms = a.transpose(0, 1).reshape(4, -1).norm(dim=1)
+    w0, w2 = model[0].weight.detach().double(), model[2].weight.detach().double()
+    consumer = torch.zeros(4, dtype=torch.float64)
+    for o in range(6):  # output o of the grouped conv reads input channels of its group
+        g = o // 3
+        consumer[g * 2:(g + 1) * 2] += w2[o].abs().sum((1, 2)) * norms[g * 2:(g + 1) * 2]
+    producer = (w0.abs().sum((2, 3)) * x.double().transpose(0, 1).reshape(2, -1).norm(dim=1)).sum(1)
+    per_channel = consumer + producer  # channel c of conv 0 is column c % 2 of conv 2's group c // 2
+    member = next(m for m in dg.groups[gid].members if m.param == "0.weight" and m.dim == 0)
+    want = np.zeros(dg.groups[gid].size)
+    np.add.at(want, member.channels, per_channel.numpy()[member.positions])
+    got = gp.score("activation", model, dg, data=[x])[gid]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_activation_rejects_missing_or_bad_data_and_leaves_the_model_untouched() -> None:
+    model, x, y = _resnetlet()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dg = gp.DependencyGraph.build(model, x)
+    with pytest.raises(gp.InputError, match="data"):
+        gp.score("activation", model, dg)
+    with pytest.raises(gp.InputError, match="empty"):
+        gp.score("activation", model, dg, data=[])
+    with pytest.raises(gp.InputError, match="dict"):
+        gp.score("activation", model, dg, data=[{"x": x}])
+    scores = gp.score("activation", model, dg, data=[(x, y)], loss_fn=F.cross_entropy)
+    assert set(scores) == {g.id for g in dg.groups if g.prunable}
+    assert all(np.all(s >= 0) and np.all(np.isfinite(s)) for s in scores.values())
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.slow  # torch.export of the model: ~10 s on a loaded machine
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_activation_takes_dict_batches_on_a_hugging_face_llama() -> None:
+    tf = pytest.importorskip("transformers", reason="the integration extra installs transformers")
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    dg = gp.DependencyGraph.build(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b}  # labels: not a graph input
+               for b in torch.randint(0, 64, (3, 2, 8))]
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        hook.remove()
+    x = torch.cat(seen).double().reshape(-1, 48)
+    want = x.norm(dim=0) * model.model.layers[0].mlp.down_proj.weight.detach().double().abs().sum(0)
+    gid = next(g.id for g in dg.groups if any(m.param.endswith("down_proj.weight") and m.dim == 1 for m in g.members))
+    scores = gp.score("activation", model, dg, data=batches, roles=("in",))
+    np.testing.assert_allclose(scores[gid], want.numpy(), rtol=1e-5)
+    assert set(scores) == {g.id for g in dg.groups if g.prunable}
+    assert all(s.shape == (dg.groups[k].size,) and np.all(np.isfinite(s)) for k, s in scores.items())
+    with pytest.raises(gp.InputError, match="attention_mask"):
+        gp.score("activation", model, dg, data=[{"input_ids": ids}])

@@ -6,22 +6,24 @@ group it scores. A group's score combines all its member slices (producer rows,
 consumer columns, per-channel state). Criteria are looked up by name in ``CRITERIA``;
 ``score(method, ...)`` dispatches and checks the result.
 
-=============  ==========================================================  ========
-name           what                                                        data
-=============  ==========================================================  ========
-``magnitude``  L1/L2 norm of the member slices (``p=1|2``, ``normalize``)  no
-``l1``/``l2``  ``magnitude`` with ``p`` fixed                              no
-``bn_scale``   ``|gamma|`` of the group's norm layers (network slimming)   no
-``random``     uniform, seeded (``seed``)                                  no
-``taylor``     first-order Taylor ``(sum g*w)^2`` (Molchanov et al. 2019)  yes
-``hessian``    OBD ``1/2 sum h w^2``, Fisher or Hutchinson diagonal        yes
-``oracle``     exact loss change of removing each channel alone            yes
-``shapley``    permutation-sampled Shapley value (Ancona et al. 2020)      yes
-=============  ==========================================================  ========
+==============  ===========================================================  ====
+name            what                                                         data
+==============  ===========================================================  ====
+``magnitude``   L1/L2 norm of the member slices (``p=1|2``, ``normalize``)   no
+``l1``/``l2``   ``magnitude`` with ``p`` fixed                               no
+``bn_scale``    ``|gamma|`` of the group's norm layers (network slimming)    no
+``random``      uniform, seeded (``seed``)                                   no
+``taylor``      first-order Taylor ``(sum g*w)^2`` (Molchanov et al. 2019)   yes
+``hessian``     OBD ``1/2 sum h w^2``, Fisher or Hutchinson diagonal         yes
+``oracle``      exact loss change of removing each channel alone             yes
+``shapley``     permutation-sampled Shapley value (Ancona et al. 2020)       yes
+``activation``  Wanda ``|W| * ||X||`` on calibration data (Sun et al. 2023)  yes
+==============  ===========================================================  ====
 
 Data-driven criteria take ``data`` (an iterable of ``(inputs, targets)``) and
 ``loss_fn(outputs, targets) -> scalar``; they evaluate the model in eval mode and never
-modify it.
+modify it. ``activation`` needs no loss: its batches may also be bare inputs or dicts of
+keyword arguments (Hugging Face style).
 
 Options are checked: every criterion takes ``data`` and ``loss_fn`` (the common
 signature) plus its own keyword parameters; ``score`` raises ``InputError`` for any other
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from graphprune.errors import InputError, PlanError
+from graphprune.importance.activation import activation
 from graphprune.importance.base import LossError, normalize_scores
 from graphprune.importance.bn_scale import bn_scale
 from graphprune.importance.hessian import hessian
@@ -52,7 +55,7 @@ from graphprune.tracing import require_values
 
 __all__ = [
     "CRITERIA", "DATA_DRIVEN", "LossError", "score", "magnitude", "random_scores", "bn_scale",
-    "taylor", "hessian", "oracle", "shapley", "normalize_scores", "COMMON_OPTIONS", "criterion_options",
+    "taylor", "hessian", "oracle", "shapley", "activation", "normalize_scores", "COMMON_OPTIONS", "criterion_options",
     "check_options",
 ]
 
@@ -81,9 +84,10 @@ CRITERIA: dict[str, Callable[..., dict[int, np.ndarray]]] = {
     "hessian": hessian,
     "oracle": oracle,
     "shapley": shapley,
+    "activation": activation,
 }
 
-DATA_DRIVEN = {"taylor", "hessian", "oracle", "shapley"}
+DATA_DRIVEN = {"taylor", "hessian", "oracle", "shapley", "activation"}
 
 
 def _criterion(method: str | Callable) -> tuple[Callable, str]:

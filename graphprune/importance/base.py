@@ -16,10 +16,22 @@ the group: the *prefix* runs once per batch and its live outputs are cached; the
 group, runs once per chunk of ablations, vectorised with ``torch.func.vmap`` over the
 stacked masks (everything upstream of the first mask stays one ordinary batch); if an
 op has no batching rule the ablations run one by one. The model is never modified.
+
+**Sharing the work between processes** (:class:`Reducer`). A data-driven criterion
+accumulates sums over its data (gradient products, squared gradients, losses times
+batch sizes, sample counts) and forms its score from them at the end. Just before that
+it hands the sums to the current reducer (``reduce_sum``), which is the identity in
+one process; ``graphprune.distributed`` installs one that all-reduces them over a
+``torch.distributed`` process group, so that each rank can score its shard of the data
+and every rank gets the score of the union. Ablations (``Ablator.losses``) either sum
+their losses the same way (each rank ablates on its own data) or split the ablations
+between ranks (``Reducer.mine``; every rank holds the same data) and gather them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -35,7 +47,8 @@ from graphprune.tracing import eval_mode
 
 __all__ = [
     "LossError", "Ablator", "Batch", "normalize_scores", "prepare_data", "iterate_data",
-    "require_loss_fn", "group_axes", "eval_mode", "check_loss",
+    "require_loss_fn", "group_axes", "eval_mode", "check_loss", "Reducer", "reducer", "reducing",
+    "reduce_sum",
 ]
 
 
@@ -118,6 +131,84 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+# --- processes ----------------------------------------------------------------------------------------
+class Reducer:
+    """How criteria combine their sums with other processes; this base class is one process.
+
+    - ``sum(tensors)``: the element-wise sums of ``tensors`` over the processes (here: as given);
+    - ``mine(n, block)``: which of ``n`` ablations this process computes, in whole blocks of
+      ``block`` (here: all);
+    - ``gather(values, mine, n)``: the ``n`` ablation results, each process having computed
+      ``values`` at positions ``mine`` (here: ``values`` as they are);
+    - ``least(value)``: the smallest of the processes' ``value`` (here: ``value``);
+    - ``rank``: this process's index (criteria that draw random numbers offset their seed by it).
+
+    >>> Reducer().mine(3).tolist(), Reducer().rank
+    ([0, 1, 2], 0)
+    """
+
+    rank = 0
+
+    def sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return tensors
+
+    def mine(self, n: int, block: int = 1) -> np.ndarray:
+        return np.arange(n)
+
+    def gather(self, values: np.ndarray, mine: np.ndarray, n: int) -> np.ndarray:
+        return values
+
+    def least(self, value: int) -> int:
+        """The smallest ``value`` over the processes (so that sizes that steer collectives agree)."""
+        return value
+
+
+_ONE = Reducer()
+_REDUCER: contextvars.ContextVar[Reducer | None] = contextvars.ContextVar("graphprune_reducer", default=None)
+
+
+def reducer() -> Reducer:
+    """The reducer criteria use now (one process unless inside ``reducing``)."""
+    return _REDUCER.get() or _ONE
+
+
+@contextlib.contextmanager
+def reducing(r: Reducer) -> Iterator[Reducer]:
+    """Criteria run inside this block combine their sums with ``r``."""
+    token = _REDUCER.set(r)
+    try:
+        yield r
+    finally:
+        _REDUCER.reset(token)
+
+
+def reduce_sum(*values: Any) -> tuple[Any, ...]:
+    """``values`` (tensors, numpy arrays, numbers, or dicts of them) summed over the processes
+    by the current reducer, in one call; each comes back in its own type.
+
+    >>> reduce_sum({"a": np.ones(2)}, 3)
+    ({'a': array([1., 1.])}, 3)
+    """
+    leaves, spec = pytree.tree_flatten(list(values))
+    if not leaves:
+        return tuple(values)
+    flat = [torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(-1) for v in leaves]
+    summed = reducer().sum([torch.cat(flat)])[0]
+    out, start = [], 0
+    for v, t in zip(leaves, flat):
+        part = summed[start:start + t.numel()]
+        start += t.numel()
+        if isinstance(v, torch.Tensor):
+            out.append(part.reshape(v.shape).to(dtype=v.dtype, device=v.device))
+        elif isinstance(v, np.ndarray):
+            out.append(part.reshape(v.shape).numpy().astype(v.dtype, copy=False))
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out.append(int(round(float(part.item()))))
+        else:
+            out.append(float(part.item()))
+    return tuple(pytree.tree_unflatten(out, spec))
 
 
 # --- members ---------------------------------------------------------------------------------------
@@ -264,7 +355,7 @@ class Ablator:
                       // max(1, example_batch))
             biggest = max(b[2] for b in batches)
             chunk = int(memory_mb * 2**20 / (4 * 4 * per * biggest))
-        self.chunk = max(1, min(int(chunk), 256))
+        self.chunk = reducer().least(max(1, min(int(chunk), 256)))  # the same on every process
         self.level = 2
         self.dtype = next((t.dtype for t in model.parameters()), torch.float32)
         self.device = model_device(model)
@@ -311,8 +402,15 @@ class Ablator:
         return [self.loss_fn(call(*(m[j] for m in masks)), targets) for j in range(k)]
 
     def losses(self, removed: np.ndarray) -> np.ndarray:
-        """Mean loss over the data (weighted by batch size) for each row of ``removed``."""
+        """Mean loss over the data (weighted by batch size) for each row of ``removed``.
+
+        Under a ``Reducer`` of several processes the rows are shared out (``mine``) and
+        gathered, or the loss sums and sample counts are summed over the processes."""
         removed = np.atleast_2d(np.asarray(removed, dtype=bool))
+        n_rows = removed.shape[0]
+        share = reducer()
+        mine = share.mine(n_rows, self.chunk)  # whole chunks: each row computed as in one process
+        removed = removed[mine]
         total = np.zeros(removed.shape[0])
         with torch.no_grad(), eval_mode(self.model):
             for start in range(0, removed.shape[0], self.chunk):
@@ -324,4 +422,5 @@ class Ablator:
                         where = (f"with channels {np.flatnonzero(r).tolist()[:8]} of group "
                                  f"{self.group.id} removed") if r.any() else "on the unpruned model"
                         total[start + j] += float(check_loss(loss, self.name, where)) * n
-        return total / self.total
+        total, count = reduce_sum(total, self.total)
+        return share.gather(total / count, mine, n_rows)

@@ -15,6 +15,11 @@ The Hessian diagonal ``h`` is estimated by
 - ``estimator="hutchinson"``: ``E[z * (H z)]`` over ``probes`` Rademacher vectors
   ``z`` per batch (Hessian-vector products by double backward), an unbiased
   estimate of the true Hessian diagonal.
+
+Both sums (and the sample count) are summed over the processes sharing the data under
+``graphprune.distributed``: the Fisher estimate then equals the one-process estimate on
+the union of the shards; with Hutchinson each rank draws its own probes, so the result
+is an estimate of the same diagonal, not the same numbers.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from graphprune.importance.base import (
     members_with_roles,
     model_device,
     per_channel,
+    reduce_sum,
+    reducer,
     require_loss_fn,
 )
 from graphprune.importance.taylor import gradients
@@ -96,7 +103,8 @@ def hessian_diagonal(
     names = list(names)
     params = dict(model.named_parameters())
     acc = {k: torch.zeros_like(params[k], dtype=torch.float64) for k in names}
-    gen = torch.Generator(device=model_device(model)).manual_seed(seed)
+    # each process draws its own probes (rank 0, or one process, draws those of ``seed``)
+    gen = torch.Generator(device=model_device(model)).manual_seed(seed + 7919 * reducer().rank)
     vstate: dict[str, bool] = {}
     total = 0
     with eval_mode(model):
@@ -121,6 +129,7 @@ def hessian_diagonal(
                         if h is not None:
                             acc[k] += (z * h).detach().double() * (n / probes)
             total += n
+    acc, total = reduce_sum(acc, total)  # over the processes sharing the data (identity in one)
     return {k: v / total for k, v in acc.items()}
 
 

@@ -30,6 +30,7 @@ from graphprune.importance.base import (
     members_with_roles,
     model_device,
     per_channel,
+    reduce_sum,
     require_loss_fn,
 )
 
@@ -78,4 +79,5 @@ def taylor(
                 s = sum((per_channel(m, prod[m.param], g.size) for m in members[g.id]), np.zeros(g.size))
                 acc[g.id] += n * (s * s if square else -s)
             total += n
+    acc, total = reduce_sum(acc, total)  # over the processes sharing the data (identity in one)
     return {gid: a / total for gid, a in acc.items()}

@@ -215,6 +215,24 @@ def expand(ctx, node, module):
     return tuple(out)
 
 
+@register(torch.repeat_interleave, "repeat_interleave", *aten_ops("repeat_interleave.self_int"))
+def repeat_interleave(ctx, node, module):
+    """``x.repeat_interleave(r, dim)`` with an int ``r``: each position along ``dim`` is copied ``r``
+    times in a row, so its label is too (grouped-query attention: a key/value head becomes ``r``
+    query heads, and removing it removes all ``r``); other axes keep their labels. Per-position
+    counts (a tensor ``r``), ``output_size`` or no ``dim`` (the flattened form) pin what they touch."""
+    x = node.args[0]
+    labels, ndim = ctx.labels(x), len(ctx.shape(x))
+    repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    if dim is None or not isinstance(repeats, int) or arg(node, 3, "output_size") is not None:
+        why = f"{ctx.describe_node()} repeats positions by counts graphprune does not follow"
+        for lab in labels:
+            ctx.pin(lab, why)
+        return tuple(None for _ in ctx.shape(node))
+    d = norm_dim(dim, ndim)
+    return tuple(np.repeat(lab, repeats) if k == d and lab is not None else lab for k, lab in enumerate(labels))
+
+
 @register(nn.PixelShuffle, F.pixel_shuffle, *aten_ops("pixel_shuffle.default"))
 def pixel_shuffle(ctx, node, module):
     """[C r^2, H, W] -> [C, H r, W r]: each output channel owns a block of r^2 inputs."""

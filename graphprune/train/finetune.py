@@ -180,6 +180,20 @@ def _penalty_of(plugin: Any) -> Callable[[nn.Module], Any] | None:
     return fn
 
 
+def _ddp(model: nn.Module, options: bool | Mapping[str, Any], device: torch.device | str) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` (same parameters) for the training forward."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InputError("finetune(ddp=...) needs a torch.distributed process group: launch with torchrun and "
+                         "call torch.distributed.init_process_group() first")
+    kw = dict(options) if isinstance(options, Mapping) else {}
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        kw.setdefault("device_ids", [dev.index if dev.index is not None else torch.cuda.current_device()])
+    return nn.parallel.DistributedDataParallel(model, **kw)
+
+
 def make_optimizer(
     params: Iterable[nn.Parameter], optimizer: str | type[torch.optim.Optimizer], lr: float,
     weight_decay: float = 0.0, momentum: float = 0.9,
@@ -218,6 +232,7 @@ def finetune(
     progress: bool = True,
     device: torch.device | str = "cpu",
     target_key: str = "labels",
+    ddp: bool | Mapping[str, Any] = False,
 ) -> FinetuneResult:
     """Train ``model`` in place on ``data`` and return it (in eval mode) with a per-epoch history.
 
@@ -234,6 +249,11 @@ def finetune(
     - ``loss_fn(outputs, targets)``; None: the loss the model returns, else cross-entropy.
     - Batches: ``(inputs, targets)``, ``(inputs, targets, *extra)`` or dicts with a ``target_key``
       entry (see the module docstring). ``device="auto"``: CUDA if available, else the CPU.
+    - ``ddp``: train under ``torch.nn.parallel.DistributedDataParallel`` (``True``, or a dict of its
+      keyword arguments) in an initialised ``torch.distributed`` process group: each rank passes
+      its own shard of ``data`` (the same number of batches on every rank, e.g.
+      ``graphprune.distributed.shard``), gradients are averaged over the ranks, and every rank
+      ends with the same weights. Plugins, ``eval_fn`` and the result see ``model`` itself.
 
     >>> import torch
     >>> net = torch.nn.Linear(4, 3)
@@ -248,6 +268,7 @@ def finetune(
     if eval_fn is None and eval_data is not None:
         eval_fn = lambda m: evaluate(m, eval_data, device=device)  # noqa: E731
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, momentum)
+    forward = _ddp(model, ddp, device) if ddp else model
     try:
         steps_per_epoch = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -279,7 +300,7 @@ def finetune(
                     break
                 inputs, target = _split(batch, target_key, pass_target)
                 inputs, target = _to(inputs, device), _to(target, device)
-                loss = _loss(_call(model, inputs), target, loss_fn)
+                loss = _loss(_call(forward, inputs), target, loss_fn)
                 full = loss
                 for fn in penalties:
                     pen = fn(model)

@@ -188,3 +188,47 @@ def test_width_sizing_an_axis_without_channels_keeps_its_value(sizes):
     g = group_of(dg, "a.weight", 0)
     assert g.prunable and g.size == 4  # whole heads of one channel
     exact(model, x, {g.id: [1, 2]}, dg=dg)
+
+
+class _GQA(nn.Module):
+    """A user-written grouped-query attention: key/value heads repeated with repeat_interleave."""
+
+    def __init__(self, d=32, heads=4, kv_heads=2, repeats=None):
+        super().__init__()
+        self.heads, self.kv_heads, self.repeats = heads, kv_heads, repeats
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv_heads * d // heads, bias=False)
+        self.v_proj = nn.Linear(d, kv_heads * d // heads, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.kv_heads, -1).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, -1).transpose(1, 2)
+        rep = self.heads // self.kv_heads if self.repeats is None else self.repeats
+        k, v = k.repeat_interleave(rep, dim=1), torch.repeat_interleave(v, rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("factor", ["largest", "heads"])
+def test_repeat_interleave_copies_labels_so_gqa_prunes(factor):
+    model, x = _GQA().eval(), torch.randn(2, 5, 32)
+    dg = build(model, x) if factor == "largest" else gp.DependencyGraph.build(model, x, factor="heads")
+    prunable = [g for g in dg.groups if g.prunable]
+    assert {m.param for g in prunable for m in g.members} >= {"q_proj.weight", "k_proj.weight", "v_proj.weight"}
+    if factor == "heads":  # a key/value head and the query heads that read it go together
+        g = group_of(dg, "k_proj.weight")
+        assert g.size == 2 and len(member(g, "q_proj.weight", 0).positions) == 32
+    plan = {g.id: [0] for g in prunable}
+    slim = exact(model, x, plan, dg=dg)
+    # one key/value head of two (8 rows), or one head dim of each key/value head (2 rows)
+    assert slim.k_proj.out_features == (8 if factor == "heads" else 14)
+
+
+def test_repeat_interleave_with_per_position_counts_pins():
+    model, x = _GQA(repeats=torch.tensor([1, 3])).eval(), torch.randn(2, 5, 32)
+    dg = build(model, x)
+    groups = [g for g in dg.groups if any(m.param == "k_proj.weight" for m in g.members)]
+    assert groups and not any(g.prunable for g in groups)  # per-position counts are not followed
