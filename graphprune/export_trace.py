@@ -101,6 +101,22 @@ def _export(model: torch.nn.Module, bound: Any, dynamic: bool) -> torch.export.E
     return program
 
 
+_BATCH_OF_ONE = ("the example batch size is 1 (torch.export fixes dimensions of size 1); give example "
+                 "inputs with a batch of 2 or more for a slim model that accepts any batch size")
+
+
+class _StaticBatch(Exception):
+    """Raised to skip the dynamic-batch export (it would only specialise the batch again)."""
+
+
+def _batch_of_one(inputs: tuple) -> bool:
+    """Whether every input with dimensions has a first dimension of size 1: torch.export
+    specialises it (0/1 specialisation), so exporting with a dynamic batch would only
+    return the static graph at twice the cost."""
+    sized = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim()]
+    return bool(sized) and all(x.shape[0] == 1 for x in sized)
+
+
 def _fixed_batch(program: torch.export.ExportedProgram, inputs: tuple, model_name: str) -> str | None:
     """Why torch.export kept the batch dimension static, or None if it is dynamic."""
     values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
@@ -113,8 +129,7 @@ def _fixed_batch(program: torch.export.ExportedProgram, inputs: tuple, model_nam
     if batch is None:
         return None
     if batch == 1:
-        return ("the example batch size is 1 (torch.export fixes dimensions of size 1); give example "
-                "inputs with a batch of 2 or more for a slim model that accepts any batch size")
+        return _BATCH_OF_ONE
     return (f"{model_name} needs its batch size to be {batch} (torch.export specialised it); make "
             "forward independent of the batch size for a slim model that accepts any")
 
@@ -237,12 +252,16 @@ def export_trace(model: torch.nn.Module, bound: Any, fx_error: TraceError,
     with eval_mode(work):
         gm, why = None, None
         try:
+            if _batch_of_one(inputs):  # torch.export specialises a dimension of size 1: one static export
+                raise _StaticBatch
             program = _export(work, bound, dynamic=True)
             why = _fixed_batch(program, inputs, name)
             if why is None:
                 gm, blocker = _plain_graph(program, bound.constants)
                 if blocker:
                     gm, why = None, blocker + " (graphprune's rules take literal sizes there)"
+        except _StaticBatch:
+            why = _BATCH_OF_ONE
         except Exception as exc:  # retried with static shapes below, which names its own failure
             why = f"torch.export failed with a dynamic batch dimension ({_first_line(exc)})"
         if gm is None:

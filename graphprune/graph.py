@@ -257,7 +257,11 @@ class DependencyGraph:
         root_has_producer = np.zeros(len(self.roots), bool)
         root_has_producer[root_of[is_producer]] = True
         hit = elem_gid >= 0
-        pair_key = root_of[hit] * (len(sizes) + 1) + elem_gid[hit]
+        pair_key = root_of[hit]  # in place from here: a few arrays of one int per element at a time
+        del root_of
+        pair_key *= len(sizes) + 1
+        pair_key += elem_gid[hit]
+        del elem_gid, hit
         runs = np.ones(len(pair_key), bool)  # long runs share a key: compress them before sorting
         runs[1:] = pair_key[1:] != pair_key[:-1]
         pairs = np.unique(pair_key[runs])
@@ -275,25 +279,21 @@ class DependencyGraph:
                     inexact[int(gid)].append(why)
 
         members: dict[int, list[Member]] = {}
-        keys = list(self.member_labels)
-        if keys:  # all tensor axes at once: one run per (axis, group), positions ascending
-            lengths = [len(a) for a in self.member_labels.values()]
-            flat = np.concatenate(list(self.member_labels.values()))
-            seg = np.repeat(np.arange(len(keys)), lengths)
-            pos = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            c = cls[flat]
+        # one tensor axis at a time (temporaries the size of one axis, not of all of them):
+        # one run per group, positions ascending; most axes belong to a single group
+        for (param, dim), labels in self.member_labels.items():
+            c = cls[labels]
             gids = group_of_cls[c]
-            hit = gids >= 0
-            seg, gids, pos, c = seg[hit], gids[hit], pos[hit], c[hit]
-            order = np.argsort(seg * (len(sizes) + 1) + gids, kind="stable")  # pos ascends already
-            seg, gids, pos, chans = seg[order], gids[order], pos[order], chan_of_cls[c[order]]
-            cuts = [0, *(np.flatnonzero((np.diff(seg) != 0) | (np.diff(gids) != 0)) + 1).tolist(), len(seg)]
-            starts = np.asarray(cuts[:-1], dtype=np.int64)
-            starts = starts[starts < len(seg)]
-            for a, b, k, gid in zip(cuts, cuts[1:], seg[starts].tolist(), gids[starts].tolist()):
-                param, dim = keys[k]
+            if not gids.size or (gids[0] >= 0 and (gids == gids[0]).all()):
+                parts = [(int(gids[0]), np.arange(len(gids)))] if gids.size else []
+            else:
+                hit = np.flatnonzero(gids >= 0)
+                order = hit[np.argsort(gids[hit], kind="stable")]
+                cuts = np.flatnonzero(np.diff(gids[order])) + 1
+                parts = [(int(gids[run[0]]), run) for run in np.split(order, cuts) if run.size]
+            for gid, pos in parts:
                 members.setdefault(gid, []).append(Member(
-                    param, dim, self.member_roles[(param, dim)], pos[a:b], chans[a:b]))
+                    param, dim, self.member_roles[(param, dim)], pos, chan_of_cls[c[pos]]))
 
         self.cls = np.append(cls, n_cls)  # element -1 maps to the unlabelled slot
         self.group_of_cls = group_of_cls
@@ -311,12 +311,20 @@ class DependencyGraph:
     # --- removal masks ----------------------------------------------------------------------
     def removed_classes(self, plan: Any) -> np.ndarray:
         """Boolean mask over channel classes that ``plan`` removes (last slot: unlabelled)."""
-        mask = np.zeros(len(self.group_of_cls), bool)
+        # one flag per (group, channel), looked up by every class at once: linear in the
+        # classes plus the removed channels (a scan of all classes per group was quadratic)
+        sizes = np.fromiter((g.size for g in self.groups), dtype=np.int64, count=len(self.groups))
+        offsets = np.cumsum(sizes) - sizes
+        flags = np.zeros(int(sizes.sum()), bool)
         for gid, channels in plan.items():
-            if not channels:
+            gid = int(gid)
+            if not channels or not 0 <= gid < len(sizes):
                 continue
-            sel = (self.group_of_cls == gid) & np.isin(self.chan_of_cls, list(channels))
-            mask |= sel
+            chans = np.fromiter(channels, dtype=np.int64)
+            flags[offsets[gid] + chans[(chans >= 0) & (chans < sizes[gid])]] = True
+        mask = np.zeros(len(self.group_of_cls), bool)
+        labelled = np.flatnonzero(self.group_of_cls >= 0)
+        mask[labelled] = flags[offsets[self.group_of_cls[labelled]] + self.chan_of_cls[labelled]]
         return mask
 
     def keep_mask(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:

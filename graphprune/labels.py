@@ -352,6 +352,8 @@ class BuildContext:
         if self._edges:
             a = np.concatenate([e[0] for e in self._edges])
             b = np.concatenate([e[1] for e in self._edges])
+            if n < 2**31:  # half the memory in scipy's copies of the edge lists
+                a, b = a.astype(np.int32), b.astype(np.int32)
         else:
             a = b = np.zeros(0, dtype=np.int64)
         adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))

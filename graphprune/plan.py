@@ -59,6 +59,10 @@ def _channel_list(gid: Any, channels: Any) -> list[int]:
     if isinstance(channels, (str, bytes, bytearray, Mapping)) or not isinstance(channels, Iterable):
         raise PlanError(f"plan entry for group {gid}: {channels!r} is not a list of channel indices; "
                         "write group id -> list of ints, e.g. {0: [1, 5]}")
+    if isinstance(channels, np.ndarray) and channels.ndim == 1 and channels.dtype.kind in "iu":  # from select
+        return np.unique(channels).tolist()
+    if type(channels) is list and all(type(c) is int for c in channels):  # noqa: E721 - exact ints, no bools
+        return sorted(set(channels))
     try:
         return sorted({_as_index(c) for c in channels})
     except TypeError as exc:

@@ -126,13 +126,15 @@ class EmptiedAxes:
     def __init__(self, dg: DependencyGraph) -> None:
         arrays = [a for n in dg.gm.graph.nodes for a in iter_arrays(dg.node_labels.get(n.name)) if a.size]
         self.dg = dg
-        self.labels = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-        self.segment = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])
+        # the channel class of every element (what a plan removes), and where each axis starts
+        self.classes = dg.cls[np.concatenate(arrays)] if arrays else np.zeros(0, np.int64)
+        self.starts = np.cumsum([0] + [len(a) for a in arrays[:-1]]) if arrays else np.zeros(0, np.int64)
         self.n = len(arrays)
 
     def any_empty(self, removed: np.ndarray) -> bool:
-        kept = np.bincount(self.segment, weights=self.dg.keep_mask(self.labels, removed), minlength=self.n)
-        return bool((kept == 0).any())
+        if not self.n:
+            return False
+        return not bool(np.logical_or.reduceat(~removed[self.classes], self.starts).all())
 
 
 def repair(dg: DependencyGraph, plan: Plan, scores: Mapping[int, np.ndarray],

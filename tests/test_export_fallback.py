@@ -127,9 +127,30 @@ def test_each_export_attempt_leaves_the_model_as_it_was():
 def test_a_cache_filled_while_exporting_at_batch_1_is_not_a_constant_of_the_graph():
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), Remembers()).eval(), torch.randn(1, 3, 5, 5)
-    with pytest.warns(UserWarning, match="batch size is 1"):  # a dynamic attempt, then a static one
+    with pytest.warns(UserWarning, match="batch size is 1"):  # one static export (batch 1 specialises)
         dg = gp.DependencyGraph.build(model, x)
     assert dg.gm.meta.get("graphprune_export") and "anchors" not in vars(model[1])
     plan = {g.id: [0, 2] for g in dg.groups if g.prunable}
     slim = gp.apply(model, dg, plan)
     assert plan and gp.verify(model, x, plan, dg=dg, slim=slim) <= 1e-5
+
+
+def test_a_batch_of_one_is_exported_once(monkeypatch):
+    # torch.export specialises a dimension of size 1, so a dynamic attempt would only give the
+    # static graph again at twice the cost (most of building a Hugging Face LLM's graph)
+    calls = []
+    real = torch.export.export
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("dynamic_shapes"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), Remembers()).eval()
+    with pytest.warns(UserWarning, match="batch size is 1"):
+        gp.DependencyGraph.build(model, torch.randn(1, 3, 5, 5))
+    assert calls == [None]
+    calls.clear()
+    gp.DependencyGraph.build(model, torch.randn(2, 3, 5, 5))  # a batch of 2 is exported dynamic
+    assert len(calls) == 1 and calls[0] is not None

@@ -6,6 +6,7 @@ import json
 import re
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -127,3 +128,18 @@ def test_every_parameter_is_in_a_group_or_named_with_a_reason():
     assert "no rule" in dg.uncovered["cell.weight_hh"] and "not used" in dg.uncovered["unused.weight"]
     text = dg.describe()
     assert "in no group" in text and "cell.weight_ih" in text and "GRUCell module 'cell'" in text
+
+
+def test_removed_classes_flags_exactly_the_planned_channels_of_each_group():
+    model, x = gp.zoo.create("mobilenet_v2")
+    dg = gp.DependencyGraph.build(model, x)
+    big = max(dg.groups, key=lambda g: g.size)
+    plans = [{}, {big.id: [0, big.size - 1]}, {g.id: list(range(0, g.size, 3)) for g in dg.groups},
+             {big.id: [-1, big.size, 1], len(dg.groups) + 5: [0]}]  # out of range: nothing
+    for plan in plans:
+        mask = dg.removed_classes(plan)
+        want = np.zeros(len(dg.group_of_cls), bool)  # the definition, one group at a time
+        for gid, channels in plan.items():
+            want |= (dg.group_of_cls == gid) & np.isin(dg.chan_of_cls, [c for c in channels if c >= 0])
+        assert (mask == want).all()
+    assert dg.removed_classes(plans[1]).sum() == 2 * (dg.group_of_cls == big.id).sum() / big.size
