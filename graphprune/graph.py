@@ -220,24 +220,31 @@ class DependencyGraph:
     # --- grouping -------------------------------------------------------------------------
     def _group_classes(self, cls: np.ndarray, kinds: np.ndarray) -> None:
         n_cls = int(cls.max()) + 1 if cls.size else 0
+        # ids (element, class, root, group) as int32 when they fit: these tables are one or
+        # two ints per element, the largest memory of a build
+        idx = np.int32 if max(len(cls), len(self.roots)) < np.iinfo(np.int32).max else np.int64
         # Classes that share a producer (one layer's outputs) belong to one group.
         is_producer = kinds == KIND_CODES[PRODUCER]
-        root_of = np.repeat(np.arange(len(self.roots)), [r.size for r in self.roots])
+        root_of = np.repeat(np.arange(len(self.roots), dtype=idx), [r.size for r in self.roots])
         produced = np.flatnonzero(is_producer)  # ascending, so grouped by root
         _, first, which = np.unique(root_of[produced], return_index=True, return_inverse=True)
         s, d = cls[produced[first]][which.reshape(-1)], cls[produced]  # each to its root's first class
+        del produced, first, which
         adj = coo_matrix((np.ones(len(s), dtype=np.int8), (s, d)), shape=(n_cls, n_cls))
+        del s, d
         _, comp = connected_components(adj, directed=False)
+        del adj
 
         has_producer = np.zeros(n_cls, bool)
         has_producer[cls[is_producer]] = True
-        first_elem = np.full(n_cls, np.iinfo(np.int64).max)
-        np.minimum.at(first_elem, cls, np.arange(len(cls)))
+        first_elem = np.full(n_cls, np.iinfo(idx).max, dtype=idx)
+        np.minimum.at(first_elem, cls, np.arange(len(cls), dtype=idx))
         # Order groups and their channels by the first element: a layer's own order.
         kept = np.flatnonzero(np.isin(comp, comp[has_producer]))
         order = kept[np.argsort(first_elem[kept], kind="stable")]
-        group_of_cls = np.full(n_cls + 1, -1, dtype=np.int64)  # last slot: unlabelled
-        chan_of_cls = np.full(n_cls + 1, -1, dtype=np.int64)
+        del first_elem, kept
+        group_of_cls = np.full(n_cls + 1, -1, dtype=idx)  # last slot: unlabelled
+        chan_of_cls = np.full(n_cls + 1, -1, dtype=idx)
         # Group ids in order of first appearance along ``order``; channels numbered within.
         _, first, inverse = np.unique(comp[order], return_index=True, return_inverse=True)
         gid_of_comp = np.empty(len(first), dtype=np.int64)
@@ -249,22 +256,23 @@ class DependencyGraph:
         group_of_cls[order] = gids
         chan_of_cls[order] = within
         sizes = [int(n) for n in counts]
+        del order, inverse, gids, within, comp
 
         pinned_reasons: dict[int, list[str]] = {}
         producers: dict[int, list[str]] = {}
         # Every (root, group) pair once, in root order then group id.
-        elem_gid = group_of_cls[cls]
         root_has_producer = np.zeros(len(self.roots), bool)
         root_has_producer[root_of[is_producer]] = True
+        del is_producer
+        elem_gid = group_of_cls[cls]
         hit = elem_gid >= 0
-        pair_key = root_of[hit]  # in place from here: a few arrays of one int per element at a time
-        del root_of
-        pair_key *= len(sizes) + 1
-        pair_key += elem_gid[hit]
-        del elem_gid, hit
-        runs = np.ones(len(pair_key), bool)  # long runs share a key: compress them before sorting
-        runs[1:] = pair_key[1:] != pair_key[:-1]
-        pairs = np.unique(pair_key[runs])
+        pair_root, pair_gid = root_of[hit], elem_gid[hit]
+        del root_of, elem_gid, hit
+        runs = np.ones(len(pair_root), bool)  # long runs share a pair: compress them before sorting
+        runs[1:] = (pair_root[1:] != pair_root[:-1]) | (pair_gid[1:] != pair_gid[:-1])
+        pair_key = pair_root[runs].astype(np.int64) * (len(sizes) + 1) + pair_gid[runs]
+        del pair_root, pair_gid, runs
+        pairs = np.unique(pair_key)
         for r, gid in zip((pairs // (len(sizes) + 1)).tolist(), (pairs % (len(sizes) + 1)).tolist()):
             root = self.roots[r]
             if root.kind == PINNED and root.reason not in pinned_reasons.setdefault(gid, []):
@@ -293,9 +301,9 @@ class DependencyGraph:
                 parts = [(int(gids[run[0]]), run) for run in np.split(order, cuts) if run.size]
             for gid, pos in parts:
                 members.setdefault(gid, []).append(Member(
-                    param, dim, self.member_roles[(param, dim)], pos, chan_of_cls[c[pos]]))
+                    param, dim, self.member_roles[(param, dim)], pos, chan_of_cls[c[pos]].astype(np.int64)))
 
-        self.cls = np.append(cls, n_cls)  # element -1 maps to the unlabelled slot
+        self.cls = np.append(cls, np.array([n_cls], dtype=cls.dtype))  # element -1 maps to the unlabelled slot
         self.group_of_cls = group_of_cls
         self.chan_of_cls = chan_of_cls
         self.groups: list[Group] = []

@@ -44,9 +44,17 @@ from graphprune.tracing import named_state
 
 __all__ = ["BuildContext", "PRODUCER", "PARAM", "PINNED", "KIND_CODES", "ROLE_OUT", "ROLE_IN", "ROLE_PASS"]
 
+INT32_ELEMENTS = 2**31 - 1
+"""Element ids are int32 while a graph has at most this many elements (half the memory of
+int64 labels, couplings and class tables); a larger graph is labelled again with int64."""
+
 PRODUCER, PARAM, PINNED = "producer", "param", "pinned"
 KIND_CODES = {PRODUCER: 0, PARAM: 1, PINNED: 2}  # element kinds are held as small ints
 ROLE_OUT, ROLE_IN, ROLE_PASS = "out", "in", "pass"
+
+
+class _Wider(Exception):
+    """The graph has more elements than int32 labels can number (``run`` starts over in int64)."""
 
 
 @dataclass
@@ -91,13 +99,16 @@ class BuildContext:
         self.rule: Rule | None = None  # its rule
         self._produced: list[np.ndarray] = []
         self._role_marks: list[tuple[np.ndarray, str]] = []
+        self.label_dtype: type = np.int32  # element ids; np.int64 once int32 would overflow
 
     # --- elements ---------------------------------------------------------------
     def _new_root(self, kind: str, size: int, origin: str, reason: str = "") -> np.ndarray:
         start = self.n_elements
+        if self.label_dtype == np.int32 and start + size > INT32_ELEMENTS:
+            raise _Wider
         self.roots.append(_Root(kind, origin, reason, start, size))
         self.n_elements += size
-        return np.arange(start, start + size, dtype=np.int64)
+        return np.arange(start, start + size, dtype=self.label_dtype)
 
     def produce(self, size: int, origin: str | None = None) -> np.ndarray:
         """Fresh output channels of a layer (a conv's or linear's output rows)."""
@@ -298,6 +309,15 @@ class BuildContext:
 
     # --- the walk -------------------------------------------------------------------
     def run(self) -> None:
+        """Label every node in graph order (int32 element ids; int64 for graphs too large for them)."""
+        try:
+            self._walk()
+        except _Wider:  # more than INT32_ELEMENTS elements: start over with int64 ids
+            self.__init__(self.gm, factor=self.factor_mode, grouped=self.grouped_mode)
+            self.label_dtype = np.int64
+            self._walk()
+
+    def _walk(self) -> None:
         for node in self.gm.graph.nodes:
             self.node = node
             self.node_labels[node.name] = self._visit(node)
@@ -322,6 +342,8 @@ class BuildContext:
             return self._no_rule(node, module)
         try:
             return rule.build(self, node, module)
+        except _Wider:
+            raise
         except Exception as exc:  # an unusual call the rule does not follow: pin, never guess
             warn_user(f"rule {rule.name!r} could not follow {op_name(node, module)}: "
                       f"{type(exc).__name__}: {exc}; its channels are kept")
@@ -350,12 +372,12 @@ class BuildContext:
     def _components(self) -> np.ndarray:
         n = self.n_elements
         if self._edges:
-            a = np.concatenate([e[0] for e in self._edges])
-            b = np.concatenate([e[1] for e in self._edges])
-            if n < 2**31:  # half the memory in scipy's copies of the edge lists
-                a, b = a.astype(np.int32), b.astype(np.int32)
+            # int32 whenever the ids fit: half the memory in scipy's copies of the edge lists
+            dtype = np.int32 if n <= INT32_ELEMENTS else np.int64
+            a = np.concatenate([e[0] for e in self._edges], dtype=dtype)
+            b = np.concatenate([e[1] for e in self._edges], dtype=dtype)
         else:
-            a = b = np.zeros(0, dtype=np.int64)
+            a = b = np.zeros(0, dtype=np.int32)
         adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
         return connected_components(adj, directed=False)[1]
 

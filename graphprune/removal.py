@@ -124,12 +124,27 @@ class EmptiedAxes:
     """Every labelled axis of every node, flattened, to tell in one pass whether a plan empties one."""
 
     def __init__(self, dg: DependencyGraph) -> None:
-        arrays = [a for n in dg.gm.graph.nodes for a in iter_arrays(dg.node_labels.get(n.name)) if a.size]
         self.dg = dg
-        # the channel class of every element (what a plan removes), and where each axis starts
-        self.classes = dg.cls[np.concatenate(arrays)] if arrays else np.zeros(0, np.int64)
-        self.starts = np.cumsum([0] + [len(a) for a in arrays[:-1]]) if arrays else np.zeros(0, np.int64)
-        self.n = len(arrays)
+        # the channel classes of every axis (what a plan removes), each distinct sequence once:
+        # most axes repeat another's (views, pass-through ops, a residual stream), and an axis
+        # empties exactly when another with the same classes does
+        seen_views: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+        seen: set[bytes] = set()
+        parts = []
+        for node in dg.gm.graph.nodes:
+            for arr in iter_arrays(dg.node_labels.get(node.name)):
+                view = (arr.__array_interface__["data"][0], arr.shape, arr.strides)
+                if not arr.size or view in seen_views:
+                    continue
+                seen_views.add(view)
+                classes = dg.cls[arr].reshape(-1)
+                key = classes.tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    parts.append(classes)
+        self.classes = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        self.starts = np.cumsum([0] + [len(a) for a in parts[:-1]]) if parts else np.zeros(0, np.int64)
+        self.n = len(parts)
 
     def any_empty(self, removed: np.ndarray) -> bool:
         if not self.n:

@@ -279,7 +279,7 @@ def arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 def as_array(labels: np.ndarray | None, size: int) -> np.ndarray:
     """Labels of one dimension as an array, ``-1`` where the dimension is unlabelled."""
-    return np.full(size, -1, dtype=np.int64) if labels is None else labels
+    return np.full(size, -1, dtype=np.int32) if labels is None else labels  # int64 labels widen it
 
 
 def norm_dim(d: int, ndim: int) -> int:
