@@ -151,3 +151,27 @@ def test_tied_layers_are_one_group_and_stay_tied():
     slim = exact(model, x, {g.id: [0, 3]}, dg=dg)
     assert slim.get_submodule("a").weight is slim.get_submodule("b").weight
     assert slim.get_submodule("b").weight.shape[0] == 6
+
+
+def test_graphs_past_int32_element_ids_are_labelled_in_int64_with_the_same_groups(monkeypatch):
+    import numpy as np
+
+    import graphprune.labels as labels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+                          nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    narrow = gp.DependencyGraph.build(model, x, factor="heads")
+    assert narrow.cls.dtype == np.int32 and all(a.dtype == np.int32 for a in narrow.member_labels.values())
+    monkeypatch.setattr(labels, "INT32_ELEMENTS", narrow.n_elements // 2)  # overflows half way through
+    wide = gp.DependencyGraph.build(model, x, factor="heads")
+    assert all(a.dtype == np.int64 for a in wide.member_labels.values())
+    assert wide.n_elements == narrow.n_elements and wide.to_json() == narrow.to_json()
+    assert [g.members for g in wide.groups] == [g.members for g in narrow.groups]
+    assert np.array_equal(wide.cls, narrow.cls)
+    scores = gp.score("random", model, narrow, seed=0)
+    plan = gp.select(narrow, scores, 0.5)
+    assert gp.select(wide, scores, 0.5) == plan
+    slim_narrow, slim_wide = gp.apply(model, narrow, plan), gp.apply(model, wide, plan)
+    assert torch.equal(slim_narrow(x), slim_wide(x))
