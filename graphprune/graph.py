@@ -29,11 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from graphprune.errors import InputError
-from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext, _aliases
+from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext, _aliases, components
 from graphprune.removal import vanish_problems
 from graphprune.rules.base import find_rule, iter_arrays, unlabelled  # noqa: F401  (importable from here too)
 from graphprune.tracing import bind_inputs, code_fingerprints, named_state, trace
@@ -230,10 +228,8 @@ class DependencyGraph:
         _, first, which = np.unique(root_of[produced], return_index=True, return_inverse=True)
         s, d = cls[produced[first]][which.reshape(-1)], cls[produced]  # each to its root's first class
         del produced, first, which
-        adj = coo_matrix((np.ones(len(s), dtype=np.int8), (s, d)), shape=(n_cls, n_cls))
+        comp = components(n_cls, s, d)
         del s, d
-        _, comp = connected_components(adj, directed=False)
-        del adj
 
         has_producer = np.zeros(n_cls, bool)
         has_producer[cls[is_producer]] = True

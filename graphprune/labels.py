@@ -42,7 +42,7 @@ from graphprune.probe import channelwise
 from graphprune.rules.base import Multi, Rule, as_array, find_rule, iter_arrays, op_name, operand, unlabelled
 from graphprune.tracing import named_state
 
-__all__ = ["BuildContext", "PRODUCER", "PARAM", "PINNED", "KIND_CODES", "ROLE_OUT", "ROLE_IN", "ROLE_PASS"]
+__all__ = ["BuildContext", "components", "PRODUCER", "PARAM", "PINNED", "KIND_CODES", "ROLE_OUT", "ROLE_IN", "ROLE_PASS"]
 
 INT32_ELEMENTS = 2**31 - 1
 """Element ids are int32 while a graph has at most this many elements (half the memory of
@@ -371,15 +371,14 @@ class BuildContext:
     # --- result ---------------------------------------------------------------------
     def _components(self) -> np.ndarray:
         n = self.n_elements
-        if self._edges:
-            # int32 whenever the ids fit: half the memory in scipy's copies of the edge lists
+        if len(self._edges) > 1:  # the couplings as one pair of arrays from here (no second copy)
+            # int32 whenever the ids fit (a graph past INT32_ELEMENTS holds int64 ids)
             dtype = np.int32 if n <= INT32_ELEMENTS else np.int64
-            a = np.concatenate([e[0] for e in self._edges], dtype=dtype)
-            b = np.concatenate([e[1] for e in self._edges], dtype=dtype)
-        else:
-            a = b = np.zeros(0, dtype=np.int32)
-        adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-        return connected_components(adj, directed=False)[1]
+            self._edges = [(np.concatenate([e[0] for e in self._edges], dtype=dtype),
+                            np.concatenate([e[1] for e in self._edges], dtype=dtype))]
+        if not self._edges:
+            return components(n, np.zeros(0, np.int32), np.zeros(0, np.int32))
+        return components(n, *self._edges[0])
 
     def _kinds(self) -> np.ndarray:
         """Kind of every element's root as a ``KIND_CODES`` code; produced params become producers."""
@@ -443,6 +442,48 @@ class BuildContext:
         if self._relations:
             self._resolve_factors(self._kinds())  # pins add elements: kinds are taken again
         return self._components(), self._kinds()
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected component of every node ``0 .. n-1`` of the undirected graph with edges
+    ``a[i] -- b[i]``, numbered in order of their smallest node (as scipy's ``connected_components``).
+
+    Union-find on arrays: every round, the larger of the two roots of each edge that still
+    joins two trees is hooked under the smaller, then pointers jump until each node points at
+    its root; edges inside one tree are dropped. Temporaries are a few ints per edge at most
+    (scipy's copies the graph twice, as float64 sparse matrices).
+
+    >>> components(5, np.array([3, 1]), np.array([4, 3])).tolist()
+    [0, 1, 2, 1, 1]
+    """
+    dtype = np.int32 if n <= INT32_ELEMENTS else np.int64
+    parent = np.arange(n, dtype=dtype)
+    rounds = 0
+    while a.size:
+        ra = parent[a]
+        rb = parent[b]
+        live = ra != rb
+        if not live.any():
+            break
+        rounds += 1
+        if rounds > 64:  # never seen (a handful of rounds on real graphs): scipy's answer instead
+            adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+            return connected_components(adj, directed=False)[1]
+        if not live.all():
+            a, b, ra, rb = a[live], b[live], ra[live], rb[live]
+        del live
+        lo = np.minimum(ra, rb)
+        hi = np.maximum(ra, rb, out=ra)
+        del rb
+        parent[hi] = lo  # roots hook under smaller roots: parent[i] <= i, a forest
+        del hi, lo
+        while True:
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+    root = parent == np.arange(n, dtype=dtype)
+    return (np.cumsum(root, dtype=dtype) - 1)[parent]
 
 
 def _aliases(gm: torch.nn.Module) -> list[tuple[str, str]]:

@@ -234,9 +234,9 @@ def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int 
         # one channel: floor(size * ratio) channels, as without rounding; a block: nearest
         # allowed count (ties keep more), so it is taken once the ratio passes its middle
         frac = np.where(stop - start == 1, stop / g.size, (start + stop) / (2 * g.size) + 1e-6)
-        for key, col in (("frac", frac), ("mean", mean), ("gid", np.full(a.size, gid)),
-                         ("j", np.arange(a.size)), ("start", start + offset), ("stop", stop + offset),
-                         ("mult", np.full(a.size, members.get(gid, 1)))):
+        for key, col in (("frac", frac), ("mean", mean), ("gid", np.full(a.size, gid, dtype=np.int32)),
+                         ("j", np.arange(a.size, dtype=np.int32)), ("start", start + offset), ("stop", stop + offset),
+                         ("mult", np.full(a.size, members.get(gid, 1), dtype=np.int32))):
             cols[key].append(col)
         orders.append(order)
         offset += g.size
@@ -249,11 +249,12 @@ def _units(dg: Any, scores: Mapping[int, np.ndarray], scope: str, min_keep: int 
         offset += 1
     if not orders:
         return _Units(*(np.zeros(0, np.int64),) * 6), n_channels
-    c = {k: np.concatenate(v) for k, v in cols.items()}
+    c = {k: np.concatenate(cols.pop(k)) for k in list(cols)}  # one column's pieces alive at a time
     keys = (c["j"], c["gid"], c["mean"]) if scope == "global" else (c["j"], c["gid"], c["mean"], c["frac"])
     rank = np.lexsort(keys)
-    return _Units(c["gid"][rank], c["frac"][rank], c["start"][rank], c["stop"][rank],
-                  np.concatenate(orders), c["mult"][rank]), n_channels
+    del keys, c["j"], c["mean"]  # sort keys only
+    gid, frac, start, stop, mult = (c.pop(k)[rank] for k in ("gid", "frac", "start", "stop", "mult"))
+    return _Units(gid, frac, start, stop, np.concatenate(orders), mult), n_channels
 
 
 def _plan_of(units: _Units | Iterable[_Unit]) -> Plan:
