@@ -444,13 +444,16 @@ class BuildContext:
         return self._components(), self._kinds()
 
 
+_ROUNDS = 64  # hooking rounds before components hands the rest to scipy
+
+
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected component of every node ``0 .. n-1`` of the undirected graph with edges
     ``a[i] -- b[i]``, numbered in order of their smallest node (as scipy's ``connected_components``).
 
-    Union-find on arrays: every round, the larger of the two roots of each edge that still
-    joins two trees is hooked under the smaller, then pointers jump until each node points at
-    its root; edges inside one tree are dropped. Temporaries are a few ints per edge at most
+    Union-find on arrays: every round, each root hooks under the smallest root it shares an
+    edge with (when that one is smaller), then pointers jump until each node points at its
+    root; edges inside one tree are dropped. Two or three rounds join a Llama's couplings. Temporaries are a few ints per edge at most
     (scipy's copies the graph twice, as float64 sparse matrices).
 
     >>> components(5, np.array([3, 1]), np.array([4, 3])).tolist()
@@ -466,16 +469,24 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if not live.any():
             break
         rounds += 1
-        if rounds > 64:  # never seen (a handful of rounds on real graphs): scipy's answer instead
-            adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-            return connected_components(adj, directed=False)[1]
-        if not live.all():
-            a, b, ra, rb = a[live], b[live], ra[live], rb[live]
+        if rounds > _ROUNDS:  # not seen on real graphs: scipy joins the trees left
+            ra, rb = ra[live], rb[live]
+            adj = coo_matrix((np.ones(len(ra), dtype=np.int8), (ra, rb)), shape=(n, n))
+            joined = connected_components(adj, directed=False)[1][parent]
+            _, first, inverse = np.unique(joined, return_index=True, return_inverse=True)
+            rank = np.empty(len(first), dtype=dtype)
+            rank[np.argsort(first, kind="stable")] = np.arange(len(first), dtype=dtype)
+            return rank[inverse.reshape(-1)]
+        if not live.all():  # one array at a time: the old one goes as its filtered copy comes
+            a = a[live]
+            b = b[live]
+            ra = ra[live]
+            rb = rb[live]
         del live
         lo = np.minimum(ra, rb)
         hi = np.maximum(ra, rb, out=ra)
         del rb
-        parent[hi] = lo  # roots hook under smaller roots: parent[i] <= i, a forest
+        np.minimum.at(parent, hi, lo)  # each root hooks under its smallest neighbouring root: a forest
         del hi, lo
         while True:
             up = parent[parent]

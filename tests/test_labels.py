@@ -177,14 +177,17 @@ def test_graphs_past_int32_element_ids_are_labelled_in_int64_with_the_same_group
     assert torch.equal(slim_narrow(x), slim_wide(x))
 
 
+@pytest.mark.parametrize("rounds", [0, 1, 64])
 @pytest.mark.parametrize("seed", range(6))
-def test_components_number_classes_as_scipy_does(seed):
+def test_components_number_classes_as_scipy_does(seed, rounds, monkeypatch):
     import numpy as np
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    import graphprune.labels as labels
     from graphprune.labels import components
 
+    monkeypatch.setattr(labels, "_ROUNDS", rounds)  # 0, 1: scipy joins the trees left after that many
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 400))
     m = int(rng.integers(0, 3 * n))
