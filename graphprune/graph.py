@@ -48,7 +48,8 @@ class Member:
     ``role`` one of ``out`` (a producer's output rows), ``in`` (a consumer's input
     columns) or ``pass`` (per-channel state such as BatchNorm's). ``positions`` (along
     ``dim``, ascending) and ``channels`` (the group channel at each position) are
-    int64 arrays of equal length; treat them as read-only.
+    integer arrays of equal length (int32, or int64 in a graph too large for it); treat
+    them as read-only.
     """
 
     param: str
@@ -289,15 +290,15 @@ class DependencyGraph:
             c = cls[labels]
             gids = group_of_cls[c]
             if not gids.size or (gids[0] >= 0 and (gids == gids[0]).all()):
-                parts = [(int(gids[0]), np.arange(len(gids)))] if gids.size else []
+                parts = [(int(gids[0]), np.arange(len(gids), dtype=idx))] if gids.size else []
             else:
-                hit = np.flatnonzero(gids >= 0)
+                hit = np.flatnonzero(gids >= 0).astype(idx)
                 order = hit[np.argsort(gids[hit], kind="stable")]
                 cuts = np.flatnonzero(np.diff(gids[order])) + 1
                 parts = [(int(gids[run[0]]), run) for run in np.split(order, cuts) if run.size]
             for gid, pos in parts:
                 members.setdefault(gid, []).append(Member(
-                    param, dim, self.member_roles[(param, dim)], pos, chan_of_cls[c[pos]].astype(np.int64)))
+                    param, dim, self.member_roles[(param, dim)], pos, chan_of_cls[c[pos]]))
 
         self.cls = np.append(cls, np.array([n_cls], dtype=cls.dtype))  # element -1 maps to the unlabelled slot
         self.group_of_cls = group_of_cls

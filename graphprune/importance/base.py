@@ -271,7 +271,7 @@ def group_axes(dg: Any, gid: int, labels: Any, shape: Any) -> list[tuple[int, np
         if lab is None or d >= len(shape) or not isinstance(lab, np.ndarray):
             continue
         cls = dg.cls[lab]
-        chan = np.where(dg.group_of_cls[cls] == gid, dg.chan_of_cls[cls], -1)
+        chan = np.where(dg.group_of_cls[cls] == gid, dg.chan_of_cls[cls], -1).astype(np.int64)
         if (chan >= 0).any():
             axes.append((d, chan))
     return axes
