@@ -39,6 +39,7 @@ Models (ImageNet sizes, 1000 classes, batch 1):
     python benchmarks/engine_speed.py densenet201 --repeats 5
     python benchmarks/engine_speed.py --profile densenet201  # cProfile of graphprune only
     python benchmarks/engine_speed.py --profile --fast resnet50  # ... of its fast mode
+    python benchmarks/engine_speed.py --shapes   # the shape run on real vs meta vs fake tensors
 
 Writes ``benchmarks/results/engine_speed.json``.
 """
@@ -46,6 +47,7 @@ Writes ``benchmarks/results/engine_speed.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import gc
@@ -205,6 +207,40 @@ def profile(name: str, check: bool = True) -> None:
     pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
 
 
+def shape_backends(name: str, repeats: int) -> dict:
+    """Seconds (min of ``repeats``) of the traced graph's shape-recording run on real tensors,
+    against the same run on meta tensors (a structural copy holding meta parameters) and
+    under ``FakeTensorMode``: what weight-free shape propagation would cost instead."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from graphprune.preserve import structural_copy
+    from graphprune.shapes import _run_recording
+
+    model, x = make(name)
+    gm = gp.trace(model, x)
+    meta = structural_copy(gm)
+    for m in meta.modules():
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    table[key] = t.to("meta")
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    runs = {"real": lambda: _run_recording(gm, (x.clone(),)),
+            "meta": lambda: _run_recording(meta, (x.to("meta"),)),
+            "fake": lambda: _run_recording(gm, (fake_mode.from_tensor(x),))}
+    row = {"model": name}
+    for key, fn in runs.items():
+        times = []
+        for _ in range(repeats + 1):  # the first run is a warm-up
+            t0 = time.perf_counter()
+            with torch.no_grad(), (fake_mode if key == "fake" else contextlib.nullcontext()):
+                fn()
+            times.append(time.perf_counter() - t0)
+        row[f"{key}_s"] = min(times[1:])
+    print(f"{name:13s} real {row['real_s']:.3f} s | meta {row['meta_s']:.3f} s | fake {row['fake_s']:.3f} s", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", help=f"default: all of {', '.join(MODELS)}")
@@ -213,6 +249,8 @@ def main() -> None:
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--profile", action="store_true", help="cProfile graphprune on the models")
     parser.add_argument("--fast", action="store_true", help="profile the fast mode (check=False)")
+    parser.add_argument("--shapes", action="store_true",
+                        help="time the shape-recording run on real, meta and fake tensors (engine_shapes.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # Torch-Pruning warns about unwrapped parameters
@@ -223,6 +261,12 @@ def main() -> None:
     if args.profile:
         for name in names:
             profile(name, check=not args.fast)
+        return
+    if args.shapes:
+        rows = [shape_backends(name, args.repeats) for name in names]
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "engine_shapes.json").write_text(json.dumps({"torch": torch.__version__, "threads": 1,
+                                                                "rows": rows}, indent=1))
         return
     with_tp = not args.no_tp
     if with_tp:
