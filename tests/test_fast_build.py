@@ -38,3 +38,25 @@ def test_fast_mode_gives_the_default_groups_plans_and_slim_code(name: str) -> No
         with torch.no_grad():
             assert all(torch.equal(a, b) for a, b in zip(slim_fast.state_dict().values(),
                                                          slim.state_dict().values()))
+
+
+class ShapeBranch(torch.nn.Module):
+    """Symbolic tracing fails on the shape-dependent branch: the torch.export fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.d = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 2
+        return self.d(torch.relu(self.c(x)))
+
+
+def test_fast_mode_takes_the_export_fallback_where_fx_fails() -> None:
+    model, x = ShapeBranch().eval(), torch.randn(2, 3, 8, 8)
+    dg, fast = gp.DependencyGraph.build(model, x), gp.DependencyGraph.build(model, x, check=False)
+    assert fast.gm.meta.get("graphprune_export") and dg.gm.meta.get("graphprune_export")
+    assert _groups(fast) == _groups(dg)
+    plan = {g.id: [0, 3] for g in fast.groups if g.prunable}
+    assert plan and gp.verify(model, x, plan, dg=fast) <= 1e-4
