@@ -185,6 +185,7 @@ class DependencyGraph:
         concrete_args: dict | None = None,
         factor: str = "largest",
         grouped: str = "channels",
+        check: bool = True,
     ) -> DependencyGraph:
         """Trace ``model`` on ``example_inputs`` and group its coupled channels.
 
@@ -196,8 +197,23 @@ class DependencyGraph:
         weight loses input and output columns), ``"groups"`` whole conv groups
         (``groups`` shrinks). Depthwise convs (one input channel per group) always
         lose whole groups.
+
+        ``check=False`` is the fast mode: the traced graph is **not** compared with an
+        eager run of the model (one forward pass fewer; the shapes still come from one
+        real run of the graph). A torch.fx graph that computes something else than the
+        model (Python that symbolic tracing records differently, see
+        ``graphprune.fidelity``) then goes undetected, where the default check replaces
+        it with the torch.export graph or refuses it. For a faithfully traced model the
+        groups are the default's. Pair it with ``apply(..., check=False)`` (no check run
+        of the slim model) and verify the slim model (``graphprune.verify``) before
+        relying on it.
+
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+        >>> fast = DependencyGraph.build(model, torch.randn(1, 3, 16, 16), check=False)
+        >>> [(g.size, g.prunable) for g in fast.groups]
+        [(8, True), (4, False)]
         """
-        gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, check=check)
         ctx = BuildContext(gm, factor=factor, grouped=grouped)
         ctx.run()
         dg = cls(gm, ctx)

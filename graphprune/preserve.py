@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,44 +33,69 @@ _MAX_CONTAINERS = 200_000
 
 
 class _Snapshot:
-    """Attribute tables of the modules and shallow copies of the containers they reach."""
+    """Attribute tables of the modules and shallow copies of the containers they reach.
+
+    Most containers are a module's empty hook tables: they are remembered as empty (no
+    copy) and, on restore, emptied only if something was added.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.tables: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.tables: list[tuple[dict[str, Any], tuple, tuple]] = []
         self.containers: list[tuple[Any, Any]] = []
+        self.empty: list[Any] = []
         self._seen: set[int] = set()
+        walk, walked, seen, empty = self._walk, _WALKED, self._seen, self.empty
         for m in model.modules():
             table = m.__dict__
-            self.tables.append((table, dict(table)))
-            for value in table.values():
-                self._walk(value, 0)
+            values = tuple(table.values())
+            self.tables.append((table, tuple(table), values))
+            for value in values:
+                if not isinstance(value, walked):
+                    continue
+                if not value and type(value) is not tuple:  # an empty hook table (most of them)
+                    if id(value) not in seen:
+                        seen.add(id(value))
+                        empty.append(value)
+                else:
+                    walk(value, 0)
 
     def _walk(self, value: Any, depth: int) -> None:
-        if depth > _MAX_DEPTH or len(self.containers) >= _MAX_CONTAINERS:
+        if depth > _MAX_DEPTH or len(self.containers) + len(self.empty) >= _MAX_CONTAINERS:
             return
         if isinstance(value, (list, dict, set)):
             if id(value) in self._seen:
                 return
             self._seen.add(id(value))
+            if not value:
+                self.empty.append(value)
+                return
             if isinstance(value, dict):
-                self.containers.append((value, dict(value)))
+                self.containers.append((value, (tuple(value), tuple(value.values()))))
                 items = value.values()
             else:
                 self.containers.append((value, _copy(value)))
                 items = value
+            walked = _WALKED
             for item in items:
-                self._walk(item, depth + 1)
+                if isinstance(item, walked):
+                    self._walk(item, depth + 1)
         elif type(value) is tuple:
             for item in value:
                 self._walk(item, depth + 1)
 
     def restore(self) -> None:
-        for table, saved in self.tables:
-            _restore_dict(table, saved)
+        for table, keys, values in self.tables:
+            _restore_dict(table, keys, values)
+        for container in self.empty:
+            if container:
+                try:
+                    container.clear()
+                except (TypeError, AttributeError, NotImplementedError):  # read-only containers
+                    continue
         for container, saved in self.containers:
             try:
                 if isinstance(container, dict):
-                    _restore_dict(container, saved)
+                    _restore_dict(container, *saved)
                 elif isinstance(container, list):
                     if len(container) != len(saved) or any(a is not b for a, b in zip(container, saved)):
                         container[:] = saved
@@ -80,16 +106,19 @@ class _Snapshot:
                 continue
 
 
+_WALKED = (list, dict, set, tuple)
+
+
 def _copy(value: list | set) -> list | set:
     return list(value) if isinstance(value, list) else set(value)
 
 
-def _restore_dict(table: dict, saved: dict) -> None:
-    if len(table) == len(saved) and all(k in saved and saved[k] is v for k, v in table.items()) \
-            and list(table) == list(saved):
+def _restore_dict(table: dict, keys: tuple, values: tuple) -> None:
+    """Put ``table`` back to the ``keys`` and ``values`` (in order) it had; untouched if it has them."""
+    if len(table) == len(keys) and tuple(table) == keys and all(map(operator.is_, table.values(), values)):
         return
     table.clear()
-    table.update(saved)
+    table.update(zip(keys, values))
 
 
 @contextlib.contextmanager

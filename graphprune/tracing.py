@@ -304,12 +304,14 @@ def _export_trace(model: torch.nn.Module, inputs: BoundInputs | tuple, fx_error:
         return export_trace(model, bound, fx_error, training)
 
 
-def _recorded_difference(gm: torch.fx.GraphModule, model: torch.nn.Module, bound: BoundInputs) -> str | None:
+def _recorded_difference(gm: torch.fx.GraphModule, model: torch.nn.Module, bound: BoundInputs,
+                         check: bool = True) -> str | None:
     """Record shapes on ``gm``, then say how its output differs from the model's own (see
-    ``graphprune.fidelity``); nothing is compared for a model on the meta device."""
+    ``graphprune.fidelity``); nothing is compared for a model on the meta device, nor
+    without ``check``."""
     with same_random_state():
         got = propagate_shapes(gm, fresh_inputs(bound.tensors))
-    if bound.tensors and bound.tensors[0].device.type == "meta":
+    if not check or (bound.tensors and bound.tensors[0].device.type == "meta"):
         return None
     with same_random_state(), kept_buffers(model), torch.no_grad():
         want = bound.run(model, fresh_inputs(bound.tensors))
@@ -331,8 +333,8 @@ def _warn_traced_in_eval(gm: torch.fx.GraphModule, training: list[str]) -> None:
 
 
 def _faithful_trace(model: torch.nn.Module, bound: BoundInputs, leaf_modules: Iterable[type | str],
-                    concrete_args: dict | None, export_fallback: bool, training: list[str]
-                    ) -> torch.fx.GraphModule:
+                    concrete_args: dict | None, export_fallback: bool, training: list[str],
+                    check: bool = True) -> torch.fx.GraphModule:
     """The torch.fx graph, shape-recorded, if it computes what the model computes; else the
     torch.export graph if that does; else ``TraceError``."""
     fixed = {**fixed_arguments(model, bound), **(concrete_args or {})}
@@ -341,7 +343,7 @@ def _faithful_trace(model: torch.nn.Module, bound: BoundInputs, leaf_modules: It
     except TraceError as exc:
         fx_error = exc
     else:
-        difference = _recorded_difference(gm, model, bound)
+        difference = _recorded_difference(gm, model, bound, check)
         if difference is None:
             _warn_traced_in_eval(gm, training)
             return gm
@@ -353,7 +355,7 @@ def _faithful_trace(model: torch.nn.Module, bound: BoundInputs, leaf_modules: It
     if not export_fallback:
         raise fx_error
     gm = _export_trace(model, bound, fx_error, training)
-    difference = _recorded_difference(gm, model, bound)
+    difference = _recorded_difference(gm, model, bound, check)
     if difference is not None:
         raise TraceError(f"{fx_error} The torch.export graph differs from the model too: {difference}; "
                          "graphprune cannot prune a model it cannot trace faithfully") from fx_error
@@ -398,6 +400,7 @@ def trace(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict | None = None,
     export_fallback: bool = True,
+    check: bool = True,
 ) -> torch.fx.GraphModule:
     """Trace ``model`` with torch.fx and record every node's output shape.
 
@@ -411,6 +414,10 @@ def trace(
     checked against one eager run of the model on the same inputs (``graphprune.fidelity``):
     a torch.fx graph that computes something else is replaced by the torch.export graph,
     and one that still differs raises ``TraceError``.
+    ``check=False`` skips that eager run (the shapes still come from one real run of the
+    graph): a torch.fx graph that computes something other than the model (see
+    ``graphprune.fidelity``) then goes undetected, and the torch.export fallback is taken
+    only where symbolic tracing fails outright.
     ``model``, its attributes and ``example_inputs`` are left exactly as they were.
     The returned GraphModule shares submodules with ``model``; nothing is copied.
 
@@ -432,7 +439,7 @@ def trace(
         else:
             training = mode_dependent(model)
             with eval_mode(model):
-                gm = _faithful_trace(model, bound, leaf_modules, concrete_args, export_fallback, training)
+                gm = _faithful_trace(model, bound, leaf_modules, concrete_args, export_fallback, training, check)
             gm.training = model.training  # traced in eval mode; the submodules it shares keep their flags
     _accept_fixed(gm, bound.constants)
     fixed = {**getattr(model, "meta", {}).get("graphprune_fixed", {}), **bound.constants}

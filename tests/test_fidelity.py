@@ -152,3 +152,10 @@ def test_a_training_model_is_traced_in_eval_mode_with_a_warning():
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         assert torch.equal(gm(x), model.eval()(x))
+
+
+def test_without_the_check_an_unfaithful_fx_graph_is_kept():
+    """``check=False`` is the documented fast mode: no eager run, so the difference goes unseen."""
+    model, x = AugmentedAssignment().eval(), torch.randn(2, 3, 4, 4)
+    assert not gp.trace(model, x.clone(), check=False).meta.get("graphprune_export")
+    assert not gp.DependencyGraph.build(model, x.clone(), check=False).gm.meta.get("graphprune_export")
