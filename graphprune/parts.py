@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from graphprune.errors import GraphPruneError, InputError, TraceError
 from graphprune.importance import CRITERIA
@@ -196,13 +197,7 @@ def _unique_params(module: torch.nn.Module) -> int:
 
 
 def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
-    return []
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _with_parts(model: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -> torch.nn.Module:
