@@ -74,4 +74,37 @@ def import_torchvision():
         del sys.modules[name]  # the failed import left half-initialised modules behind
     _declare()
     import torchvision
+    _detection_kernels(torchvision)
     return torchvision
+
+
+def _nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression: indices of the kept boxes, by decreasing score."""
+    order = scores.argsort(descending=True)
+    boxes = dets[order]
+    x1, y1, x2, y2 = boxes.unbind(1)
+    area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    keep = []
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        w = (torch.minimum(x2[i], x2[i + 1:]) - torch.maximum(x1[i], x1[i + 1:])).clamp(min=0)
+        h = (torch.minimum(y2[i], y2[i + 1:]) - torch.maximum(y1[i], y1[i + 1:])).clamp(min=0)
+        inter = w * h
+        iou = inter / (area[i] + area[i + 1:] - inter)
+        suppressed[i + 1:] |= iou > iou_threshold
+    return order[torch.tensor(keep, dtype=torch.long)]
+
+
+def _detection_kernels(torchvision) -> None:
+    """CPU kernels in plain torch for the two operators detection models call (``nms``, and
+    ``roi_align`` through torchvision's own pure-Python version), so that Faster R-CNN runs
+    for both tools; the others stay declarations."""
+    from torchvision.ops import roi_align as roi_align_module
+
+    _library.impl("nms", _nms, "CPU")
+    _library.impl("roi_align", lambda x, rois, scale, ph, pw, ratio, aligned: roi_align_module._roi_align(
+        x, rois, scale, ph, pw, ratio, aligned), "CPU")
+    torchvision.extension._has_ops = lambda: True  # the checks in torchvision.ops ask this

@@ -526,6 +526,9 @@ def _graphprune(case: Case, want: list, scale: float, n0: int, timeout: float) -
         row["s"] = time.perf_counter() - start
     except ToolTimeout as exc:
         return {"status": "TIMEOUT", "error": str(exc)}
+    except gp.TraceError as exc:  # not one graph: the parts that trace (gp.prune_parts)
+        _disarm()
+        return _graphprune_parts(case, want, n0, timeout, _error(exc))
     except Exception as exc:
         return {"status": "FAILED", "typed": isinstance(exc, gp.GraphPruneError), "error": _error(exc),
                 "traceback": traceback.format_exc()[-1500:]}
@@ -563,6 +566,36 @@ def _graphprune(case: Case, want: list, scale: float, n0: int, timeout: float) -
     row["pinned_summary"] = _summary(row["pinned"], row["uncovered"], row["uncut"], n0)
     if _has_grouped_conv(case.model):
         row["grouped_groups"] = _grouped_groups(case, n0, scale, timeout)
+    return row
+
+
+def _graphprune_parts(case: Case, want: list, n0: int, timeout: float, trace_error: str) -> dict:
+    """``gp.prune_parts`` with the same options, for a model that does not trace whole."""
+    import graphprune as gp
+
+    _alarm(timeout)
+    try:
+        start = time.perf_counter()
+        result = gp.prune_parts(case.model, case.gp_inputs, method="magnitude", ratio=0.5, p=1)
+        seconds = time.perf_counter() - start
+    except ToolTimeout as exc:
+        return {"status": "TIMEOUT", "error": str(exc), "trace_error": trace_error}
+    except Exception as exc:
+        return {"status": "FAILED", "typed": isinstance(exc, gp.GraphPruneError), "error": _error(exc),
+                "trace_error": trace_error}
+    finally:
+        _disarm()
+    row = {"status": "ok", "via": "prune_parts", "trace_error": trace_error, "s": seconds, "params": n0,
+           "params_after": _n_params(result.model), "left": _n_params(result.model) / n0,
+           "parts": {name: [r.before.params, r.after.params] for name, r in result.parts.items()},
+           "unpruned": result.unpruned, "verify": result.max_diff, "verify_abs": result.max_diff,
+           "part_diffs": result.part_diffs, "output_diff": result.output_diff}
+    try:
+        got = _run(result.model, case)
+        row.update(runs=True, same_shape=_shapes(got) == want)
+    except Exception as exc:
+        row.update(runs=False, run_error=_error(exc))
+    row["pinned_summary"] = "parts: " + ", ".join(result.parts) + " (their outputs keep their widths)"
     return row
 
 
@@ -764,7 +797,7 @@ NOTES = {"llama": "vocab (output)", "qwen2": "vocab (output)", "mistral": "vocab
          "streams into wider units", "unet2d_condition": "as UNet2DModel", "efficientnet_b0": _OUTPUT,
          "efficientnet_v2_s": _OUTPUT, "convnext_tiny": _OUTPUT, "regnet_x_3_2gf": _OUTPUT,
          "regnet_y_3_2gf": _OUTPUT, "mobilenet_v3_large": _OUTPUT, "resnet50": _OUTPUT,
-         "fasterrcnn_mobilenet_v3_large_fpn": "cannot trace (see below)", "resnest14d": _OUTPUT,
+         "fasterrcnn_mobilenet_v3_large_fpn": "part outputs (`gp.prune_parts`: see below)", "resnest14d": _OUTPUT,
          "vit_tiny_patch16_224": _OUTPUT, "swin_tiny_patch4_window7_224": _OUTPUT,
          "eva02_tiny_patch14_224": _OUTPUT, "convnextv2_atto": _OUTPUT, "mobilevit_xxs": _OUTPUT,
          "levit_128s": _OUTPUT, "yolov8n": "neck feature maps (eval-mode outputs)",

@@ -79,7 +79,8 @@ def test_untraceable_model_is_pruned_part_by_part_exactly():
     result = gp.prune_parts(model, x, ratio=0.5)
     assert set(result.parts) == {"stem", "stage1", "stage2", "neck.lateral.0", "neck.lateral.1", "head"}
     assert result.after_params < 0.75 * result.before_params
-    assert result.max_diff < 1e-4
+    assert result.max_diff < 1e-4 and result.output_diff < 1e-4
+    assert set(result.part_diffs) == set(result.parts)  # the head was checked on both of its calls
     # each part lost channels inside it; its outputs kept their widths
     assert result.parts["head"].after.params < result.parts["head"].before.params
     assert result.parts["stage1"].model.conv1.out_channels == 8
@@ -135,7 +136,19 @@ def test_end_to_end_check_sees_a_wrong_part():
     result = gp.prune_parts(model, x, ratio=0.5)
     masked = _with_parts(model, {n: gp.masked_model(model.get_submodule(n), r.graph, r.plan)
                                  for n, r in result.parts.items()})
-    assert _end_to_end(result.model, masked, x) == result.max_diff < 1e-4
+    assert _end_to_end(result.model, masked, x) == result.output_diff < 1e-4
     with torch.no_grad():
         result.model.head.get_submodule("tower.0").weight.add_(0.1)
     assert _end_to_end(result.model, masked, x) > 1e-3
+
+
+def test_each_part_is_checked_on_every_call_it_received(monkeypatch):
+    import graphprune.parts as parts
+
+    seen = []
+    replay = parts._replay
+    monkeypatch.setattr(parts, "_replay", lambda part, slim, masked, calls: seen.append(
+        (type(part).__name__, len(calls))) or replay(part, slim, masked, calls))
+    model, x = _detector()
+    gp.prune_parts(model, x, ratio=0.5)
+    assert ("Head", 2) in seen and ("Block", 1) in seen
