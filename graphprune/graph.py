@@ -23,80 +23,22 @@ import dataclasses
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx
 
+from graphprune.components import components
 from graphprune.errors import InputError
-from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext, _aliases, components
+from graphprune.groups import Group, Member
+from graphprune.labels import KIND_CODES, PINNED, PRODUCER, BuildContext, _aliases
 from graphprune.removal import vanish_problems
 from graphprune.rules.base import find_rule, iter_arrays, unlabelled  # noqa: F401  (importable from here too)
 from graphprune.tracing import bind_inputs, code_fingerprints, named_state, trace
 from graphprune.views.layers import LayerGraph, layers_text
 
 __all__ = ["DependencyGraph", "Group", "Member", "BuildContext"]
-
-
-@dataclass(frozen=True, eq=False)
-class Member:
-    """A slice of one parameter or buffer that a group's channels own.
-
-    ``param`` is the qualified name in the original model, ``dim`` the sliced axis,
-    ``role`` one of ``out`` (a producer's output rows), ``in`` (a consumer's input
-    columns) or ``pass`` (per-channel state such as BatchNorm's). ``positions`` (along
-    ``dim``, ascending) and ``channels`` (the group channel at each position) are
-    integer arrays of equal length (int32, or int64 in a graph too large for it); treat
-    them as read-only.
-    """
-
-    param: str
-    dim: int
-    role: str
-    positions: np.ndarray
-    channels: np.ndarray
-
-    def indices(self, channels: Iterable[int]) -> list[int]:
-        """Positions along ``dim`` that the given group channels occupy, ascending."""
-        wanted = np.fromiter((int(c) for c in channels), dtype=np.int64)
-        return self.positions[np.isin(self.channels, wanted)].tolist()
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Member):
-            return NotImplemented
-        return (self.param, self.dim, self.role) == (other.param, other.dim, other.role) and \
-            np.array_equal(self.positions, other.positions) and np.array_equal(self.channels, other.channels)
-
-    def __hash__(self) -> int:
-        return hash((self.param, self.dim, self.role, self.positions.tobytes(), self.channels.tobytes()))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"param": self.param, "dim": self.dim, "role": self.role,
-                "positions": len(self.positions)}
-
-
-@dataclass(frozen=True)
-class Group:
-    """Channels that must be pruned together, and every tensor slice they own."""
-
-    id: int
-    size: int
-    prunable: bool
-    reason: str
-    members: list[Member] = field(default_factory=list)
-    producers: tuple[str, ...] = ()
-    removable: bool = False
-    exact: bool = True
-    inexact_reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "size": self.size, "prunable": self.prunable,
-                "reason": self.reason, "removable": self.removable, "exact": self.exact,
-                "inexact_reason": self.inexact_reason,
-                "producers": list(self.producers),
-                "members": [m.to_dict() for m in self.members]}
 
 
 def _check_view(view: str) -> None:

@@ -32,17 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch.nn.utils import parametrize
 
 from graphprune import rules as _rules  # noqa: F401  (registers the built-in rules)
+from graphprune.components import components
 from graphprune.errors import InputError, warn_user
 from graphprune.probe import channelwise
 from graphprune.rules.base import Multi, Rule, as_array, find_rule, iter_arrays, op_name, operand, unlabelled
 from graphprune.tracing import named_state
 
-__all__ = ["BuildContext", "components", "PRODUCER", "PARAM", "PINNED", "KIND_CODES", "ROLE_OUT", "ROLE_IN", "ROLE_PASS"]
+__all__ = ["BuildContext", "PRODUCER", "PARAM", "PINNED", "KIND_CODES", "ROLE_OUT", "ROLE_IN", "ROLE_PASS"]
 
 INT32_ELEMENTS = 2**31 - 1
 """Element ids are int32 while a graph has at most this many elements (half the memory of
@@ -442,59 +441,6 @@ class BuildContext:
         if self._relations:
             self._resolve_factors(self._kinds())  # pins add elements: kinds are taken again
         return self._components(), self._kinds()
-
-
-_ROUNDS = 64  # hooking rounds before components hands the rest to scipy
-
-
-def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Connected component of every node ``0 .. n-1`` of the undirected graph with edges
-    ``a[i] -- b[i]``, numbered in order of their smallest node (as scipy's ``connected_components``).
-
-    Union-find on arrays: every round, each root hooks under the smallest root it shares an
-    edge with (when that one is smaller), then pointers jump until each node points at its
-    root; edges inside one tree are dropped. Two or three rounds join a Llama's couplings. Temporaries are a few ints per edge at most
-    (scipy's copies the graph twice, as float64 sparse matrices).
-
-    >>> components(5, np.array([3, 1]), np.array([4, 3])).tolist()
-    [0, 1, 2, 1, 1]
-    """
-    dtype = np.int32 if n <= INT32_ELEMENTS else np.int64
-    parent = np.arange(n, dtype=dtype)
-    rounds = 0
-    while a.size:
-        ra = parent[a]
-        rb = parent[b]
-        live = ra != rb
-        if not live.any():
-            break
-        rounds += 1
-        if rounds > _ROUNDS:  # not seen on real graphs: scipy joins the trees left
-            ra, rb = ra[live], rb[live]
-            adj = coo_matrix((np.ones(len(ra), dtype=np.int8), (ra, rb)), shape=(n, n))
-            joined = connected_components(adj, directed=False)[1][parent]
-            _, first, inverse = np.unique(joined, return_index=True, return_inverse=True)
-            rank = np.empty(len(first), dtype=dtype)
-            rank[np.argsort(first, kind="stable")] = np.arange(len(first), dtype=dtype)
-            return rank[inverse.reshape(-1)]
-        if not live.all():  # one array at a time: the old one goes as its filtered copy comes
-            a = a[live]
-            b = b[live]
-            ra = ra[live]
-            rb = rb[live]
-        del live
-        lo = np.minimum(ra, rb)
-        hi = np.maximum(ra, rb, out=ra)
-        del rb
-        np.minimum.at(parent, hi, lo)  # each root hooks under its smallest neighbouring root: a forest
-        del hi, lo
-        while True:
-            up = parent[parent]
-            if np.array_equal(up, parent):
-                break
-            parent = up
-    root = parent == np.arange(n, dtype=dtype)
-    return (np.cumsum(root, dtype=dtype) - 1)[parent]
 
 
 def _aliases(gm: torch.nn.Module) -> list[tuple[str, str]]:

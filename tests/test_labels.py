@@ -175,26 +175,3 @@ def test_graphs_past_int32_element_ids_are_labelled_in_int64_with_the_same_group
     assert gp.select(wide, scores, 0.5) == plan
     slim_narrow, slim_wide = gp.apply(model, narrow, plan), gp.apply(model, wide, plan)
     assert torch.equal(slim_narrow(x), slim_wide(x))
-
-
-@pytest.mark.parametrize("rounds", [0, 1, 64])
-@pytest.mark.parametrize("seed", range(6))
-def test_components_number_classes_as_scipy_does(seed, rounds, monkeypatch):
-    import numpy as np
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    import graphprune.labels as labels
-    from graphprune.labels import components
-
-    monkeypatch.setattr(labels, "_ROUNDS", rounds)  # 0, 1: scipy joins the trees left after that many
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 400))
-    m = int(rng.integers(0, 3 * n))
-    a, b = rng.integers(0, n, m), rng.integers(0, n, m)
-    if seed % 2:  # long chains, as a residual stream couples one axis to the next
-        a, b = np.arange(n - 1)[::-1], np.arange(1, n)[::-1]
-    a32, b32 = a.astype(np.int32), b.astype(np.int32)
-    expected = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
-    assert components(n, a32, b32).tolist() == expected.tolist()
-    assert a32.tolist() == a.tolist() and b32.tolist() == b.tolist()  # inputs untouched
