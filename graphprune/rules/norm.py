@@ -81,17 +81,23 @@ def batch_norm(ctx, node, module):
     return norm_core(ctx, node.args[0], [p for p in params if p is not None], statistics)
 
 
-def _function_params(ctx):
-    """Labels of the per-channel tensor operands, in argument order."""
-    ops = ctx.rule.operands
-    params = []
-    for name in sorted((n for n in _PER_CHANNEL if getattr(ops, n) is not None), key=lambda n: getattr(ops, n)):
+def _operand_labels(ctx, names):
+    """Labels of the named tensor operands the call gives (each noted as that operand), in order."""
+    found = []
+    for name in names:
         t = ctx.operand(name)
         lab = ctx.labels(t) if t is not None else None
         if lab:
             ctx.note_operand(t, name)
-            params.append(lab[0])
-    return params
+            found.append(lab)
+    return found
+
+
+def _function_params(ctx):
+    """Labels of the per-channel tensor operands, in argument order."""
+    ops = ctx.rule.operands
+    names = sorted((n for n in _PER_CHANNEL if getattr(ops, n) is not None), key=lambda n: getattr(ops, n))
+    return [lab[0] for lab in _operand_labels(ctx, names)]
 
 
 @register(F.batch_norm, operands=BATCH_NORM_FUNCTION, kind=NORM)
@@ -189,13 +195,7 @@ RMS_NORM_FUNCTION = Operands(normalized_shape=1, weight=2, eps=3)
 def _layer_norm_function(ctx, node, module):
     shape = ctx.operand("normalized_shape")
     n = 1 if isinstance(shape, int) else len(shape)
-    params = []
-    for name in ("weight", "bias"):
-        t = ctx.operand(name)
-        lab = ctx.labels(t) if t is not None else None
-        if lab is not None:
-            ctx.note_operand(t, name)
-            params.append(list(lab))
+    params = [list(lab) for lab in _operand_labels(ctx, ("weight", "bias"))]
     return _layer_norm_core(ctx, node.args[0], params, n)
 
 
@@ -279,13 +279,7 @@ def _group_norm_labels(ctx, labels, c):
         ctx.factorize(lab.reshape(groups, c // groups), free=0)
     else:
         ctx.inexact(lab, f"{ctx.describe_node()} normalises over all channels")
-    params = []
-    for name in ("weight", "bias"):
-        t = ctx.operand(name)
-        t_lab = ctx.labels(t) if t is not None else None
-        if t_lab is not None:
-            ctx.note_operand(t, name)
-            params.append(t_lab[0])
+    params = [t_lab[0] for t_lab in _operand_labels(ctx, ("weight", "bias"))]
     labels[1] = ctx.couple([lab, *params], c, f"{ctx.describe_node()} on a non-channel axis")
     return tuple(labels)
 
