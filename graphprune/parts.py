@@ -46,7 +46,6 @@ import torch.utils._pytree as pytree
 
 from graphprune.errors import GraphPruneError, InputError, TraceError
 from graphprune.importance import CRITERIA
-from graphprune.inputs import fresh_inputs
 from graphprune.preserve import untouched
 from graphprune.steps import PruneResult
 from graphprune.tracing import eval_mode
@@ -93,44 +92,47 @@ class PartsResult:
         return "\n".join(lines)
 
 
-def _record_calls(model: torch.nn.Module, example_inputs: Any) -> tuple[dict[str, list], Any]:
-    """Run ``model`` once; every submodule's calls as ``(args, kwargs)`` (tensors cloned)."""
+def _record_calls(model: torch.nn.Module, example_inputs: Any, names: list[str] | None) -> dict[str, list]:
+    """Run ``model`` once; the calls of the modules a search can make parts of (those named, or
+    every module with parameters) as ``(args, kwargs)``, tensors cloned."""
     calls: dict[str, list] = {}
     handles = []
-
-    def keep(value: Any) -> Any:
-        return value.detach().clone() if isinstance(value, torch.Tensor) else value
-
     for name, module in model.named_modules():
+        if (name not in names) if names is not None else not _owns_parameters(module):
+            continue
+
         def hook(_m: Any, args: tuple, kwargs: dict, name: str = name) -> None:
-            calls.setdefault(name, []).append(
-                (tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()}))
+            calls.setdefault(name, []).append(_fresh((args, kwargs)))
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            out = _call(model, example_inputs)
+            _call(model, _fresh(example_inputs))
     except Exception as exc:
         raise InputError(f"{type(model).__name__} does not run on the example inputs: "
                          f"{type(exc).__name__}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
-    return calls, out
+    return calls
+
+
+def _fresh(value: Any) -> Any:
+    """``value`` with every tensor in it copied (a forward may change its inputs in place)."""
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, value)
 
 
 def _call(model: torch.nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*fresh_inputs(inputs) if all(isinstance(x, torch.Tensor) for x in inputs) else inputs)
-    return model(inputs.detach().clone() if isinstance(inputs, torch.Tensor) else inputs)
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
 def _as_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """One recorded call as graphprune example inputs (a tuple of tensors, or keyword arguments),
     or None where it holds tensors inside containers or variadic arguments."""
     values = [*args, *kwargs.values()]
-    if any(isinstance(v, (list, tuple, dict)) and _has_tensor(v) for v in values):
+    if any(not isinstance(v, torch.Tensor) and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))
+           for v in values):
         return None
     if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
         return args
@@ -143,16 +145,6 @@ def _as_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
            for n in bound.arguments):
         return None
     return dict(bound.arguments)
-
-
-def _has_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, dict):
-        return any(_has_tensor(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_tensor(v) for v in value)
-    return False
 
 
 def _first_line(exc: BaseException) -> str:
@@ -265,7 +257,7 @@ def prune_parts(
         except AttributeError as exc:
             raise InputError(f"parts names {name!r}, which is not a submodule of {type(model).__name__}") from exc
     with untouched(model), eval_mode(model):
-        calls, _ = _record_calls(model, example_inputs)
+        calls = _record_calls(model, example_inputs, names)
         found, unpruned = _find_parts(model, calls, names, dict(options, method=method, ratio=ratio))
     if not found:
         raise TraceError(f"no part of {type(model).__name__} could be traced and pruned: "
@@ -291,8 +283,8 @@ def _replay(part: torch.nn.Module, slim: torch.nn.Module, masked: torch.nn.Modul
 def _end_to_end(slim: torch.nn.Module, masked: torch.nn.Module, example_inputs: Any) -> float:
     with torch.no_grad(), eval_mode(slim), eval_mode(masked):
         try:
-            got = _flatten(_call(slim, copy.deepcopy(example_inputs)))
-            want = _flatten(_call(masked, copy.deepcopy(example_inputs)))
+            got = _flatten(_call(slim, _fresh(example_inputs)))
+            want = _flatten(_call(masked, _fresh(example_inputs)))
         except GraphPruneError:
             raise
         except Exception as exc:
